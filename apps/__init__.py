@@ -1,0 +1,1 @@
+"""Apps: the pygame player, the WebRTC server and the lip-sync loop, all over runtime sessions."""

@@ -1,0 +1,1 @@
+"""The `forcekit` command line. The library itself lives in `runtime`, `training`, `kernels`, `apps`."""

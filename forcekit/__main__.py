@@ -1,0 +1,3 @@
+from forcekit.cli import main
+
+raise SystemExit(main())

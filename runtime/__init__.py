@@ -1,0 +1,1 @@
+"""Inference runtime: the causal DiT, attention dispatch, KV cache, samplers, bundles, sessions."""

@@ -1,0 +1,1 @@
+"""Training: data recording, codecs, teacher, causal students, evaluation."""
