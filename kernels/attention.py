@@ -54,7 +54,8 @@ def _resolve(backend: str, q: torch.Tensor) -> str:
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package")
         if not q.is_cuda and not interpreted():
-            raise RuntimeError("backend='triton' on CPU needs TRITON_INTERPRET=1 set before triton is imported")
+            raise RuntimeError(
+                "backend='triton' on CPU needs TRITON_INTERPRET=1 set before triton is imported")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"the Triton kernels take fp16, bf16 or fp32, got {q.dtype}")
     return backend

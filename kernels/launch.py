@@ -23,7 +23,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 2
     upcast: bool = False  # load low precision, compute in fp32 (bf16 in the interpreter)
-    precision: str = "ieee"  # tl.dot input precision for fp32 inputs; ignored for fp16/bf16
+    precision: str = "tf32"  # tl.dot input precision: "ieee" for fp32 inputs (exact fp32 products)
 
 
 def interpreted() -> bool:
@@ -36,7 +36,7 @@ def config(pass_name: str, q: torch.Tensor, block_m: int | None = None,
     dim = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(dim))
     if q.device.type != "cuda":  # interpreter: small tiles keep test shapes multi-tile
-        cfg = LaunchConfig(32, 32, block_d, upcast=q.dtype == torch.bfloat16)
+        cfg = LaunchConfig(16, 16, block_d, upcast=q.dtype == torch.bfloat16)
     else:
         big = block_d > 64
         table = {
@@ -46,6 +46,8 @@ def config(pass_name: str, q: torch.Tensor, block_m: int | None = None,
             "dq": LaunchConfig(128 if not big else 64, 64, block_d, num_warps=8, num_stages=2),
         }
         cfg = table[pass_name]
+    if q.dtype == torch.float32:
+        cfg = replace(cfg, precision="ieee")
     if block_m is not None:
         cfg = replace(cfg, block_m=block_m)
     if block_n is not None:

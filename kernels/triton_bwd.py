@@ -41,7 +41,8 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, IV, q_tile, b, h, pid_bh, offs_k
     offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < NQ
     row_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d, mask=row_mask, other=0.0)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                mask=row_mask, other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
                  mask=row_mask, other=0.0)
     if UPCAST:
@@ -80,8 +81,10 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IV, FULL_PTR, FULL_IDX, PART_P
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     kv_mask = (offs_k < NK)[:, None] & d_valid[None, :]
-    k = tl.load(K + b * sk_b + h * sk_h + offs_k[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_k[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+    k = tl.load(K + b * sk_b + h * sk_h + offs_k[:, None] * sk_n + offs_d[None, :] * sk_d,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_k[:, None] * sv_n + offs_d[None, :] * sv_d,
+                mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -92,13 +95,15 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IV, FULL_PTR, FULL_IDX, PART_P
     for i in range(start, end):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, IV, tl.load(FULL_IDX + i), b, h, pid_bh,
                             offs_k, offs_d, d_valid, sq_b, sq_n, sq_h, sq_d, sdo_b, sdo_n, sdo_h, sdo_d,
-                            NQ, NK, qk_scale, BLOCK_M=BLOCK_M, MASKED=False, UPCAST=UPCAST, PRECISION=PRECISION)
+                            NQ, NK, qk_scale,
+                            BLOCK_M=BLOCK_M, MASKED=False, UPCAST=UPCAST, PRECISION=PRECISION)
     start = tl.load(PART_PTR + pid_n)
     end = tl.load(PART_PTR + pid_n + 1)
     for i in range(start, end):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, IV, tl.load(PART_IDX + i), b, h, pid_bh,
                             offs_k, offs_d, d_valid, sq_b, sq_n, sq_h, sq_d, sdo_b, sdo_n, sdo_h, sdo_d,
-                            NQ, NK, qk_scale, BLOCK_M=BLOCK_M, MASKED=True, UPCAST=UPCAST, PRECISION=PRECISION)
+                            NQ, NK, qk_scale,
+                            BLOCK_M=BLOCK_M, MASKED=True, UPCAST=UPCAST, PRECISION=PRECISION)
     dk = dk * scale
     tl.store(DK + b * sdk_b + h * sdk_h + offs_k[:, None] * sdk_n + offs_d[None, :] * sdk_d,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -112,8 +117,10 @@ def _dq_tile(dq, q, do, lse, delta, K, V, k_tile, b, h, offs_m, offs_d, d_valid,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     offs_k = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     kv_mask = (offs_k < NK)[:, None] & d_valid[None, :]
-    k = tl.load(K + b * sk_b + h * sk_h + offs_k[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_k[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+    k = tl.load(K + b * sk_b + h * sk_h + offs_k[:, None] * sk_n + offs_d[None, :] * sk_d,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_k[:, None] * sv_n + offs_d[None, :] * sv_d,
+                mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -143,7 +150,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IV, FULL_PTR, FULL_IDX, PART_PTR, PA
     m_valid = offs_m < NQ
     d_valid = offs_d < HEAD_DIM
     row_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d, mask=row_mask, other=0.0)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                mask=row_mask, other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
                  mask=row_mask, other=0.0)
     if UPCAST:

@@ -85,7 +85,8 @@ def _fwd_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE, IV, FULL_PTR, FULL_IDX, PART_PT
     d_valid = offs_d < HEAD_DIM
     q_mask = m_valid[:, None] & d_valid[None, :]
 
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d, mask=q_mask, other=0.0)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                mask=q_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     tq = q
