@@ -67,7 +67,7 @@ class ModelConfig:
             raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {self.attention_head_dim}")
         if self.window_frames < 0 or self.sink_frames < 0:
             raise ValueError("window_frames and sink_frames must be >= 0")
-        self.actions  # validates the action space
+        ActionSpace.from_dict(self.action_space)  # fails early on a malformed action space
 
     @property
     def inner_dim(self) -> int:

@@ -118,7 +118,7 @@ class StreamSession:
         aud = None
         if cfg.audio_dim:
             if audio is None:
-                raise ValueError(f"this bundle is audio-conditioned: pass audio features of shape [{n}, {cfg.audio_dim}]")
+                raise ValueError(f"this bundle is audio-conditioned: pass audio features [{n}, {cfg.audio_dim}]")
             aud = torch.as_tensor(np.asarray(audio), dtype=torch.float32)
             if aud.shape != (n, cfg.audio_dim):
                 raise ValueError(f"audio must have shape [{n}, {cfg.audio_dim}], got {list(aud.shape)}")
