@@ -196,6 +196,8 @@ class Pipeline:
         self.queue = FrameQueue(self.config.buffer_chunks * self.frames_per_chunk)
         self.error: BaseException | None = None
         self.action_log: deque[tuple[int, tuple[str, ...]]] = deque(maxlen=self.config.action_log)
+        # Called in the generation thread with (chunk index, frames) after every chunk.
+        self.on_chunk: Callable[[int, np.ndarray], None] | None = None
 
         self._stop = threading.Event()
         self._running = threading.Event()  # cleared while paused
@@ -203,6 +205,7 @@ class Pipeline:
         self._controls: deque[Callable[[], None]] = deque()
         self._controls_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._step_ema: float | None = None  # smoothed seconds per session.step
 
         n = self.config.stats_window
         self._gen_latency: deque[float] = deque(maxlen=n)
@@ -274,8 +277,11 @@ class Pipeline:
             self._controls.append(fn)
         self.queue.notify()
 
-    def reset(self, seed: int | None = None, context: np.ndarray | None = None) -> None:
-        """Restart the rollout (new seed / context) and throw away frames of the old one."""
+    def reset(self, seed: int | None = None, context: np.ndarray | None = None) -> int:
+        """Restart the rollout (a new random seed when none is given, optional context frames)
+        and throw away the frames of the old one. Returns the seed."""
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
 
         def do_reset() -> None:
             self.session.reset(seed=seed, context=context)
@@ -284,6 +290,7 @@ class Pipeline:
             self._next_due = None
 
         self.call_between_chunks(do_reset)
+        return seed
 
     # ---- generation loop -------------------------------------------------------------------
 
@@ -295,23 +302,32 @@ class Pipeline:
                 fn = self._controls.popleft()
             fn()
 
+    def _should_generate(self, queued: int) -> bool:
+        """Start the next chunk only when it fits, and only when the queued frames would run out
+        about when it is done: generating earlier would sample the input earlier than needed."""
+        if queued + self.frames_per_chunk > self.queue.capacity:
+            return False
+        lead = (self._step_ema or 0.0) + self.interval
+        return queued * self.interval <= lead
+
     def _generate(self) -> None:
-        fpc = self.frames_per_chunk
         try:
             while not self._stop.is_set():
                 self._run_controls()
                 if not self._running.wait(timeout=0.05):
                     continue
-                # Backpressure: only start a chunk when all of it fits (generate just in time).
-                if not self.queue.wait(lambda n: n + fpc <= self.queue.capacity or self._stop.is_set()
+                if not self.queue.wait(lambda n: self._should_generate(n) or self._stop.is_set()
                                        or bool(self._controls), timeout=0.05):
                     continue
                 if self._stop.is_set() or self._controls:
                     continue
                 snap = self.inputs.snapshot()
                 actions = tuple(self.session.action_space.from_keyboard(snap.keys))
+                started = now()
                 frames = self.session.step(action=list(actions))
                 done = now()
+                step_s = done - started
+                self._step_ema = step_s if self._step_ema is None else 0.8 * self._step_ema + 0.2 * step_s
                 if frames.ndim != 4 or frames.dtype != np.uint8:
                     raise TypeError(f"session.step must return uint8 [n, H, W, 3], got "
                                     f"{frames.dtype} {tuple(frames.shape)}")
@@ -322,6 +338,8 @@ class Pipeline:
                     self._gen_latency.append(done - snap.changed_at)
                     self._last_gen_version = snap.version
                 self.action_log.append((self._chunk_index, actions))
+                if self.on_chunk is not None:
+                    self.on_chunk(self._chunk_index, frames)
                 for img in frames:
                     self.queue.put(Frame(img, self._frame_index, self._chunk_index, done,
                                          snap.version, snap.changed_at, snap.keys, actions))
