@@ -93,7 +93,9 @@ async def connect(base_url: str, session: aiohttp.ClientSession, keep_images: in
 
     @channel.on("message")
     def on_message(raw) -> None:
-        peer.messages.append(json.loads(raw))
+        msg = json.loads(raw)
+        msg["_received"] = time.perf_counter()
+        peer.messages.append(msg)
 
     await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers candidates here
     async with session.post(f"{base_url}/offer", json={"sdp": pc.localDescription.sdp,

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -56,6 +57,7 @@ class ServeConfig:
     display_min: int = 256  # frames are scaled up (nearest) so the shorter side is at least this
     idle_timeout_s: float = 20.0  # close a peer that sent nothing over its data channel this long
     stats_period_s: float = 0.5
+    warmup_chunks: int = 16  # chunks generated at start-up, so the first peer does not pay one-off costs
     digest_log: bool = False  # keep a per-chunk frame digest (tests replay sessions with it)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
@@ -307,7 +309,7 @@ class Server:
     async def startup(self, _app=None) -> None:
         """Open one session to learn the bundle's bindings, frame size and rate, then drop it."""
         loop = asyncio.get_running_loop()
-        probe = await loop.run_in_executor(None, self.open_session)
+        probe = await loop.run_in_executor(None, self._warm_probe)
         space = probe.action_space
         self.keyboard_keys = frozenset(space.bindings)
         self.info = {
@@ -321,6 +323,12 @@ class Server:
             "max_sessions": self.config.max_sessions,
         }
         del probe
+
+    def _warm_probe(self):
+        probe = self.open_session()
+        for _ in range(self.config.warmup_chunks):
+            probe.step(action=None)
+        return probe
 
     async def shutdown(self, _app=None) -> None:
         await asyncio.gather(*(self.close_peer(p, "server shutdown") for p in list(self.peers.values())))
@@ -382,21 +390,24 @@ class Server:
             peer.channel = channel
             channel.on("message", peer.handle_message)
 
-        try:
-            await pc.setRemoteDescription(offer)
-        except Exception as exc:
-            raise BadRequest(f"could not apply the offer's SDP: {exc}") from None
-        if not any(t.kind == "video" for t in pc.getTransceivers()):
-            raise BadRequest("the offer has no video m-line; add a recvonly video transceiver")
-
         peer.session = await loop.run_in_executor(None, self.open_session)
         peer.pipeline = Pipeline(peer.session, cfg.pipeline)
         if cfg.digest_log:
             peer.pipeline.on_chunk = lambda chunk, frames: peer.digests.append(
                 (chunk, hashlib.sha1(frames.tobytes()).hexdigest()))
         peer.track = PipelineTrack(peer.pipeline, cfg.display_min, peer.on_frame_sent)
+        # The track and codec preferences go in before the offer is applied: aiortc picks the
+        # common codecs when it applies the remote description, and binds our transceiver to
+        # the offer's video m-line then.
         sender = pc.addTrack(peer.track)
         force_codec(pc, sender, cfg.codec, cfg.bitrate)
+        try:
+            await pc.setRemoteDescription(offer)
+        except Exception as exc:
+            raise BadRequest(f"could not apply the offer's SDP: {exc}") from None
+        transceiver = next(t for t in pc.getTransceivers() if t.sender is sender)
+        if transceiver.mid is None:
+            raise BadRequest("the offer has no video m-line; add a recvonly video transceiver")
         try:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
@@ -443,11 +454,14 @@ class Server:
         peer.session = peer.pipeline = peer.track = peer.channel = peer.pc = None
 
 
+SERVER = web.AppKey("server", Server)
+
+
 def create_app(open_session: Callable[[], object], config: ServeConfig | None = None) -> web.Application:
-    """The aiohttp application (tests run it in-process); `app["server"]` is the Server."""
+    """The aiohttp application (tests run it in-process); `app[SERVER]` is the Server."""
     server = Server(open_session, config or ServeConfig())
     app = web.Application()
-    app["server"] = server
+    app[SERVER] = server
     app.on_startup.append(server.startup)
     app.on_shutdown.append(server.shutdown)
     app.router.add_get("/", server.index)
@@ -457,3 +471,46 @@ def create_app(open_session: Callable[[], object], config: ServeConfig | None = 
     app.router.add_post("/offer", server.offer)
     app.router.add_static("/static/", STATIC)
     return app
+
+
+class ServerThread:
+    """Runs an app on its own event loop in a background thread (tests, benchmarks, notebooks).
+
+    `with ServerThread(app) as srv:` serves on 127.0.0.1 at a free port; `srv.url` is the base
+    URL and `srv.call(coro_fn)` runs a coroutine function on the server's loop.
+    """
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app, self.host, self.port = app, host, port
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="forcekit-serve", daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    def call(self, coro_fn, *args, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro_fn(*args), self.loop).result(timeout)
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self.call(self._start, timeout=300)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.call(self._runner.cleanup)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    @property
+    def server(self) -> Server:
+        return self.app[SERVER]
