@@ -6,12 +6,20 @@ longer (``first_chunk_frames``), as in models whose first latent frame stands al
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from kernels import masks as interval_masks
 from kernels.masks import KeyIntervals
+
+
+@functools.lru_cache(maxsize=512)
+def cached_mask(builder: str, *args, **kwargs) -> KeyIntervals:
+    """``kernels.masks.<builder>(*args, **kwargs)``, memoised: the same few masks recur every chunk,
+    and backends memoise their lowered forms by the description's identity."""
+    return getattr(interval_masks, builder)(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,12 @@ class ChunkPattern:
 
     # Mask descriptions: two key intervals per query row, lowered per backend in runtime.masks.
     def block_causal(self, frames: int) -> KeyIntervals:
-        return interval_masks.block_causal(frames, self.tokens_per_frame, self.frames_per_chunk,
-                                           self.first_frames)
+        return cached_mask("block_causal", frames, self.tokens_per_frame, self.frames_per_chunk, self.first_frames)
 
     def teacher_forcing(self, frames: int) -> KeyIntervals:
-        return interval_masks.teacher_forcing(frames, self.tokens_per_frame, self.frames_per_chunk,
-                                              self.first_frames)
+        return cached_mask("teacher_forcing", frames, self.tokens_per_frame, self.frames_per_chunk,
+                           self.first_frames)
 
     def window_sink(self, frames: int, window: int, sink: int) -> KeyIntervals:
-        return interval_masks.window_sink(frames, self.tokens_per_frame, self.frames_per_chunk,
-                                          self.first_frames, window=window, sink=sink)
+        return cached_mask("window_sink", frames, self.tokens_per_frame, self.frames_per_chunk, self.first_frames,
+                           window=window, sink=sink)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import masks as interval_masks
 from kernels.masks import KeyIntervals
+from runtime.chunks import cached_mask
 
 MODES = ("transient", "append", "readonly")
 
@@ -86,8 +86,7 @@ class KVCache:
         buf = self._buf[layer]
         buf[0, :, cur:cur + n * t] = k.detach()
         buf[1, :, cur:cur + n * t] = v.detach()
-        mask = interval_masks.cache_decode(n, t, g.sink_frames, g.window_frames, self.sink_valid,
-                                           self.window_valid)
+        mask = cached_mask("cache_decode", n, t, g.sink_frames, g.window_frames, self.sink_valid, self.window_valid)
         if mode == "append":
             self._pending = n
         return buf[0, :, :cur + n * t], buf[1, :, :cur + n * t], mask

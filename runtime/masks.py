@@ -18,17 +18,17 @@ _block_cache: OrderedDict = OrderedDict()
 
 
 def _key(mask: KeyIntervals, device: torch.device) -> tuple:
-    iv = mask.intervals
-    # Masks built by the pattern builders are row-periodic; hashing the bytes is cheap at these sizes.
-    return (mask.num_keys, tuple(iv.shape), hash(iv.cpu().numpy().tobytes()), str(device))
+    # By identity: the builders are memoised (runtime.chunks.cached_mask), so a recurring mask
+    # is the same object. Reading the tensor's bytes instead would fail under torch.func transforms.
+    return (id(mask), str(device))
 
 
-def _memo(cache: OrderedDict, key: tuple, build):
-    if key in cache:
+def _memo(cache: OrderedDict, key: tuple, mask: KeyIntervals, build):
+    if key in cache and cache[key][0] is mask:
         cache.move_to_end(key)
-        return cache[key]
+        return cache[key][1]
     value = build()
-    cache[key] = value
+    cache[key] = (mask, value)  # holding the mask keeps its id from being reused
     if len(cache) > _CACHE_SIZE:
         cache.popitem(last=False)
     return value
@@ -37,7 +37,7 @@ def _memo(cache: OrderedDict, key: tuple, build):
 def dense_mask(mask: KeyIntervals, device: torch.device | str) -> torch.Tensor:
     """Boolean ``[Nq, Nk]`` (True = attend), for the reference and SDPA backends."""
     device = torch.device(device)
-    return _memo(_dense_cache, _key(mask, device), lambda: mask.to_dense(device))
+    return _memo(_dense_cache, _key(mask, device), mask, lambda: mask.to_dense(device))
 
 
 def flex_block_mask(mask: KeyIntervals, device: torch.device | str):
@@ -56,4 +56,4 @@ def flex_block_mask(mask: KeyIntervals, device: torch.device | str):
 
         return create_block_mask(mask_mod, None, None, mask.num_queries, mask.num_keys, device=device)
 
-    return _memo(_block_cache, _key(mask, device), build)
+    return _memo(_block_cache, _key(mask, device), mask, build)
