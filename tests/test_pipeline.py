@@ -117,14 +117,15 @@ def test_slow_consumer_latency_does_not_grow():
 
 
 def test_paced_output_matches_playback_rate():
-    session = FakeSession(fpc=3, fps=50.0, step_s=0.003)
+    session = FakeSession(fpc=3, fps=25.0, step_s=0.003)
     pipe = Pipeline(session)
     with pipe:
-        for _ in range(40):
+        for _ in range(30):
             assert pipe.next_frame(timeout=1) is not None
     stats = pipe.stats()
-    assert stats["frame_interval_ms"]["p50"] == pytest.approx(20.0, rel=0.25)
-    assert stats["fps"] == pytest.approx(50.0, rel=0.25)
+    # Never faster than playback; slower only by scheduling delays (generous: CI machines are busy).
+    assert 0.9 * 40.0 <= stats["frame_interval_ms"]["p50"] <= 1.5 * 40.0
+    assert 25.0 / 1.5 <= stats["fps"] <= 25.0 * 1.1
     assert stats["first_frame_ms"] is not None and stats["first_frame_ms"] < 1000
 
 
