@@ -1,7 +1,151 @@
-"""Subcommands this package adds to the `forcekit` CLI (see forcekit/cli.py)."""
+"""Runtime subcommands: `forcekit generate`, `forcekit bench runtime`, `forcekit run`."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
+
 
 def register(commands) -> None:
-    """Nothing registered yet."""
+    p = commands.add("generate", help="generate a video from a bundle and print fps", func=_generate)
+    _bundle_args(p)
+    p.add_argument("--frames", type=int, default=64, help="frames to generate")
+    p.add_argument("--actions", default="random",
+                   help="'random' (held keys for random durations) or a JSON file: a list of actions, one per "
+                        "chunk (key-name lists, {'keys': [...], <value>: x} dicts or vectors); the last repeats")
+    p.add_argument("--out", default="video.mp4", help="output video file")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = commands.add("runtime", group="bench", func=_bench_runtime,
+                     help="session speed: fps, first-frame latency, chunk p50/p95, cache bytes, cache speedup (JSON)")
+    _bundle_args(p)
+    p.add_argument("--frames", type=int, default=64, help="frames per measured run")
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-uncached", action="store_true", help="skip the kv_cache=False comparison run")
+
+    commands.add("run", func=_run, help="the main job: play the shipped default model, or a random tiny bundle "
+                                         "until one ships")
+
+
+def _bundle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", default="random-tiny", help="bundle directory, or 'random-tiny'")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the bundle's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+
+
+def _open(args):
+    from runtime import open_session
+
+    return open_session(args.bundle, device=args.device, steps=args.steps)
+
+
+def random_actions(action_space, chunks: int, seed: int) -> list:
+    """Held-key actions that persist for random durations, as a player would press them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    actions, current, left = [], [], 0
+    for _ in range(chunks):
+        if left <= 0:
+            k = min(int(rng.integers(0, 3)), len(action_space.keys))
+            current = sorted(rng.choice(action_space.keys, size=k, replace=False).tolist()) if k else None
+            left = int(rng.integers(2, 12))
+        actions.append(current)
+        left -= 1
+    return actions
+
+
+def _load_actions(spec: str, session, chunks: int, seed: int) -> list:
+    if spec == "random":
+        return random_actions(session.action_space, chunks, seed)
+    path = Path(spec)
+    try:
+        actions = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--actions {spec}: cannot read a JSON list of actions ({e})") from e
+    if not isinstance(actions, list) or not actions:
+        raise SystemExit(f"--actions {spec}: expected a non-empty JSON list, one action per chunk")
+    for i, a in enumerate(actions):
+        try:
+            session.action_space.encode(a)
+        except ValueError as e:
+            raise SystemExit(f"--actions {spec}: entry {i}: {e}") from e
+    return [actions[min(i, len(actions) - 1)] for i in range(chunks)]
+
+
+def _generate(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from runtime.video import write_video
+
+    try:
+        session = _open(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    session.reset(args.seed)
+    chunks = session.config.chunk_pattern.num_chunks(args.frames)
+    actions = _load_actions(args.actions, session, chunks, args.seed)
+    frames = []
+    for action in tqdm(actions, desc="generate", unit="chunk", file=sys.stderr):
+        frames.append(session.step(action))
+    video = np.concatenate(frames)[: args.frames]
+    write_video(args.out, video, session.fps)
+    stats = session.stats()
+    print(f"wrote {args.out}: {len(video)} frames {video.shape[2]}x{video.shape[1]}; "
+          f"{stats['fps']:.1f} fps steady state, first frame {stats['first_frame_ms']:.1f} ms "
+          f"(bundle {session.bundle.name}, {stats['steps']} steps, {args.device})")
+    return 0
+
+
+def measure(session, frames: int, seed: int) -> dict:
+    """Run ``frames`` frames of random held-key actions and return the session's stats."""
+    session.reset(seed)
+    chunks = session.config.chunk_pattern.num_chunks(frames)
+    for action in random_actions(session.action_space, chunks, seed):
+        session.step(action)
+    return session.stats()
+
+
+def _bench_runtime(args) -> int:
+    import platform
+
+    import torch
+
+    from runtime import open_session
+
+    session = _open(args)
+    cached = measure(session, args.frames, args.seed)
+    result = {
+        "bundle": session.bundle.name, "device": args.device, "frames": args.frames,
+        "frame_size": list(session.frame_size), "steps": cached["steps"],
+        "frames_per_chunk": session.frames_per_chunk, "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "fps": cached["fps"], "first_frame_ms": cached["first_frame_ms"], "chunk_ms_p50": cached["chunk_ms_p50"],
+        "chunk_ms_p95": cached["chunk_ms_p95"], "kv_cache_bytes": cached["kv_cache_bytes"],
+    }
+    if not args.no_uncached:
+        uncached = measure(open_session(session.bundle, device=args.device, steps=args.steps, kv_cache=False),
+                           args.frames, args.seed)
+        result["uncached_fps"] = uncached["fps"]
+        result["kv_cache_speedup"] = cached["fps"] / uncached["fps"]
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _run(args) -> int:
+    if (DEFAULT_BUNDLE / "config.json").is_file():
+        bundle = str(DEFAULT_BUNDLE)
+        print(f"playing the shipped default model {bundle}")
+    else:
+        bundle = "random-tiny"
+        print("no trained model ships yet: generating with an untrained random tiny bundle (noise-like output)")
+    ns = argparse.Namespace(bundle=bundle, steps=None, device="cpu", frames=64, actions="random",
+                            out="out/run.mp4", seed=0)
+    return _generate(ns)

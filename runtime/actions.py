@@ -1,0 +1,111 @@
+"""What an action is, for one bundle: named held keys (multi-hot) plus named continuous values.
+
+Sessions, apps and data recording all go through `ActionSpace.encode`, so a wrong key name,
+shape or dtype fails in one place with a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """``keys``: multi-hot action names; ``values``: continuous action names (e.g. mouse deltas);
+    ``bindings``: keyboard key name (lowercase, e.g. "w", "left", "space") -> action key name."""
+
+    keys: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
+    bindings: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", tuple(self.keys))
+        object.__setattr__(self, "values", tuple(self.values))
+        names = self.keys + self.values
+        if len(set(names)) != len(names):
+            raise ValueError(f"action names must be unique, got {list(names)}")
+        bad = {kb: name for kb, name in self.bindings.items() if name not in self.keys}
+        if bad:
+            raise ValueError(f"bindings point at unknown action keys {bad}; action keys are {list(self.keys)}")
+
+    @property
+    def dim(self) -> int:
+        return len(self.keys) + len(self.values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keys": list(self.keys), "values": list(self.values), "bindings": dict(self.bindings)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ActionSpace:
+        return cls(tuple(d.get("keys", ())), tuple(d.get("values", ())), dict(d.get("bindings", {})))
+
+    def describe(self) -> str:
+        parts = [f"held keys from {list(self.keys)}"] if self.keys else []
+        if self.values:
+            parts.append(f"values {list(self.values)}")
+        return "an action: None, a list of " + ", ".join(parts) + f", or a vector of length {self.dim}"
+
+    def from_keyboard(self, pressed: Iterable[str]) -> list[str]:
+        """Map pressed keyboard keys to action key names; keys with no binding are ignored."""
+        out: list[str] = []
+        for kb in pressed:
+            name = self.bindings.get(str(kb).lower())
+            if name is not None and name not in out:
+                out.append(name)
+        return out
+
+    def encode(self, action: Any) -> torch.Tensor:
+        """One action -> float32 ``[dim]``: multi-hot keys followed by continuous values."""
+        vec = torch.zeros(self.dim, dtype=torch.float32)
+        if action is None:
+            return vec
+        if isinstance(action, torch.Tensor | np.ndarray):
+            return self._encode_vector(action)
+        if isinstance(action, Mapping):
+            unknown = set(action) - {"keys"} - set(self.values)
+            if unknown:
+                raise ValueError(f"unknown action fields {sorted(unknown)}; expected 'keys' and values "
+                                 f"{list(self.values)}")
+            self._set_keys(vec, action.get("keys", ()))
+            for i, name in enumerate(self.values):
+                if name in action:
+                    value = action[name]
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        raise ValueError(f"action value {name!r} must be a number, got {value!r}")
+                    vec[len(self.keys) + i] = float(value)
+            return vec
+        if isinstance(action, str):
+            self._set_keys(vec, [action])
+            return vec
+        if isinstance(action, Iterable):
+            items = list(action)
+            if all(isinstance(a, str) for a in items):
+                self._set_keys(vec, items)
+                return vec
+            return self._encode_vector(np.asarray(items))
+        raise ValueError(f"cannot read {type(action).__name__} as an action; expected {self.describe()}")
+
+    def encode_many(self, actions: Iterable[Any]) -> torch.Tensor:
+        return torch.stack([self.encode(a) for a in actions]) if actions else torch.zeros(0, self.dim)
+
+    def _set_keys(self, vec: torch.Tensor, names: Iterable[str]) -> None:
+        if isinstance(names, str):
+            names = [names]
+        for name in names:
+            if not isinstance(name, str) or name not in self.keys:
+                raise ValueError(f"unknown action key {name!r}; this bundle's keys are {list(self.keys)}")
+            vec[self.keys.index(name)] = 1.0
+
+    def _encode_vector(self, arr: Any) -> torch.Tensor:
+        t = torch.as_tensor(arr)
+        if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"action vector must be float or int, got dtype {t.dtype}; expected {self.describe()}")
+        if t.shape != (self.dim,):
+            raise ValueError(f"action vector must have shape ({self.dim},), got {tuple(t.shape)}; "
+                             f"expected {self.describe()}")
+        return t.to(torch.float32)

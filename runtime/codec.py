@@ -1,0 +1,107 @@
+"""Per-frame latent codecs: frames (uint8) <-> latents (float), plus a registry by name.
+
+A bundle's ``config.json`` names its codec (``{"type": "pixel"}``) and stores the codec's
+weights in ``weights.safetensors`` under the ``codec.`` prefix. The identity ``pixel`` codec
+lets untrained bundles decode end to end before a trained codec exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Codec(nn.Module):
+    """encode: uint8 ``[n, H, W, 3]`` -> float ``[n, C, h, w]``; decode: the way back."""
+
+    type_name = "abstract"
+
+    @property
+    def spatial_factor(self) -> int:
+        """Decoded pixels per latent pixel along each side."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.type_name}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Codec:
+        raise NotImplementedError
+
+
+def frames_to_float(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]`` in [-1, 1]."""
+    t = torch.as_tensor(frames)
+    if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [n, H, W, 3], got {t.dtype} {list(t.shape)}")
+    return t.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def float_to_frames(x: torch.Tensor) -> torch.Tensor:
+    """float ``[n, 3, H, W]`` in [-1, 1] -> uint8 ``[n, H, W, 3]``."""
+    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class PixelCodec(Codec):
+    """Identity codec: latents are the RGB frame in [-1, 1], optionally average-pooled by ``downsample``.
+
+    With ``downsample > 1`` decoding upsamples (nearest): a cheap stand-in, not a real codec.
+    """
+
+    type_name = "pixel"
+
+    def __init__(self, downsample: int = 1) -> None:
+        super().__init__()
+        self.downsample = downsample
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.downsample
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return 3, height // self.downsample, width // self.downsample
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames_to_float(frames)
+        return F.avg_pool2d(x, self.downsample) if self.downsample > 1 else x
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(latents, scale_factor=self.downsample, mode="nearest") if self.downsample > 1 else latents
+        return float_to_frames(x)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.type_name, "downsample": self.downsample}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> PixelCodec:
+        return cls(downsample=int(cfg.get("downsample", 1)))
+
+
+CODECS: dict[str, type[Codec]] = {}
+
+
+def register_codec(name: str, cls: type[Codec]) -> None:
+    CODECS[name] = cls
+
+
+def build_codec(cfg: dict[str, Any]) -> Codec:
+    name = cfg.get("type")
+    if name not in CODECS:
+        raise ValueError(f"unknown codec type {name!r}; known: {sorted(CODECS)}")
+    return CODECS[name].from_config(cfg)
+
+
+register_codec("pixel", PixelCodec)

@@ -1,0 +1,150 @@
+"""Configuration dataclasses: the model's geometry and the bundle's sampling recipe.
+
+Everything geometric comes from here: no hidden constants for tokens per frame, cache sizes
+or head counts. Both round-trip through JSON (a bundle's ``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.actions import ActionSpace
+from runtime.chunks import ChunkPattern
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+@dataclass
+class ModelConfig:
+    """A Wan-style causal video DiT over per-frame latents ``[B, F, C, H, W]``.
+
+    Field names follow diffusers' ``WanTransformer3DModel`` where they overlap.
+    """
+
+    in_channels: int = 16
+    out_channels: int | None = None
+    latent_height: int = 8
+    latent_width: int = 8
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    num_layers: int = 4
+    ffn_dim: int = 512
+    freq_dim: int = 64
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    timestep_scale: float = 1000.0  # model sees t * timestep_scale, as Wan does (t in [0, 1])
+    text_dim: int | None = None  # None: no text cross-attention
+    cross_attn_norm: bool = True
+    action_space: dict[str, Any] = field(default_factory=dict)  # ActionSpace.to_dict()
+    audio_dim: int = 0  # per-frame audio feature size; 0: none
+    video_channels: int = 0  # channel-concatenated video conditioning latents; 0: none
+    # Chunks and the KV cache, in frames.
+    frames_per_chunk: int = 1
+    first_chunk_frames: int | None = None
+    window_frames: int = 8
+    sink_frames: int = 1
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(self.patch_size)
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
+        pt, ph, pw = self.patch_size
+        if pt != 1:
+            raise ValueError(f"patch_size[0] must be 1 (frames are the unit of causality), got {pt}")
+        if self.latent_height % ph or self.latent_width % pw:
+            raise ValueError(f"latent size {self.latent_height}x{self.latent_width} is not divisible by "
+                             f"patch {ph}x{pw}")
+        if self.attention_head_dim % 2 or self.attention_head_dim < 6:
+            raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {self.attention_head_dim}")
+        if self.window_frames < 0 or self.sink_frames < 0:
+            raise ValueError("window_frames and sink_frames must be >= 0")
+        ActionSpace.from_dict(self.action_space)  # fails early on a malformed action space
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
+
+    @property
+    def actions(self) -> ActionSpace:
+        return ActionSpace.from_dict(self.action_space)
+
+    @property
+    def chunk_pattern(self) -> ChunkPattern:
+        return ChunkPattern(self.frames_per_chunk, self.first_chunk_frames, self.tokens_per_frame)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, dict(d))
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ModelConfig:
+        """The small config the tests use: 3-channel pixel latents, 16 tokens per frame."""
+        base = dict(
+            in_channels=3, latent_height=8, latent_width=8, patch_size=(1, 2, 2),
+            num_attention_heads=2, attention_head_dim=16, num_layers=2, ffn_dim=64, freq_dim=32,
+            action_space=ActionSpace(
+                keys=("forward", "back", "left", "right", "attack"), values=(),
+                bindings={"w": "forward", "up": "forward", "s": "back", "down": "back",
+                          "a": "left", "left": "left", "d": "right", "right": "right", "space": "attack"},
+            ).to_dict(),
+            frames_per_chunk=1, window_frames=4, sink_frames=1,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class SamplerConfig:
+    """How a bundle samples each chunk, and how its KV cache is written.
+
+    ``kind``: ``"euler"`` integrates the flow ODE (teachers, many steps); ``"consistency"``
+    predicts x0 and re-noises to the next level (few-step students). ``timesteps``, when
+    given, are the explicit noise levels in (0, 1] (e.g. [1.0, 0.75, 0.5, 0.25]) and override
+    ``steps``; ``first_chunk_steps`` lets the first chunk take more steps. ``shift`` warps the
+    levels as SD3/Wan do: t' = s t / (1 + (s - 1) t). ``cache_from``: ``"clean"`` re-runs the
+    denoised chunk at t=0 to write the cache; ``"last_step"`` keeps the last denoising step's keys.
+    ``guidance_scale`` applies classifier-free guidance on the actions (1.0: off).
+    """
+
+    kind: str = "consistency"
+    steps: int = 2
+    first_chunk_steps: int | None = None
+    timesteps: list[float] | None = None
+    shift: float = 1.0
+    cache_from: str = "clean"
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("euler", "consistency"):
+            raise ValueError(f"sampler kind must be 'euler' or 'consistency', got {self.kind!r}")
+        if self.cache_from not in ("clean", "last_step"):
+            raise ValueError(f"cache_from must be 'clean' or 'last_step', got {self.cache_from!r}")
+        if self.steps < 1 or (self.first_chunk_steps is not None and self.first_chunk_steps < 1):
+            raise ValueError("steps must be >= 1")
+        if self.timesteps is not None and not all(0 < t <= 1 for t in self.timesteps):
+            raise ValueError(f"timesteps must lie in (0, 1], got {self.timesteps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplerConfig:
+        return _from_dict(cls, dict(d))

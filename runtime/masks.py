@@ -1,0 +1,59 @@
+"""Lowering of interval mask descriptions (`kernels.masks.KeyIntervals`) per attention backend.
+
+The description is small and exact; the lowered forms are memoised per (description, device)
+because the same few masks recur every chunk.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from kernels.masks import KeyIntervals
+
+_CACHE_SIZE = 64
+_dense_cache: OrderedDict = OrderedDict()
+_block_cache: OrderedDict = OrderedDict()
+
+
+def _key(mask: KeyIntervals, device: torch.device) -> tuple:
+    # By identity: the builders are memoised (runtime.chunks.cached_mask), so a recurring mask
+    # is the same object. Reading the tensor's bytes instead would fail under torch.func transforms.
+    return (id(mask), str(device))
+
+
+def _memo(cache: OrderedDict, key: tuple, mask: KeyIntervals, build):
+    if key in cache and cache[key][0] is mask:
+        cache.move_to_end(key)
+        return cache[key][1]
+    value = build()
+    cache[key] = (mask, value)  # holding the mask keeps its id from being reused
+    if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def dense_mask(mask: KeyIntervals, device: torch.device | str) -> torch.Tensor:
+    """Boolean ``[Nq, Nk]`` (True = attend), for the reference and SDPA backends."""
+    device = torch.device(device)
+    return _memo(_dense_cache, _key(mask, device), mask, lambda: mask.to_dense(device))
+
+
+def flex_block_mask(mask: KeyIntervals, device: torch.device | str):
+    """A FlexAttention ``BlockMask`` whose ``mask_mod`` reads the two intervals of each row."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = torch.device(device)
+
+    def build():
+        iv = mask.intervals.to(device=device, dtype=torch.int32)
+        a_lo, a_hi, b_lo, b_hi = iv.unbind(1)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return ((kv_idx >= a_lo[q_idx]) & (kv_idx < a_hi[q_idx])) | (
+                (kv_idx >= b_lo[q_idx]) & (kv_idx < b_hi[q_idx]))
+
+        return create_block_mask(mask_mod, None, None, mask.num_queries, mask.num_keys, device=device)
+
+    return _memo(_block_cache, _key(mask, device), mask, build)

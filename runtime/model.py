@@ -1,0 +1,243 @@
+"""`CausalDiT`: a Wan-style video diffusion transformer that runs bidirectional, block-causal or cached.
+
+Read top to bottom: timestep/condition embedding -> patchify -> blocks (self-attention with 3D
+RoPE and qk RMSNorm, optional text cross-attention, feed-forward, all adaLN-modulated per
+frame) -> output modulation -> unpatchify. Parameter names mirror diffusers'
+``WanTransformer3DModel`` so its checkpoints load here; forcekit's conditioning adapters
+(actions, audio) are extra embedders added to the per-frame time embedding, and video
+conditioning is concatenated on the channel axis before patchify.
+
+One module, three ways to run (DESIGN.md section 4):
+  bidirectional  ``mask=None``                        teacher
+  masked         ``mask=pattern.block_causal(F)`` etc. student training, teacher forcing
+  cached         ``cache=KVCache(...)``, ``cache_mode`` inference, self-forcing rollouts
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels.masks import KeyIntervals
+from runtime.attention import attention
+from runtime.config import ModelConfig
+from runtime.kv_cache import CacheGeometry, KVCache
+from runtime.rope import apply_rope, rope_angles, rope_cos_sin
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features ``[..., dim]`` as ``[cos | sin]`` (diffusers' flip_sin_to_cos=True, shift 0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """linear_1 -> activation -> linear_2 (diffusers' TimestepEmbedding / text projection layout)."""
+
+    def __init__(self, in_dim: int, dim: int, act: nn.Module) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = act
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Per-frame time embedding plus action and audio embeddings; the text projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.inner_dim
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = MLPEmbedder(cfg.freq_dim, d, nn.SiLU())
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(d, 6 * d)
+        self.text_embedder = MLPEmbedder(cfg.text_dim, d, nn.GELU(approximate="tanh")) if cfg.text_dim else None
+        action_dim = cfg.actions.dim
+        self.action_embedder = MLPEmbedder(action_dim, d, nn.SiLU()) if action_dim else None
+        self.audio_embedder = MLPEmbedder(cfg.audio_dim, d, nn.SiLU()) if cfg.audio_dim else None
+
+    def forward(self, t: torch.Tensor, action: torch.Tensor | None, audio: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` ``[B, F]`` (already scaled) -> temb ``[B, F, D]``, modulation ``[B, F, 6, D]``."""
+        temb = self.time_embedder(timestep_features(t, self.freq_dim))
+        if self.action_embedder is not None and action is not None:
+            temb = temb + self.action_embedder(action.to(temb.dtype))
+        if self.audio_embedder is not None and audio is not None:
+            temb = temb + self.audio_embedder(audio.to(temb.dtype))
+        return temb, self.time_proj(self.act_fn(temb)).unflatten(-1, (6, -1))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMSNorm over all heads on q and k (Wan's "across heads")."""
+
+    def __init__(self, dim: int, heads: int, eps: float, kv_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(kv_dim or dim, dim)
+        self.to_v = nn.Linear(kv_dim or dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))
+        k = self.norm_k(self.to_k(context)).unflatten(-1, (self.heads, -1))
+        v = self.to_v(context).unflatten(-1, (self.heads, -1))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x, context)
+        return self.to_out[0](attention(q, k, v).flatten(-2))
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward layout: net.0.proj (GELU tanh), net.2 (output)."""
+
+    class _GeluProj(nn.Module):
+        def __init__(self, dim: int, inner: int) -> None:
+            super().__init__()
+            self.proj = nn.Linear(dim, inner)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(self.proj(x), approximate="tanh")
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([self._GeluProj(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+def _layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.inner_dim
+        self.eps = cfg.eps
+        self.attn1 = Attention(d, cfg.num_attention_heads, cfg.eps)
+        self.attn2 = Attention(d, cfg.num_attention_heads, cfg.eps) if cfg.text_dim else None
+        self.norm2 = nn.LayerNorm(d, eps=cfg.eps) if (cfg.text_dim and cfg.cross_attn_norm) else None
+        self.ffn = FeedForward(d, cfg.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                text: torch.Tensor | None, mask: KeyIntervals | None, cache: KVCache | None,
+                cache_mode: str, layer: int) -> torch.Tensor:
+        b, n, d = x.shape
+        nf = mod.shape[1]
+        per_frame = (self.scale_shift_table.unsqueeze(0) + mod.float()).unsqueeze(3)  # [B, F, 6, 1, D]
+        shift, scale, gate, c_shift, c_scale, c_gate = per_frame.unbind(2)
+
+        def modulate(h, sc, sh):
+            return (h.view(b, nf, -1, d) * (1 + sc) + sh).view(b, n, d)
+
+        def gated(h, g):
+            return (h.float().view(b, nf, -1, d) * g).view(b, n, d)
+
+        h = modulate(_layer_norm(x, self.eps), scale, shift).to(x.dtype)
+        q, k, v = self.attn1.project(h, h)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v, mask = cache.keys_values(layer, k, v, cache_mode)
+        a = self.attn1.to_out[0](attention(q, k, v, mask).flatten(-2))
+        x = (x.float() + gated(a, gate)).to(x.dtype)
+        if self.attn2 is not None:
+            h = x
+            if self.norm2 is not None:
+                h = _layer_norm(x, self.eps, self.norm2.weight.float(), self.norm2.bias.float()).to(x.dtype)
+            x = x + self.attn2(h, text)
+        h = modulate(_layer_norm(x, self.eps), c_scale, c_shift).to(x.dtype)
+        return (x.float() + gated(self.ffn(h), c_gate)).to(x.dtype)
+
+
+class CausalDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        d = cfg.inner_dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels + cfg.video_channels, d, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size)
+        self.condition_embedder = ConditionEmbedder(cfg)
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
+        self.proj_out = nn.Linear(d, cfg.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+        self.gradient_checkpointing = False
+
+    def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache sized by this model's config: sink + window + one chunk, per layer."""
+        cfg = self.config
+        p = next(self.parameters())
+        geometry = CacheGeometry(cfg.num_layers, batch, cfg.num_attention_heads, cfg.attention_head_dim,
+                                 cfg.tokens_per_frame, cfg.sink_frames, cfg.window_frames,
+                                 cfg.chunk_pattern.max_chunk_frames)
+        return KVCache(geometry, device=device or p.device, dtype=dtype or p.dtype)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, *, action: torch.Tensor | None = None,
+                audio: torch.Tensor | None = None, video: torch.Tensor | None = None,
+                text: torch.Tensor | None = None, mask: KeyIntervals | None = None,
+                frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                cache_mode: str = "transient") -> torch.Tensor:
+        """Predict the flow velocity for latents ``x`` ``[B, F, C, H, W]`` at per-frame ``timestep`` ``[B, F]``.
+
+        ``action`` ``[B, F, A]``, ``audio`` ``[B, F, audio_dim]``, ``video`` ``[B, F, Cv, H, W]``,
+        ``text`` ``[B, L, text_dim]``. ``frame_positions`` ``[F]`` are the frames' RoPE indices
+        (default: consecutive from the cache's next frame, or from 0). With a ``cache``, the
+        chunk attends to the cache (``mask`` is then derived from it) and ``append`` commits it.
+        """
+        cfg = self.config
+        b, nf, c, hgt, wid = x.shape
+        if c != cfg.in_channels or (hgt, wid) != (cfg.latent_height, cfg.latent_width):
+            raise ValueError(f"latents must be [B, F, {cfg.in_channels}, {cfg.latent_height}, "
+                             f"{cfg.latent_width}], got {list(x.shape)}")
+        if timestep.shape != (b, nf):
+            raise ValueError(f"timestep must be [B, F] = [{b}, {nf}], got {list(timestep.shape)}")
+        if cfg.video_channels:
+            if video is None:
+                raise ValueError(f"this model is video-conditioned: pass video [B, F, {cfg.video_channels}, H, W]")
+            x = torch.cat([x, video.to(x.dtype)], dim=2)
+        if cfg.text_dim and text is None:
+            raise ValueError(f"this model has text cross-attention: pass text [B, L, {cfg.text_dim}]")
+        _, ph, pw = cfg.patch_size
+        gh, gw = hgt // ph, wid // pw
+
+        if frame_positions is None:
+            start = cache.next_frame if cache is not None else 0
+            frame_positions = torch.arange(start, start + nf, device=x.device)
+        rope = rope_cos_sin(rope_angles(frame_positions, gh, gw, cfg.attention_head_dim, cfg.rope_theta))
+
+        temb, mod = self.condition_embedder(timestep * cfg.timestep_scale, action, audio)
+        text_ctx = self.condition_embedder.text_embedder(text) if cfg.text_dim else None
+        h = self.patch_embedding(x.transpose(1, 2)).flatten(2).transpose(1, 2).contiguous()  # [B, F*gh*gw, D]
+
+        for i, block in enumerate(self.blocks):
+            args = (h, mod, rope, text_ctx, mask, cache, cache_mode, i)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, *args, use_reentrant=False)
+            else:
+                h = block(*args)
+        if cache is not None and cache_mode == "append":
+            cache.commit()
+
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
+        d = h.shape[-1]
+        h = (_layer_norm(h, cfg.eps).view(b, nf, -1, d) * (1 + scale) + shift).view(b, -1, d).to(h.dtype)
+        out = self.proj_out(h)  # [B, F*gh*gw, ph*pw*C], channel last as in Wan
+        out = out.view(b, nf, gh, gw, ph, pw, cfg.out_channels).permute(0, 1, 6, 2, 4, 3, 5)
+        return out.reshape(b, nf, cfg.out_channels, hgt, wid)

@@ -1,0 +1,145 @@
+"""`Rollout`: chunk-by-chunk generation in latent space, shared by inference and self-forcing training.
+
+A rollout owns the context the next chunk sees. With ``kv_cache=True`` that is a `KVCache`;
+with ``kv_cache=False`` it is the full history of context latents, their noise levels and
+conditions, re-run through the model under the window + sink mask for every call: slow, but
+exactly what the cache must reproduce, so it is the reference the tests compare against.
+
+What enters the context follows the bundle's recipe (``SamplerConfig.cache_from``):
+``clean`` re-runs the denoised chunk at t = 0 (teacher-forcing style); ``last_step`` keeps
+the keys of the last denoising step, whose input is still noisy at that step's level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime import sampler as sampling
+from runtime.config import SamplerConfig
+from runtime.model import CausalDiT
+
+
+@dataclass
+class ChunkCondition:
+    """Per-frame conditions of one chunk (``[B, n, ...]``) and the clip-level text (``[B, L, D]``)."""
+
+    action: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+    video: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+
+    def unconditional(self) -> ChunkCondition:
+        """The same chunk with actions dropped (zeros), as in action-dropout training for CFG."""
+        action = None if self.action is None else torch.zeros_like(self.action)
+        return ChunkCondition(action, self.audio, self.video, self.text)
+
+
+def _doubled(cond: ChunkCondition) -> ChunkCondition:
+    """``[conditional; unconditional]`` along the batch, as guided model calls take it."""
+    unc = cond.unconditional()
+    return ChunkCondition(*(_cat([c, u], 0) for c, u in zip(
+        (cond.action, cond.audio, cond.video, cond.text), (unc.action, unc.audio, unc.video, unc.text))))
+
+
+def _cat(parts: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts, dim=dim)
+
+
+class Rollout:
+    def __init__(self, model: CausalDiT, sampler: SamplerConfig, batch: int = 1, kv_cache: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        self.model = model
+        self.sampler = sampler
+        self.batch = batch
+        self.use_cache = kv_cache
+        self.generator = generator
+        self.guided = sampler.guidance_scale != 1.0 and model.config.actions.dim > 0
+        p = next(model.parameters())
+        self.cache = model.new_cache(batch * (2 if self.guided else 1), p.device, p.dtype) if kv_cache else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.chunk = 0
+        self.frames = 0
+        if self.cache is not None:
+            self.cache.reset()
+        self._history: list[tuple[torch.Tensor, torch.Tensor, ChunkCondition]] = []
+
+    @property
+    def pattern(self):
+        return self.model.config.chunk_pattern
+
+    def next_chunk_frames(self) -> int:
+        return self.pattern.chunk_frames(self.chunk)
+
+    # -- one model evaluation of the current chunk -------------------------------------------------
+    def velocity(self, x: torch.Tensor, t: float | torch.Tensor, cond: ChunkCondition, cache_mode: str = "transient"
+                 ) -> torch.Tensor:
+        """Velocity for the current chunk ``x`` ``[B, n, C, H, W]`` at level ``t``, given the context."""
+        b, n = x.shape[:2]
+        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        tt = tt.expand(b, n) if tt.ndim == 0 else tt
+        if self.guided:
+            v = self._run(torch.cat([x, x]), torch.cat([tt, tt]), _doubled(cond), cache_mode)
+            v_cond, v_uncond = v.chunk(2)
+            return v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
+        return self._run(x, tt, cond, cache_mode)
+
+    def _run(self, x, t, cond: ChunkCondition, cache_mode: str) -> torch.Tensor:
+        if self.cache is not None:
+            return self.model(x, t, action=cond.action, audio=cond.audio, video=cond.video, text=cond.text,
+                              cache=self.cache, cache_mode=cache_mode)
+        return self._recompute(x, t, cond)
+
+    def _recompute(self, x, t, cond: ChunkCondition) -> torch.Tensor:
+        """No cache: run the whole history plus this chunk under the same window + sink mask."""
+        cfg = self.model.config
+        history = self._history
+        if self.guided:  # x holds [conditional; unconditional]: replay the history for both branches
+            history = [(torch.cat([h, h]), torch.cat([lv, lv]), _doubled(c)) for h, lv, c in history]
+        parts = history + [(x, t, cond)]
+        latents = torch.cat([p[0] for p in parts], dim=1)
+        levels = torch.cat([p[1] for p in parts], dim=1)
+        conds = [p[2] for p in parts]
+        full = ChunkCondition(_cat([c.action for c in conds], 1), _cat([c.audio for c in conds], 1),
+                              _cat([c.video for c in conds], 1), cond.text)
+        total = latents.shape[1]
+        mask = self.pattern.window_sink(total, cfg.window_frames, cfg.sink_frames)
+        out = self.model(latents, levels, action=full.action, audio=full.audio, video=full.video, text=full.text,
+                         mask=mask)
+        return out[:, total - x.shape[1]:]
+
+    def _commit(self, x: torch.Tensor, t: torch.Tensor, cond: ChunkCondition) -> None:
+        """Record what enters the context for the no-cache path (the cache commits inside the model)."""
+        if self.cache is None:
+            self._history.append((x.detach(), t.detach(), cond))
+        self.frames += x.shape[1]
+        self.chunk += 1
+
+    # -- whole chunks -------------------------------------------------------------------------------
+    def add_context(self, latents: torch.Tensor, cond: ChunkCondition) -> None:
+        """Commit known clean latents (e.g. real frames) as the next chunk, at level 0."""
+        t0 = torch.zeros(latents.shape[:2], dtype=latents.dtype, device=latents.device)
+        if self.cache is not None:
+            self.velocity(latents, t0, cond, cache_mode="append")
+        self._commit(latents, t0, cond)
+
+    def generate_chunk(self, noise: torch.Tensor, cond: ChunkCondition, steps: int | None = None) -> torch.Tensor:
+        """Denoise one chunk from ``noise`` ``[B, n, C, H, W]``, commit it to the context, return x0."""
+        levels = sampling.chunk_levels(self.sampler, self.chunk, steps)
+        last_step = self.sampler.cache_from == "last_step"
+        x = noise
+        for i, (t, t_next) in enumerate(zip(levels[:-1], levels[1:])):
+            writes = last_step and i == len(levels) - 2
+            mode = "append" if writes else "transient"
+            v = self.velocity(x, t, cond, cache_mode=mode)
+            if writes:
+                ctx_latent, ctx_level = x, torch.full(x.shape[:2], t, dtype=x.dtype, device=x.device)
+            x = sampling.step(self.sampler.kind, x, v, t, t_next, self.generator)
+        if last_step:
+            self._commit(ctx_latent, ctx_level, cond)
+        else:
+            self.add_context(x, cond)
+        return x

@@ -1,0 +1,177 @@
+"""`StreamSession`: one user's stream. Actions in, decoded uint8 frames out, one chunk per `step`.
+
+It adds to `Rollout` what a live stream needs: the bundle's codec, action parsing with clear
+errors, seeds, optional real context frames, and timing (first-frame latency, per-chunk
+percentiles, steady-state fps with decoding included).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.actions import ActionSpace
+from runtime.bundle import Bundle
+from runtime.rollout import ChunkCondition, Rollout
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Validate a device string with a message that says what is accepted and what is present."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use 'cpu'")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available on this machine; use 'cpu'")
+    return torch.device(device)
+
+
+class StreamSession:
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", steps: int | None = None,
+                 kv_cache: bool = True, seed: int = 0) -> None:
+        self.device = resolve_device(device)
+        self.bundle = bundle.to(self.device)
+        self.config = bundle.config
+        self.steps = steps
+        self.kv_cache = kv_cache
+        self.action_space: ActionSpace = bundle.config.actions
+        self.frames_per_chunk = self.config.frames_per_chunk
+        self.frame_size = bundle.frame_size
+        self.fps = bundle.fps
+        self._generator = torch.Generator(self.device)
+        self._rollout = Rollout(bundle.model, bundle.sampler, batch=1, kv_cache=kv_cache, generator=self._generator)
+        self._chunk_ms: deque[float] = deque(maxlen=2048)
+        self.reset(seed)
+
+    # -- public API -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset(self, seed: int = 0, context: np.ndarray | None = None, context_actions: Any = None) -> None:
+        """Start a new stream. ``context``: optional real frames uint8 ``[n, H, W, 3]`` to continue from
+        (``n`` must end on a chunk boundary); ``context_actions``: one action per context frame."""
+        self.seed = seed
+        self._generator.manual_seed(seed)
+        self._rollout.reset()
+        self._chunk_ms.clear()
+        self._frames_out = 0
+        self._first_frame_ms: float | None = None
+        self._reset_time = time.perf_counter()
+        if context is not None:
+            self._add_context(context, context_actions)
+
+    @torch.no_grad()
+    def step(self, action: Any = None, audio: Any = None, video: Any = None) -> np.ndarray:
+        """Generate and decode the next chunk under ``action``; returns uint8 ``[n, H, W, 3]``."""
+        start = time.perf_counter()
+        n = self._rollout.next_chunk_frames()
+        cond = self._condition(n, [action] * n, audio, video)
+        cfg = self.config
+        noise = torch.randn((1, n, cfg.in_channels, cfg.latent_height, cfg.latent_width),
+                            generator=self._generator, device=self.device)
+        x0 = self._rollout.generate_chunk(noise, cond, steps=self.steps)
+        frames = self.bundle.codec.decode(x0[0]).cpu().numpy()
+        elapsed = (time.perf_counter() - start) * 1000
+        self._chunk_ms.append(elapsed)
+        if self._first_frame_ms is None:
+            self._first_frame_ms = elapsed
+        self._frames_out += n
+        return frames
+
+    def stats(self) -> dict[str, float | int | None]:
+        """Timing since the last reset. ``fps`` is steady state: the first chunk (warm-up) is left out
+        when later chunks exist. Decoding is included in every figure."""
+        times = list(self._chunk_ms)
+        steady = times[1:] if len(times) > 1 else times
+        frames_steady = len(steady) * self.frames_per_chunk if len(times) > 1 else self._frames_out
+        total_s = sum(steady) / 1000
+        cache = self._rollout.cache
+        return {
+            "fps": (frames_steady / total_s) if total_s > 0 else None,
+            "first_frame_ms": self._first_frame_ms,
+            "chunk_ms_p50": float(np.percentile(times, 50)) if times else None,
+            "chunk_ms_p95": float(np.percentile(times, 95)) if times else None,
+            "kv_cache_bytes": cache.nbytes if cache is not None else 0,
+            "frames": self._frames_out,
+            "chunks": len(times),
+            "cache_frames_held": cache.frames_held if cache is not None else None,
+            "steps": self.steps or self.bundle.sampler.steps,
+        }
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _condition(self, n: int, actions: list[Any], audio: Any, video: Any) -> ChunkCondition:
+        cfg = self.config
+        act = None
+        if self.action_space.dim:
+            act = self.action_space.encode_many(actions).to(self.device)[None]
+        aud = None
+        if cfg.audio_dim:
+            if audio is None:
+                raise ValueError(f"this bundle is audio-conditioned: pass audio features [{n}, {cfg.audio_dim}]")
+            aud = torch.as_tensor(np.asarray(audio), dtype=torch.float32)
+            if aud.shape != (n, cfg.audio_dim):
+                raise ValueError(f"audio must have shape [{n}, {cfg.audio_dim}], got {list(aud.shape)}")
+            aud = aud.to(self.device)[None]
+        elif audio is not None:
+            raise ValueError("this bundle takes no audio")
+        vid = None
+        if cfg.video_channels:
+            if video is None:
+                raise ValueError(f"this bundle is video-conditioned: pass {n} frames uint8 [{n}, H, W, 3]")
+            vid = self.bundle.codec.encode(torch.as_tensor(np.asarray(video)).to(self.device))
+            if vid.shape[0] != n:
+                raise ValueError(f"video must hold {n} frames for this chunk, got {vid.shape[0]}")
+            vid = vid[None]
+        elif video is not None:
+            raise ValueError("this bundle takes no video")
+        return ChunkCondition(act, aud, vid)
+
+    def _add_context(self, context: np.ndarray, context_actions: Any) -> None:
+        frames = np.asarray(context)
+        pattern = self.config.chunk_pattern
+        n = frames.shape[0] if frames.ndim == 4 else 0
+        if n == 0 or not pattern.is_whole(n):
+            raise ValueError(f"context must be uint8 [n, H, W, 3] with n ending on a chunk boundary "
+                             f"(first chunk {pattern.first_frames} frames, then {pattern.frames_per_chunk}); "
+                             f"got shape {list(frames.shape)}")
+        if frames.shape[1:3] != self.frame_size:
+            raise ValueError(f"context frames must be {self.frame_size[0]}x{self.frame_size[1]}, "
+                             f"got {frames.shape[1]}x{frames.shape[2]}")
+        actions = list(context_actions) if context_actions is not None else [None] * n
+        if len(actions) != n:
+            raise ValueError(f"context_actions must hold one action per context frame ({n}), got {len(actions)}")
+        latents = self.bundle.codec.encode(torch.as_tensor(frames).to(self.device))[None]
+        done = 0
+        while done < n:
+            k = self._rollout.next_chunk_frames()
+            cond = self._condition(k, actions[done:done + k], None, None) if not (
+                self.config.audio_dim or self.config.video_channels) else None
+            if cond is None:
+                raise ValueError("context frames are not supported for audio- or video-conditioned bundles yet")
+            self._rollout.add_context(latents[:, done:done + k], cond)
+            done += k
+
+
+def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int | None = None,
+                 kv_cache: bool = True, seed: int = 0) -> StreamSession:
+    """Open a stream on a bundle (or a bundle directory, or ``random-tiny``)."""
+    if isinstance(bundle_or_path, Bundle):
+        bundle = bundle_or_path
+    elif bundle_or_path == "random-tiny":
+        bundle = Bundle.random(name="random-tiny")
+    else:
+        bundle = Bundle.load(bundle_or_path)
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return StreamSession(bundle, device=device, steps=steps, kv_cache=kv_cache, seed=seed)

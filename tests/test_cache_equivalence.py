@@ -1,0 +1,135 @@
+"""Cached generation must equal recomputation, also after the window + sink starts evicting."""
+
+import pytest
+import torch
+
+from runtime import ChunkCondition, SamplerConfig
+from tests.helpers import rollout_latents, tiny_model
+
+PATTERNS = [
+    dict(frames_per_chunk=1, window_frames=3, sink_frames=1),  # frame-wise
+    dict(frames_per_chunk=3, window_frames=6, sink_frames=3),  # chunk-wise
+    dict(frames_per_chunk=2, first_chunk_frames=1, window_frames=4, sink_frames=1),  # short first chunk
+    dict(frames_per_chunk=2, window_frames=3, sink_frames=0),  # window only, not chunk-aligned
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=["framewise", "chunkwise", "first1", "nosink"])
+@pytest.mark.parametrize("cache_from", ["clean", "last_step"])
+def test_cached_rollout_equals_recomputation(pattern, cache_from):
+    model = tiny_model(**pattern)
+    sampler = SamplerConfig(kind="consistency", steps=2, cache_from=cache_from)
+    chunks = 7  # well past the point where sink + window evicts
+    frames = pattern.get("first_chunk_frames", pattern["frames_per_chunk"]) + (chunks - 1) * pattern["frames_per_chunk"]
+    assert frames > pattern["window_frames"] + pattern["sink_frames"]
+    cached = rollout_latents(model, sampler, chunks, kv_cache=True)
+    recomputed = rollout_latents(model, sampler, chunks, kv_cache=False)
+    assert cached.shape[1] == frames
+    assert (cached - recomputed).abs().max().item() <= 1e-4
+
+
+def test_cached_equals_recomputation_with_euler_and_guidance():
+    model = tiny_model(frames_per_chunk=2, window_frames=2, sink_frames=2)
+    sampler = SamplerConfig(kind="euler", steps=3, shift=3.0, guidance_scale=2.5)
+    cached = rollout_latents(model, sampler, 5, kv_cache=True)
+    recomputed = rollout_latents(model, sampler, 5, kv_cache=False)
+    assert (cached - recomputed).abs().max().item() <= 1e-4
+
+
+def test_eviction_changes_the_output():
+    """The comparison above is not vacuous: a bigger window gives different frames after eviction."""
+    small = tiny_model(frames_per_chunk=1, window_frames=2, sink_frames=1)
+    big = tiny_model(frames_per_chunk=1, window_frames=8, sink_frames=1)
+    big.load_state_dict(small.state_dict())
+    sampler = SamplerConfig(steps=2)
+    a = rollout_latents(small, sampler, 6, kv_cache=True)
+    b = rollout_latents(big, sampler, 6, kv_cache=True)
+    assert (a[:, :3] - b[:, :3]).abs().max() <= 1e-5  # nothing evicted yet
+    assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
+
+
+def test_block_causal_full_forward_equals_chunkwise_cached_forward():
+    model = tiny_model(frames_per_chunk=2, first_chunk_frames=1, window_frames=16, sink_frames=0)
+    cfg = model.config
+    frames = 7
+    torch.manual_seed(0)
+    x = torch.randn(1, frames, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    t = torch.rand(1, frames)
+    action = torch.rand(1, frames, cfg.actions.dim)
+    with torch.no_grad():
+        full = model(x, t, action=action, mask=cfg.chunk_pattern.block_causal(frames))
+        cache = model.new_cache()
+        outs, start, chunk = [], 0, 0
+        while start < frames:
+            n = cfg.chunk_pattern.chunk_frames(chunk)
+            sl = slice(start, start + n)
+            outs.append(model(x[:, sl], t[:, sl], action=action[:, sl], cache=cache, cache_mode="append"))
+            start, chunk = start + n, chunk + 1
+    assert (full - torch.cat(outs, 1)).abs().max() <= 1e-4
+
+
+def test_teacher_forcing_noisy_half_equals_noisy_chunk_after_clean_prefix():
+    model = tiny_model(frames_per_chunk=2, window_frames=16, sink_frames=0)
+    cfg, pattern = model.config, model.config.chunk_pattern
+    frames = 6
+    torch.manual_seed(1)
+    clean = torch.randn(1, frames, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    noisy = torch.randn_like(clean)
+    t_noisy = torch.rand(1, frames)
+    action = torch.rand(1, frames, cfg.actions.dim)
+    positions = torch.cat([torch.arange(frames), torch.arange(frames)])
+    with torch.no_grad():
+        tf = model(torch.cat([clean, noisy], 1), torch.cat([torch.zeros(1, frames), t_noisy], 1),
+                   action=torch.cat([action, action], 1), mask=pattern.teacher_forcing(frames),
+                   frame_positions=positions)[:, frames:]
+        for c in range(pattern.num_chunks(frames)):
+            s, n = pattern.chunk_start(c), pattern.chunk_frames(c)
+            cache = model.new_cache()
+            for p in range(c):  # the clean prefix, chunk by chunk, as inference commits it
+                ps = slice(pattern.chunk_start(p), pattern.chunk_start(p) + pattern.chunk_frames(p))
+                model(clean[:, ps], torch.zeros(1, pattern.chunk_frames(p)), action=action[:, ps], cache=cache,
+                      cache_mode="append")
+            sl = slice(s, s + n)
+            ref = model(noisy[:, sl], t_noisy[:, sl], action=action[:, sl], cache=cache, cache_mode="transient")
+            assert (tf[:, sl] - ref).abs().max() <= 1e-4
+
+
+def test_readonly_cache_mode_matches_transient_and_keeps_gradients():
+    model = tiny_model(frames_per_chunk=2, window_frames=4, sink_frames=1)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 2, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    cache = model.new_cache()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(shape, generator=gen), torch.zeros(1, 2), cache=cache, cache_mode="append")
+    held = cache.frames_held
+    x = torch.randn(shape, generator=gen, requires_grad=True)
+    t = torch.full((1, 2), 0.5)
+    out_ro = model(x, t, cache=cache, cache_mode="readonly")
+    out_ro.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        out_tr = model(x, t, cache=cache, cache_mode="transient")
+    assert (out_ro - out_tr).abs().max() <= 1e-5
+    assert cache.frames_held == held  # neither mode committed anything
+
+
+def test_cache_modes_commit_only_on_append():
+    model = tiny_model()
+    cache = model.new_cache()
+    cfg = model.config
+    x = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    with torch.no_grad():
+        model(x, torch.ones(1, 1), cache=cache, cache_mode="transient")
+        assert cache.next_frame == 0 and cache.frames_held == 0
+        model(x, torch.ones(1, 1), cache=cache, cache_mode="append")
+        assert cache.next_frame == 1 and cache.frames_held == 1
+        with pytest.raises(ValueError, match="unknown cache mode"):
+            model(x, torch.ones(1, 1), cache=cache, cache_mode="bogus")
+
+
+def test_chunk_condition_unconditional_zeroes_actions_only():
+    c = ChunkCondition(action=torch.ones(1, 2, 3), audio=torch.ones(1, 2, 4))
+    u = c.unconditional()
+    assert u.action.abs().sum() == 0 and torch.equal(u.audio, c.audio)
