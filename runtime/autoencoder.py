@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime.codec import Codec, float_to_frames, frames_to_float, register_codec
+
 
 @dataclass
 class ConvAEConfig:
@@ -105,10 +107,10 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.blocks(self.conv_in(z))))
 
 
-class ConvAutoencoder(nn.Module):
+class ConvAutoencoder(Codec):
     """Codec interface: encode(uint8 [n,H,W,3]) -> latents [n,C,h,w]; decode(latents) -> uint8 frames."""
 
-    codec_type = "conv_ae"
+    type_name = "conv_ae"
 
     def __init__(self, cfg: ConvAEConfig | None = None) -> None:
         super().__init__()
@@ -140,7 +142,7 @@ class ConvAutoencoder(nn.Module):
         return cls(ConvAEConfig(**d))
 
     def config(self) -> dict:
-        return {"type": self.codec_type, **asdict(self.cfg)}
+        return {"type": self.type_name, **asdict(self.cfg)}
 
     @property
     def spatial_factor(self) -> int:
@@ -155,13 +157,11 @@ class ConvAutoencoder(nn.Module):
     # -- pixels <-> [-1, 1] -------------------------------------------------------------------
     @staticmethod
     def to_unit(frames: torch.Tensor) -> torch.Tensor:
-        if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"expected uint8 frames [n, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-        return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return frames_to_float(frames)
 
     @staticmethod
     def to_uint8(x: torch.Tensor) -> torch.Tensor:
-        return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return float_to_frames(x).contiguous()
 
     # -- codec ------------------------------------------------------------------------------
     def encode_unit(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,3 +182,6 @@ class ConvAutoencoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         p = next(self.parameters())
         return self.to_uint8(self.decode_unit(latents.to(p.device, p.dtype)).float())
+
+
+register_codec(ConvAutoencoder.type_name, ConvAutoencoder)

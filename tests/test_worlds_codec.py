@@ -97,3 +97,22 @@ def test_metrics_on_known_inputs():
     assert (ssim(shifted, f) < 0.99).all()
     assert psnr(f[None], f[None]).shape == (1, 4) and ssim(f[None], f[None]).shape == (1, 4)
     assert horizons(64) == [1, 2, 4, 8, 16, 32, 64] and horizons(5) == [1, 2, 4]
+
+
+def test_conv_codec_is_registered_and_travels_in_a_bundle(tmp_path):
+    from runtime import Bundle, ModelConfig, open_session
+    from runtime.codec import build_codec
+
+    torch.manual_seed(0)
+    codec = ConvAutoencoder(ConvAEConfig(**TINY))
+    codec.set_normalisation(torch.full((4,), 0.1), torch.full((4,), 2.0))
+    assert isinstance(build_codec(codec.config()), ConvAutoencoder)
+    cfg = ModelConfig.tiny(in_channels=4, latent_height=8, latent_width=8)
+    Bundle.random(cfg, codec=codec).save(tmp_path / "b")
+    loaded = Bundle.load(tmp_path / "b")
+    assert loaded.codec.config() == codec.config() and loaded.frame_size == (16, 16)
+    f = _frames(2, 16)
+    assert torch.equal(loaded.codec.decode(loaded.codec.encode(f)), codec.eval().decode(codec.encode(f)))
+    session = open_session(loaded)
+    session.reset(0, context=f.numpy())
+    assert session.step(["forward"]).shape == (1, 16, 16, 3)
