@@ -2,6 +2,98 @@
 
 from __future__ import annotations
 
+import argparse
+
+
+def _bundle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", default="auto",
+                   help="bundle directory, 'random-tiny' (untrained tiny model) or 'auto' (the bundle shipped "
+                        "under models/, else random-tiny)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps per chunk (default: the bundle's)")
+    p.add_argument("--fps", type=float, default=None, help="playback rate (default: the bundle's)")
+
+
+def _open_fn(args: argparse.Namespace):
+    """A function opening a fresh session on the bundle (loaded once) with the CLI's settings."""
+    from apps.bundles import resolve_bundle
+    from runtime import open_session
+
+    bundle = resolve_bundle(args.bundle)
+    return lambda: open_session(bundle, device=args.device, steps=args.steps)
+
+
+def play(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from apps.pipeline import PipelineConfig
+    from apps.play import PlayConfig, Player
+
+    player = Player(_open_fn(args)(), PlayConfig(window_min=args.window, hud=not args.no_hud,
+                                                 record_dir=Path(args.record_dir)),
+                    PipelineConfig(fps=args.fps))
+    stats = player.run(max_frames=args.max_frames)
+    print(f"played {player.frames_shown} frames; fps {stats['fps']}; input->frame ms {stats['input_to_frame_ms']}")
+    for path in player.recordings:
+        print(f"recorded {path}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+
+    from apps.pipeline import PipelineConfig
+    from apps.serve import ServeConfig, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = ServeConfig(max_sessions=args.max_sessions, codec=args.codec, bitrate=args.bitrate,
+                         idle_timeout_s=args.idle_timeout, warmup_chunks=args.warmup,
+                         pipeline=PipelineConfig(fps=args.fps))
+    app = create_app(_open_fn(args), config)
+    host = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
+    print(f"forcekit serve: open http://{host}:{args.port}/ (max {args.max_sessions} session(s), {args.codec} "
+          f"at {args.bitrate // 1000} kbit/s)", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None)
+    return 0
+
+
+def bench_latency(args: argparse.Namespace) -> int:
+    import json
+
+    from apps.latency import LatencyConfig, run_latency_bench
+
+    report = run_latency_bench(_open_fn(args), LatencyConfig(seconds=args.seconds, toggle_s=args.toggle,
+                                                             fps=args.fps, webrtc=not args.local_only))
+    report["bundle"] = args.bundle
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
 
 def register(commands) -> None:
-    """Nothing registered yet."""
+    p = commands.add("play", help="play a bundle in a local pygame window (held keys -> actions)", func=play)
+    _bundle_args(p)
+    p.add_argument("--window", type=int, default=512, help="scale frames so the shorter side is this many pixels")
+    p.add_argument("--no-hud", action="store_true", help="hide the fps/latency overlay")
+    p.add_argument("--record-dir", default="recordings", help="where F5 writes mp4 files")
+    p.add_argument("--max-frames", type=int, default=None, help="quit after this many frames (for scripts)")
+
+    p = commands.add("serve", help="serve a bundle to browsers over WebRTC (page at /)", func=serve)
+    _bundle_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-sessions", type=int, default=2, help="concurrent peers; more get 503")
+    p.add_argument("--codec", choices=["vp8", "h264"], default="vp8")
+    p.add_argument("--bitrate", type=int, default=800_000, help="video bitrate cap, bits/s")
+    p.add_argument("--idle-timeout", type=float, default=20.0,
+                   help="close a peer silent on its data channel for this many seconds")
+    p.add_argument("--warmup", type=int, default=16, help="chunks generated at start-up to warm the runtime")
+
+    p = commands.add("latency", help="time to first frame, input-to-frame latency and frame jitter (JSON)",
+                     func=bench_latency, group="bench")
+    _bundle_args(p)
+    p.add_argument("--seconds", type=float, default=8.0, help="measured time per path")
+    p.add_argument("--toggle", type=float, default=0.5, help="seconds between input changes")
+    p.add_argument("--local-only", action="store_true", help="skip the WebRTC loopback path")
+    p.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
