@@ -32,7 +32,7 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the bundle's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is faster for tiny models on a busy machine)")
+                   help="CPU threads for torch (default: torch's; 1 is faster for tiny models on a busy machine)")
 
 
 def _open(args):
