@@ -2,6 +2,54 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+
+
+def _csv(kind):
+    return lambda text: tuple(kind(x) for x in text.split(",") if x)
+
 
 def register(commands) -> None:
-    """Nothing registered yet."""
+    p = commands.add("kernels", group="bench", func=_bench_kernels,
+                     help="Triton attention kernels vs SDPA / FlexAttention / flash-attn: ms and TFLOP/s "
+                          "for forward, backward, forward+JVP (needs CUDA; JSON)")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--extra-head-dims", type=_csv(int), default=(64,),
+                   help="more geometries at the same width heads*head_dim, comma-separated ('' for none)")
+    p.add_argument("--tokens-per-frame", type=int, default=1560)
+    p.add_argument("--frames", type=int, default=21)
+    p.add_argument("--frames-per-chunk", type=int, default=3)
+    p.add_argument("--first-chunk-frames", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--masks", type=_csv(str), default=("block_causal", "teacher_forcing"))
+    p.add_argument("--passes", type=_csv(str), default=("fwd", "bwd", "jvp"))
+    p.add_argument("--baselines", type=_csv(str), default=("sdpa", "flex", "flash"),
+                   help="comma-separated subset of sdpa,flex,flash")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("forcekit bench kernels needs a CUDA GPU (the Triton kernels only run interpreted on CPU, "
+              "which says nothing about speed); no CUDA device found.", file=sys.stderr)
+        return 2
+    from kernels.bench import BenchConfig, format_table, run_benchmark
+
+    cfg = BenchConfig(heads=args.heads, head_dim=args.head_dim, extra_head_dims=args.extra_head_dims,
+                      tokens_per_frame=args.tokens_per_frame, frames=args.frames,
+                      frames_per_chunk=args.frames_per_chunk, first_chunk_frames=args.first_chunk_frames,
+                      batch=args.batch, dtype=args.dtype, masks=args.masks, passes=args.passes,
+                      baselines=args.baselines, warmup=args.warmup, iters=args.iters)
+    report = run_benchmark(cfg, "cuda")
+    if not args.json:
+        print(format_table(report), file=sys.stderr)
+    print(json.dumps(report, indent=2))
+    return 0

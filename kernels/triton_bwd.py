@@ -22,16 +22,9 @@ import triton.language as tl
 from kernels.launch import LaunchConfig, config, strides
 from kernels.masks import KeyIntervals
 from kernels.schedule import cached_schedule
+from kernels.triton_fwd import visible
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _visible(offs_m, offs_k, a_lo, a_hi, b_lo, b_hi, NK):
-    """``[BLOCK_M, BLOCK_N]`` element mask of one tile from the rows' intervals."""
-    kk = offs_k[None, :]
-    vis = ((kk >= a_lo[:, None]) & (kk < a_hi[:, None])) | ((kk >= b_lo[:, None]) & (kk < b_hi[:, None]))
-    return vis & (kk < NK)
 
 
 @triton.jit
@@ -58,7 +51,8 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, IV, q_tile, b, h, pid_bh, offs_k
         a_hi = tl.load(IV + offs_m * 4 + 1, mask=m_valid, other=0)
         b_lo = tl.load(IV + offs_m * 4 + 2, mask=m_valid, other=0)
         b_hi = tl.load(IV + offs_m * 4 + 3, mask=m_valid, other=0)
-        p_t = tl.where(tl.trans(_visible(offs_m, offs_k, a_lo, a_hi, b_lo, b_hi, NK)), p_t, 0.0)
+        p_t = tl.where(visible(offs_k[:, None], a_lo[None, :], a_hi[None, :], b_lo[None, :], b_hi[None, :], NK),
+                       p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -75,8 +69,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IV, FULL_PTR, FULL_IDX, PART_P
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -127,7 +121,8 @@ def _dq_tile(dq, q, do, lse, delta, K, V, k_tile, b, h, offs_m, offs_d, d_valid,
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
-        p = tl.where(_visible(offs_m, offs_k, a_lo, a_hi, b_lo, b_hi, NK), p, 0.0)
+        p = tl.where(visible(offs_k[None, :], a_lo[:, None], a_hi[:, None], b_lo[:, None], b_hi[:, None], NK),
+                     p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -143,8 +138,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IV, FULL_PTR, FULL_IDX, PART_PTR, PA
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < NQ

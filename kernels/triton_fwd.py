@@ -29,21 +29,29 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def visible(kk, a_lo, a_hi, b_lo, b_hi, NK):
+    """Element mask of a partial tile: key index ``kk`` inside either interval and inside ``[0, NK)``.
+
+    Arguments arrive broadcast by the caller (keys along one axis, rows' intervals along the other).
+    """
+    return (((kk >= a_lo) & (kk < a_hi)) | ((kk >= b_lo) & (kk < b_hi))) & (kk < NK)
+
+
+@triton.jit
 def _fwd_tile(acc, acc_t, m_i, l_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs, offs_k, k_valid,
-              d_valid, a_lo, a_hi, b_lo, b_hi, qk_scale, scale,
+              d_valid, a_lo, a_hi, b_lo, b_hi, NK, qk_scale, scale,
               MASKED: tl.constexpr, JVP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the online softmax (and of the tangent when ``JVP``)."""
-    kv_mask = k_valid[None, :] & d_valid[:, None]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
-    v = tl.load(v_ptrs, mask=tl.trans(kv_mask), other=0.0)  # [BLOCK_N, BLOCK_D]
+    kt_mask = k_valid[None, :] & d_valid[:, None]
+    v_mask = k_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_ptrs, mask=kt_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
     if MASKED:
-        kk = offs_k[None, :]
-        vis = ((kk >= a_lo[:, None]) & (kk < a_hi[:, None])) | ((kk >= b_lo[:, None]) & (kk < b_hi[:, None]))
-        vis = vis & k_valid[None, :]
+        vis = visible(offs_k[None, :], a_lo[:, None], a_hi[:, None], b_lo[:, None], b_hi[:, None], NK)
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:  # a row may still have seen nothing: keep the shift finite
@@ -53,8 +61,8 @@ def _fwd_tile(acc, acc_t, m_i, l_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     if JVP:
-        tk = tl.load(tk_ptrs, mask=kv_mask, other=0.0)
-        tv = tl.load(tv_ptrs, mask=tl.trans(kv_mask), other=0.0)
+        tk = tl.load(tk_ptrs, mask=kt_mask, other=0.0)
+        tv = tl.load(tv_ptrs, mask=v_mask, other=0.0)
         if UPCAST:
             tk = tk.to(tl.float32)
             tv = tv.to(tl.float32)
@@ -76,8 +84,8 @@ def _fwd_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE, IV, FULL_PTR, FULL_IDX, PART_PT
                 JVP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: batch * batch-stride can pass 2^31
+    h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -119,7 +127,7 @@ def _fwd_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE, IV, FULL_PTR, FULL_IDX, PART_PT
             acc, acc_t, m_i, l_i, r_i, q, tq,
             k_base + offs_k[None, :] * sk_n, v_base + offs_k[:, None] * sv_n,
             tk_base + offs_k[None, :] * stk_n, tv_base + offs_k[:, None] * stv_n,
-            offs_k, k_valid, d_valid, a_lo, a_hi, b_lo, b_hi, qk_scale, scale,
+            offs_k, k_valid, d_valid, a_lo, a_hi, b_lo, b_hi, NK, qk_scale, scale,
             MASKED=False, JVP=JVP, UPCAST=UPCAST, PRECISION=PRECISION)
     start = tl.load(PART_PTR + pid_m)
     end = tl.load(PART_PTR + pid_m + 1)
@@ -130,7 +138,7 @@ def _fwd_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE, IV, FULL_PTR, FULL_IDX, PART_PT
             acc, acc_t, m_i, l_i, r_i, q, tq,
             k_base + offs_k[None, :] * sk_n, v_base + offs_k[:, None] * sv_n,
             tk_base + offs_k[None, :] * stk_n, tv_base + offs_k[:, None] * stv_n,
-            offs_k, k_valid, d_valid, a_lo, a_hi, b_lo, b_hi, qk_scale, scale,
+            offs_k, k_valid, d_valid, a_lo, a_hi, b_lo, b_hi, NK, qk_scale, scale,
             MASKED=True, JVP=JVP, UPCAST=UPCAST, PRECISION=PRECISION)
 
     empty = l_i == 0.0

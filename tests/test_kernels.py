@@ -332,3 +332,41 @@ def test_bad_inputs_are_named():
 def test_import_kernels_does_not_import_triton():
     code = "import sys, kernels; assert 'triton' not in sys.modules, 'triton imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def test_visible_pairs_counts_the_dense_mask():
+    from kernels.bench import visible_pairs
+
+    for kind in MASKS:
+        mask, _, _ = _mask(kind)
+        if mask is not None:
+            assert visible_pairs(mask) == int(mask.to_dense().sum())
+
+
+@pytest.mark.skipif(not launch.interpreted(), reason="needs TRITON_INTERPRET")
+def test_benchmark_runs_end_to_end_on_a_tiny_geometry():
+    """The GPU benchmark's code path, on CPU: every pass, SDPA baseline, goals, table."""
+    from kernels.bench import BenchConfig, format_table, run_benchmark
+
+    cfg = BenchConfig(heads=2, head_dim=32, extra_head_dims=(16,), tokens_per_frame=4, frames=4,
+                      frames_per_chunk=2, dtype="fp32", baselines=("sdpa",), warmup=0, iters=1)
+    report = run_benchmark(cfg, "cpu")
+    rows = report["results"]
+    assert {(r["mask"], r["head_dim"], r["pass"], r["impl"]) for r in rows} == {
+        (m, d, p, impl) for m in cfg.masks for d in (32, 16) for p in ("fwd", "bwd", "jvp")
+        for impl in ("forcekit", "sdpa_dense_mask") if not (p == "jvp" and impl != "forcekit")}
+    assert all("ms" in r and r["tflops"] >= 0 for r in rows), [r for r in rows if "error" in r]
+    assert {g["goal"] for g in report["goals"]} == {"fwd+jvp within 3.5x of fwd"}
+    assert "forcekit" in format_table(report)
+
+
+def test_bench_command_without_cuda_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from forcekit.cli import main
+
+    assert main(["bench", "kernels", "--json"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
