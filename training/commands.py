@@ -65,6 +65,47 @@ def _eval_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_codec_arg(spec: str):
+    """`pixel` or `pixel:N` (identity codec, average-pooled by N) or a trained codec dir."""
+    from runtime.codec import PixelCodec
+    from training.codec import load_codec
+
+    if spec == "pixel" or spec.startswith("pixel:"):
+        return PixelCodec(int(spec.split(":")[1]) if ":" in spec else 1)
+    return load_codec(spec)
+
+
+def _train_teacher(args: argparse.Namespace) -> int:
+    import torch
+
+    from runtime import ModelConfig
+    from training.data.shards import ShardStore
+    from training.latents import encode_latents
+    from training.teacher import TeacherTrainConfig, train_teacher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = ShardStore(args.data).read_meta()
+    codec = load_codec_arg(args.codec)
+    c, h, w = codec.latent_shape(*meta["resolution"])
+    space = meta["action_space"]
+    model_cfg = ModelConfig(in_channels=c, latent_height=h, latent_width=w, patch_size=(1, args.patch, args.patch),
+                            num_attention_heads=args.heads, attention_head_dim=args.head_dim,
+                            num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
+                            action_space=space, frames_per_chunk=1,
+                            window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
+    extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
+    cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
+                             lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
+                             guidance_scale=args.guidance, sample_steps=args.sample_steps,
+                             save_rank_states=args.save_rank_states, extra=extra)
+    clips = encode_latents(args.data, codec, args.max_episodes, cache_dir=args.out)
+    result = train_teacher(cfg, model_cfg, clips, codec, fps=float(meta.get("fps", 15.0)))
+    if result["rank"] == 0:
+        print(json.dumps(result))
+    return 0
+
+
 def register(commands) -> None:
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
@@ -103,3 +144,27 @@ def register(commands) -> None:
     p.add_argument("--max-frames", type=int, default=4096, help="evaluate on at most N frames (0: all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
+
+    p = commands.add("teacher", help="train the bidirectional action-conditioned flow-matching teacher "
+                     "(resumable; torchrun for DDP)", func=_train_teacher, group="train")
+    p.add_argument("--data", required=True, help="training data dir (forcekit record)")
+    p.add_argument("--codec", required=True, help="codec dir (forcekit train codec), or pixel / pixel:N")
+    p.add_argument("--out", required=True, help="run dir: ckpt.pt, tb/, bundle/")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=8, help="clips per step per rank")
+    p.add_argument("--clip-frames", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--freq-dim", type=int, default=64)
+    p.add_argument("--patch", type=int, default=2, help="spatial patch size on the latent")
+    p.add_argument("--sink-frames", type=int, default=0, help="session sink frames (window = clip - 1 - sink)")
+    p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
+    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale written into the bundle's sampler")
+    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps written into the bundle's sampler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every-s", type=float, default=180.0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--save-rank-states", action="store_true", help="write rankN.pt (DDP consistency checks)")

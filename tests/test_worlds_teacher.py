@@ -1,0 +1,118 @@
+"""Bidirectional teacher: flow-matching steps, resume, sampling, bundles, 2-process gloo DDP (issue 3)."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runtime import Bundle, ModelConfig, open_session
+from runtime.codec import PixelCodec
+from training.latents import conditioning_actions, synthetic_latents
+from training.teacher import TeacherTrainConfig, flow_matching_loss, noise_levels, sample_clip, train_teacher
+
+SPACE = {"keys": ["left", "right", "fire"], "values": [], "bindings": {"a": "left"}}
+
+
+def tiny_model_cfg(**kw):
+    base = dict(in_channels=3, latent_height=4, latent_width=4, patch_size=(1, 2, 2), num_attention_heads=2,
+                attention_head_dim=8, num_layers=1, ffn_dim=32, freq_dim=16, action_space=SPACE,
+                window_frames=3, sink_frames=0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_conditioning_actions_follow_the_recording_convention():
+    a = torch.eye(3)[[0, 1, 2, 0]]                         # actions[t] produced frame t+1
+    cond = conditioning_actions(a)
+    assert torch.equal(cond[0], torch.zeros(3)) and torch.equal(cond[1:], a[:-1])
+
+
+def test_noise_levels_have_a_clean_prefix_and_noisy_rest():
+    cfg = TeacherTrainConfig(context_prob=1.0)
+    t = noise_levels(64, 6, cfg, torch.Generator().manual_seed(0))
+    assert t.shape == (64, 6) and (t[:, 0] == 0).all() and (t[:, -1] > 0).all()
+    clean = t == 0
+    assert (clean[:, 1:] <= clean[:, :-1]).all()             # zeros only as a prefix
+
+
+def test_teacher_training_reduces_loss_on_a_tiny_batch():
+    torch.manual_seed(0)
+    from runtime import CausalDiT
+
+    model = CausalDiT(tiny_model_cfg())
+    clips = synthetic_latents(4, 8, (3, 4, 4), 3)
+    x0, cond = clips.sample(4, 4, torch.Generator().manual_seed(0))
+    cfg = TeacherTrainConfig(action_dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def loss_at(seed):
+        return flow_matching_loss(model, x0, cond, cfg, torch.Generator().manual_seed(seed))[0]
+
+    def held_out_loss():                                   # fixed noise draws, averaged
+        with torch.no_grad():
+            return sum(float(loss_at(1000 + s)) for s in range(8)) / 8
+
+    first = held_out_loss()
+    for i in range(60):
+        loss = loss_at(i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert held_out_loss() < 0.75 * first
+
+
+def test_teacher_resume_continues_and_bundle_plays(tmp_path):
+    clips = synthetic_latents(3, 10, (3, 4, 4), 3)
+    cfg = TeacherTrainConfig(out=str(tmp_path), steps=3, batch=2, clip_frames=4, log_every=1, sample_steps=2)
+    assert train_teacher(cfg, tiny_model_cfg(), clips, PixelCodec(2), progress=False)["step"] == 3
+    cfg.steps = 5
+    again = train_teacher(cfg, tiny_model_cfg(), clips, PixelCodec(2), progress=False)
+    assert again["step"] == 5 and again["steps_this_run"] == 2
+    assert list((tmp_path / "tb").iterdir())                 # TensorBoard scalars were written
+    bundle = Bundle.load(tmp_path / "bundle")
+    assert bundle.sampler.kind == "euler" and bundle.sampler.steps == 2 and bundle.sampler.guidance_scale == 1.5
+    session = open_session(bundle)
+    session.reset(0, context=torch.zeros(2, 8, 8, 3, dtype=torch.uint8).numpy(), context_actions=[None, ["left"]])
+    assert session.step(["right"]).shape == (1, 8, 8, 3)
+    ctx = clips.latents[None, :2].float()
+    out = sample_clip(bundle.model, ctx, clips.cond[None, :4], steps=3, guidance=2.0,
+                      generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 2, 3, 4, 4) and torch.isfinite(out).all()
+
+
+def test_clip_must_cover_the_session_window(tmp_path):
+    cfg = TeacherTrainConfig(out=str(tmp_path), steps=1, clip_frames=3)
+    with pytest.raises(ValueError, match="clip_frames"):
+        train_teacher(cfg, tiny_model_cfg(window_frames=3), synthetic_latents(1, 5, (3, 4, 4), 3), PixelCodec(2),
+                      progress=False)
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
+    data = tmp_path / "rec"
+    rec = subprocess.run([sys.executable, "-m", "forcekit", "record", "--env", "atari:breakout", "--episodes", "2",
+                          "--max-frames", "10", "--size", "16", "--out", str(data)], capture_output=True, text=True)
+    assert rec.returncode == 0, rec.stderr
+    out = tmp_path / "run"
+    with socket.socket() as sock:                           # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", port,
+           "-m", "forcekit", "train", "teacher", "--data", str(data), "--codec", "pixel:2", "--out", str(out),
+           "--steps", "3", "--batch", "2", "--clip-frames", "4", "--layers", "1", "--heads", "2", "--head-dim", "8",
+           "--ffn", "16", "--freq-dim", "16", "--patch", "1", "--threads", "1", "--save-rank-states"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 3
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+        assert torch.equal(r0["ema"][k], r1["ema"][k]), k
+    assert not torch.equal(r0["first_noise"], r1["first_noise"])    # every rank draws its own noise
+    torch.manual_seed(0)
+    from runtime import CausalDiT
+
+    init = CausalDiT(Bundle.load(out / "bundle").config).state_dict()
+    assert any(not torch.equal(init[k], r0["model"][k]) for k in init)   # the steps did change the weights

@@ -1,0 +1,230 @@
+"""The bidirectional teacher: action-conditioned flow matching over latent clips.
+
+`CausalDiT` runs with no mask (every frame sees every frame). Each training clip has a random
+clean prefix (context frames at t = 0, no loss) and a noisy suffix whose frames carry either
+one shared noise level or independent per-frame levels (diffusion forcing). One model thus
+learns to (a) generate a whole clip given context and (b) denoise the newest frame given clean
+past frames, which is what a session asks of it frame by frame. Actions are dropped (zeroed)
+for whole clips with probability `action_dropout`, so sampling can use classifier-free
+guidance: v = v_uncond + g (v_cond - v_uncond).
+
+Distributed: run under torchrun; DDP averages gradients, every rank draws its own clips and
+noise (generators seeded with the rank), only rank 0 writes files (no collective inside that
+branch), and every rank leaves the run at the same step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from runtime import Bundle, CausalDiT, ModelConfig, SamplerConfig
+from runtime.codec import Codec
+from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
+from training.latents import LatentClips
+
+
+@dataclass
+class TeacherTrainConfig:
+    out: str = ""
+    steps: int = 2000
+    batch: int = 8
+    clip_frames: int = 8
+    lr: float = 3e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    action_dropout: float = 0.1
+    context_prob: float = 0.75       # share of clips with a clean context prefix
+    per_frame_noise_prob: float = 0.5  # share of clips with independent per-frame noise levels
+    seed: int = 0
+    ckpt_every_s: float = 180.0
+    log_every: int = 10
+    guidance_scale: float = 1.5      # written into the bundle's sampler
+    sample_steps: int = 50
+    save_rank_states: bool = False   # write each rank's final weights (DDP consistency checks)
+    extra: dict = field(default_factory=dict)
+
+
+def lr_at(cfg: TeacherTrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def noise_levels(batch: int, frames: int, cfg: TeacherTrainConfig, generator: torch.Generator
+                 ) -> torch.Tensor:
+    """Per-frame t [B, F]: 0 on a random clean prefix, logit-normal levels on the rest."""
+    shared = torch.sigmoid(torch.randn(batch, 1, generator=generator)).expand(batch, frames)
+    per_frame = torch.sigmoid(torch.randn(batch, frames, generator=generator))
+    use_pf = torch.rand(batch, 1, generator=generator) < cfg.per_frame_noise_prob
+    t = torch.where(use_pf, per_frame, shared).clone()
+    prefix = torch.randint(1, frames, (batch,), generator=generator)
+    prefix = torch.where(torch.rand(batch, generator=generator) < cfg.context_prob, prefix, torch.zeros_like(prefix))
+    t[torch.arange(frames)[None, :] < prefix[:, None]] = 0.0
+    return t
+
+
+def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, cfg: TeacherTrainConfig,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity MSE on the noisy frames. Returns (loss, the noise drawn: per-rank checks use it)."""
+    b, f = x0.shape[:2]
+    t = noise_levels(b, f, cfg, generator).to(x0)
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    drop = torch.rand(b, 1, 1, generator=generator) < cfg.action_dropout
+    cond = torch.where(drop, torch.zeros_like(cond), cond)
+    tt = t[:, :, None, None, None]
+    x_t = (1 - tt) * x0 + tt * noise
+    v = model(x_t, t, action=cond)
+    weight = (t > 0).to(x0)[:, :, None, None, None]
+    err = (v.float() - (noise - x0)).pow(2) * weight
+    return err.sum() / (weight.sum() * x0[0, 0].numel()).clamp(min=1), noise
+
+
+@torch.no_grad()
+def sample_clip(model: CausalDiT, context: torch.Tensor, cond: torch.Tensor, steps: int = 50,
+                guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bidirectional Euler sampling of a whole clip after clean `context` [B, k, C, h, w].
+
+    `cond` [B, F, D] holds the conditioning action of every frame (context included). Returns
+    the F - k generated latents. CFG: v = v_u + g (v_c - v_u), unconditional = zeroed actions.
+    """
+    b, k = context.shape[:2]
+    f = cond.shape[1]
+    shape = (b, f - k, *context.shape[2:])
+    x = torch.randn(shape, generator=generator).to(context)
+    levels = torch.linspace(1.0, 0.0, steps + 1)
+    for t, t_next in zip(levels[:-1].tolist(), levels[1:].tolist()):
+        seq = torch.cat([context, x], 1)
+        tv = torch.cat([torch.zeros(b, k), torch.full((b, f - k), t)], 1).to(context)
+        if guidance != 1.0:
+            v = model(torch.cat([seq, seq]), torch.cat([tv, tv]), action=torch.cat([cond, torch.zeros_like(cond)]))
+            vc, vu = v.chunk(2)
+            v = vu + guidance * (vc - vu)
+        else:
+            v = model(seq, tv, action=cond)
+        x = x + (t_next - t) * v[:, k:]
+    return x
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_bundle(model: CausalDiT, codec: Codec, cfg: TeacherTrainConfig, fps: float, name: str, card: str
+                ) -> Bundle:
+    sampler = SamplerConfig(kind="euler", steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                            cache_from="clean")
+    return Bundle(model.config, copy.deepcopy(model).eval(), codec, sampler, fps=fps, name=name, card=card,
+                  extra={"stage": "teacher", **cfg.extra})
+
+
+def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: LatentClips, codec: Codec,
+                  fps: float = 15.0, progress: bool = True) -> dict:
+    """Train (or resume) in cfg.out: ckpt.pt, tb/, bundle/ (EMA weights, Euler sampler with CFG)."""
+    from tqdm import tqdm
+
+    rank, world = _dist()
+    out = Path(cfg.out)
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    if ckpt is not None:
+        model_cfg = ModelConfig.from_dict(ckpt["model_cfg"])
+    if model_cfg.window_frames + model_cfg.sink_frames + 1 > cfg.clip_frames:
+        raise ValueError(f"clip_frames {cfg.clip_frames} must cover the session context: window_frames "
+                         f"{model_cfg.window_frames} + sink_frames {model_cfg.sink_frames} + 1")
+    torch.manual_seed(cfg.seed)                        # identical initial weights on every rank
+    model = CausalDiT(model_cfg)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)   # own clips and noise per rank
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        gens = ckpt["generators"]
+        gen.set_state(gens[rank] if rank < len(gens) else gens[0])
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model)
+    starts = clips.starts(cfg.clip_frames)
+    is_main = rank == 0
+    writer = tensorboard_writer(out / "tb") if is_main else None
+    every = Every(cfg.ckpt_every_s)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train teacher", disable=not (progress and is_main))
+    t0, start, first_noise, loss_val = time.time(), step, None, float("nan")
+
+    def checkpoint() -> None:
+        gens = [gen.get_state()]
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * world
+            dist.all_gather_object(gathered, gen.get_state())
+            gens = gathered
+        if is_main:   # file writes only; the collective above ran on every rank
+            save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "ema": ema.state_dict(),
+                                              "opt": opt.state_dict(), "step": step, "generators": gens,
+                                              "model_cfg": model_cfg.to_dict(), "train_cfg": asdict(cfg)})
+
+    model.train()
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        x0, cond = clips.sample(cfg.batch, cfg.clip_frames, gen, starts)
+        loss, noise = flow_matching_loss(train_model, x0, cond, cfg, gen)
+        if first_noise is None:
+            first_noise = noise.flatten()[:8].clone()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - cfg.ema)
+        step += 1
+        loss_val = float(loss.detach())
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{loss_val:.4f}")
+            if writer:
+                writer.add_scalar("teacher/loss", loss_val, step)
+                writer.add_scalar("teacher/grad_norm", float(gnorm), step)
+                writer.add_scalar("teacher/lr", opt.param_groups[0]["lr"], step)
+        # The decision to checkpoint must agree across ranks: use the step count under DDP.
+        due = every() if world == 1 else step % max(1, cfg.log_every * 10) == 0
+        if due:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    if cfg.save_rank_states:
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "first_noise": first_noise,
+                    "step": step}, out / f"rank{rank}.pt")
+    if is_main:
+        card = (f"# teacher\n\nBidirectional action-conditioned flow-matching DiT (forcekit train teacher), "
+                f"{step} steps, EMA {cfg.ema}. Sampler: Euler {cfg.sample_steps} steps, CFG "
+                f"{cfg.guidance_scale}.\n\n```\n{json.dumps(cfg.extra, indent=2)}\n```\n")
+        make_bundle(ema, codec, cfg, fps, "teacher", card).save(out / "bundle")
+        if writer:
+            writer.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"step": step, "steps_this_run": step - start, "seconds_this_run": round(time.time() - t0, 1),
+            "loss": loss_val, "rank": rank, "world": world}
