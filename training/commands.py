@@ -106,6 +106,37 @@ def _train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_probe(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.probe import train_probe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(train_probe(args.data, args.heldout, args.out, steps=args.steps, batch=args.batch,
+                                 lr=args.lr, seed=args.seed)))
+    return 0
+
+
+def _eval_world(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.evaluate import WorldEvalConfig, dump, evaluate_world, plot_world
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = WorldEvalConfig(bundle=args.bundle, env=args.env, episodes=args.episodes, horizon=args.horizon,
+                          context=args.context, seed=args.seed, steps=args.steps, probe=args.probe)
+    result = evaluate_world(cfg, video=args.video)
+    if args.plot:
+        plot_world(result, args.plot)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(dump(result, False))
+    print(dump(result, args.json))
+    return 0
+
+
 def register(commands) -> None:
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
@@ -168,3 +199,30 @@ def register(commands) -> None:
     p.add_argument("--ckpt-every-s", type=float, default=180.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--save-rank-states", action="store_true", help="write rankN.pt (DDP consistency checks)")
+
+    p = commands.add("probe", help="train the inverse-dynamics probe (frame pair -> action) on real pairs",
+                     func=_train_probe, group="train")
+    p.add_argument("--data", required=True, help="training data dir")
+    p.add_argument("--heldout", default=None, help="held-out data dir for the reported accuracy")
+    p.add_argument("--out", required=True, help="run dir: probe.pt, probe.json, ckpt.pt")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+
+    p = commands.add("world", help="world model vs the real engine: per-horizon PSNR/SSIM and probe accuracy "
+                     "on held-out episodes", func=_eval_world, group="eval")
+    p.add_argument("--bundle", required=True, help="bundle dir")
+    p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game> (the bundle's game)")
+    p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--horizon", type=int, default=64, help="frames generated after the context")
+    p.add_argument("--context", type=int, default=4, help="real context frames given to the model")
+    p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
+    p.add_argument("--probe", default=None, help="probe dir (forcekit train probe) for action accuracy")
+    p.add_argument("--plot", default=None, help="write PSNR/SSIM vs horizon to this PNG")
+    p.add_argument("--video", default=None, help="write a real | generated side-by-side mp4")
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--json", action="store_true", help="one-line JSON")

@@ -1,0 +1,180 @@
+"""`forcekit eval world`: a world model against the real engine, from the same context, same actions.
+
+For each held-out episode: the engine runs the recording policy for `start + context` frames;
+the last `context` real frames (and the actions that produced them) start a session
+(`open_session(bundle).reset(seed, context=...)`); then engine and model are fed the same
+`horizon` actions, one frame at a time. Reported per horizon h (1, 2, 4, ... frames after the
+context): PSNR and SSIM of generated vs real frame h, and, with a probe, the inverse-dynamics
+accuracy on generated pairs vs on the real pairs of the same steps.
+Alignment: the action taken at real frame t produces frame t+1, so `session.step(a_t)` is
+compared with real frame t+1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.metrics import PSNR_CAP, horizons, psnr, ssim
+
+DEFAULT_HELDOUT_SEED = 100_000
+
+
+@dataclass
+class WorldEvalConfig:
+    bundle: str
+    env: str
+    episodes: int = 4
+    horizon: int = 64
+    context: int = 4
+    start_max: int = 40            # real frames played before the context starts: 0..start_max (random)
+    seed: int = DEFAULT_HELDOUT_SEED
+    steps: int | None = None       # sampler steps (None: the bundle's)
+    probe: str | None = None
+    max_hold: int = 12
+
+
+def training_seeds(bundle) -> set[int]:
+    """Seeds of the episodes the bundle was trained on, when its data dir is still around."""
+    data = bundle.extra.get("data")
+    if not data or not Path(data, "meta.json").exists():
+        return set()
+    from training.data.shards import ShardStore, open_shard
+
+    return {int(s) for p in ShardStore(data).shard_paths() for s in open_shard(p, ("episode_seeds",))["episode_seeds"]}
+
+
+def rollout_pair(env, session, seed: int, cfg: WorldEvalConfig) -> dict:
+    """One episode: real and generated frames after a shared context, under the same actions."""
+    from training.data.record import RandomSticky
+
+    rng = np.random.default_rng([seed, 7])
+    policy = RandomSticky(env.action_spec, rng, cfg.max_hold)
+    start = int(rng.integers(0, cfg.start_max + 1))
+    frames, actions = [env.reset(seed)], []
+    while len(frames) < start + cfg.context + cfg.horizon:
+        a = policy(frames[-1])
+        actions.append(a)
+        frame, done = env.step(a)
+        if done:
+            return {}
+        frames.append(frame)
+    real = np.stack(frames[start:])                 # [context + horizon, H, W, 3]
+    acts = np.stack(actions[start:])                # acts[i] produced real[i + 1]
+    prev = actions[start - 1] if start > 0 else None
+    context_actions = [prev] + [acts[i] for i in range(cfg.context - 1)]
+    session.reset(seed, context=real[: cfg.context], context_actions=context_actions)
+    gen = []
+    for h in range(cfg.horizon):
+        gen.append(session.step(acts[cfg.context - 1 + h])[0])
+    return {"real": real, "generated": np.stack(gen), "actions": acts}
+
+
+def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from runtime import Bundle, open_session
+    from training.envs import make_env
+
+    bundle = Bundle.load(cfg.bundle)
+    overlap = training_seeds(bundle) & set(range(cfg.seed, cfg.seed + 10 * cfg.episodes))
+    if overlap:
+        raise ValueError(f"seeds {sorted(overlap)[:5]} were used to train this bundle; pick another --seed")
+    if bundle.config.frames_per_chunk != 1:
+        raise ValueError("eval world compares frame by frame: the bundle needs frames_per_chunk=1")
+    env = make_env(cfg.env, size=bundle.frame_size)
+    session = open_session(bundle, steps=cfg.steps)
+    probe = None
+    if cfg.probe:
+        from training.probe import load_probe
+
+        probe = load_probe(cfg.probe)
+    hs = horizons(cfg.horizon)
+    ps, ss, gen_acc, real_acc, episodes, seed = [], [], [], [], [], cfg.seed
+    bar = tqdm(total=cfg.episodes, desc="eval world", disable=not progress)
+    try:
+        while len(episodes) < cfg.episodes and seed < cfg.seed + 10 * cfg.episodes:
+            ep = rollout_pair(env, session, seed, cfg)
+            seed += 1
+            if not ep:
+                continue                            # episode ended too early for the horizon
+            real, gen = torch.from_numpy(ep["real"][cfg.context:]), torch.from_numpy(ep["generated"])
+            ps.append(psnr(gen, real))
+            ss.append(ssim(gen, real))
+            if probe is not None:
+                before_real = torch.from_numpy(ep["real"][cfg.context - 1:-1])
+                before_gen = torch.cat([before_real[:1], gen[:-1]])
+                acts = torch.from_numpy(ep["actions"][cfg.context - 1:])
+                gen_acc.append(probe.predict(before_gen, gen) == (acts > 0.5))
+                real_acc.append(probe.predict(before_real, real) == (acts > 0.5))
+            episodes.append((seed - 1, ep))
+            bar.update(1)
+    finally:
+        env.close()
+        bar.close()
+    if not episodes:
+        raise RuntimeError(f"no held-out episode lasted {cfg.context + cfg.horizon} frames")
+    p, s = torch.stack(ps).clamp(max=PSNR_CAP), torch.stack(ss)
+    result = {
+        "bundle": cfg.bundle, "env": cfg.env, "episodes": len(episodes), "seeds": [e[0] for e in episodes],
+        "context_frames": cfg.context, "horizon": cfg.horizon, "steps": session.stats()["steps"],
+        "guidance_scale": bundle.sampler.guidance_scale,
+        "psnr_by_horizon": {str(h): round(float(p[:, h - 1].mean()), 3) for h in hs},
+        "ssim_by_horizon": {str(h): round(float(s[:, h - 1].mean()), 4) for h in hs},
+        "psnr_mean": round(float(p.mean()), 3), "ssim_mean": round(float(s.mean()), 4),
+    }
+    if probe is not None:
+        g, r = torch.stack(gen_acc), torch.stack(real_acc)   # [episodes, horizon, keys]
+        result["probe"] = {"generated_exact": round(float(g.all(-1).float().mean()), 4),
+                           "real_exact": round(float(r.all(-1).float().mean()), 4),
+                           "generated_per_key": round(float(g.float().mean()), 4),
+                           "real_per_key": round(float(r.float().mean()), 4)}
+    if video:
+        write_side_by_side(video, [e for _, e in episodes], cfg.context, bundle.fps)
+    return result
+
+
+def write_side_by_side(path: str, episodes: list[dict], context: int, fps: float, scale: int = 4) -> None:
+    """An mp4 of real | generated, episode after episode (opencv, imported here)."""
+    import cv2
+
+    h, w = episodes[0]["real"].shape[1:3]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (2 * w * scale, h * scale))
+    try:
+        for ep in episodes:
+            for real, gen in zip(ep["real"][context:], ep["generated"]):
+                frame = np.concatenate([real, gen], 1).repeat(scale, 0).repeat(scale, 1)
+                writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    finally:
+        writer.release()
+
+
+def plot_world(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hs = [int(h) for h in result["psnr_by_horizon"]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].plot(hs, list(result["psnr_by_horizon"].values()), marker="o")
+    axes[0].set_ylabel("PSNR (dB)")
+    axes[1].plot(hs, list(result["ssim_by_horizon"].values()), marker="o", color="tab:orange")
+    axes[1].set_ylabel("SSIM")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("frames after the context")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{Path(result['bundle']).name} vs {result['env']} ({result['episodes']} held-out episodes, "
+                 f"{result['steps']} steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dump(result: dict, as_json: bool) -> str:
+    return json.dumps(result) if as_json else json.dumps(result, indent=2)

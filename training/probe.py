@@ -1,0 +1,149 @@
+"""Inverse-dynamics probe: which action turned frame t into frame t+1?
+
+A small CNN over the channel-stacked pair (f_t, f_{t+1}) predicts the held keys of a_t
+(multi-label, one logit per key). Trained on real pairs; `forcekit eval world` then applies it
+to generated pairs: if the world model obeys the controls, the probe reads the actions back
+from its frames about as well as from the engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
+
+
+@dataclass
+class ProbeConfig:
+    keys: list[str]
+    size: tuple[int, int] = (64, 64)
+    channels: tuple[int, ...] = (32, 64, 128, 128)
+
+
+class InverseDynamicsProbe(nn.Module):
+    def __init__(self, cfg: ProbeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        layers, cin = [], 6
+        for c in cfg.channels:
+            layers += [nn.Conv2d(cin, c, 3, stride=2, padding=1), nn.SiLU()]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, len(cfg.keys))
+
+    def forward(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [n, H, W, 3] (each) -> key logits [n, K]."""
+        x = torch.cat([before, after], -1).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return self.head(self.features(x).mean((2, 3)))
+
+    @torch.no_grad()
+    def predict(self, before: torch.Tensor, after: torch.Tensor, batch: int = 512) -> torch.Tensor:
+        """Held keys as a bool [n, K] tensor."""
+        self.eval()
+        return torch.cat([self(before[i:i + batch], after[i:i + batch]) > 0 for i in range(0, len(before), batch)])
+
+
+def accuracy(pred: torch.Tensor, actions: torch.Tensor) -> dict:
+    """Exact-match accuracy over all keys, and per-key accuracy, against multi-hot actions."""
+    truth = actions > 0.5
+    return {"exact": round(float((pred == truth).all(1).float().mean()), 4),
+            "per_key": round(float((pred == truth).float().mean()), 4)}
+
+
+def pairs(data: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All real (f_t, f_{t+1}, a_t) of a data dir, as index-aligned tensors."""
+    from training.data import ClipDataset
+
+    ds = ClipDataset(data, clip_frames=2)
+    frames = torch.from_numpy(ds.all_frames())
+    actions, before, row = [], [], 0
+    for si, start, length, _ in ds.episode_rows:
+        acts = torch.from_numpy(ds._shard(si)["actions"][start:start + length])
+        before.append(torch.arange(row, row + length - 1))
+        actions.append(acts[:-1])
+        row += length
+    idx = torch.cat(before)
+    return frames, idx, torch.cat(actions)
+
+
+def save_probe(model: InverseDynamicsProbe, out: Path) -> None:
+    save_checkpoint(out / "probe.pt", {"cfg": asdict(model.cfg), "model": model.state_dict()})
+
+
+def load_probe(path: str | Path) -> InverseDynamicsProbe:
+    path = Path(path)
+    d = load_checkpoint(path / "probe.pt" if path.is_dir() else path)
+    if d is None:
+        raise FileNotFoundError(f"{path}: no probe.pt (train one with `forcekit train probe`)")
+    cfg = ProbeConfig(**d["cfg"])
+    model = InverseDynamicsProbe(cfg)
+    model.load_state_dict(d["model"])
+    return model.eval()
+
+
+def train_probe(data: str, heldout: str | None, out: str, steps: int = 2000, batch: int = 64, lr: float = 1e-3,
+                seed: int = 0, ckpt_every_s: float = 120.0, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from training.data.shards import ShardStore
+
+    meta = ShardStore(data).read_meta()
+    outp = Path(out)
+    frames, idx, actions = pairs(data)
+    keys = meta["action_space"]["keys"]
+    model = InverseDynamicsProbe(ProbeConfig(keys=list(keys), size=tuple(meta["resolution"])))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    ckpt = load_checkpoint(outp / "ckpt.pt")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"])
+        step = ckpt["step"]
+    writer = tensorboard_writer(outp / "tb")
+    every, t0, start = Every(ckpt_every_s), time.time(), step
+    bar = tqdm(total=steps, initial=step, desc="train probe", disable=not progress)
+
+    def checkpoint() -> None:
+        save_checkpoint(outp / "ckpt.pt", {"model": model.state_dict(), "opt": opt.state_dict(),
+                                           "gen": gen.get_state(), "step": step})
+
+    model.train()
+    loss_val = float("nan")
+    while step < steps:
+        pick = idx[torch.randint(len(idx), (batch,), generator=gen)]
+        a = actions[torch.searchsorted(idx, pick)]
+        loss = F.binary_cross_entropy_with_logits(model(frames[pick], frames[pick + 1]), a)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        loss_val = float(loss.detach())
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_val:.4f}")
+            if writer:
+                writer.add_scalar("probe/loss", loss_val, step)
+        if every():
+            checkpoint()
+    bar.close()
+    checkpoint()
+    save_probe(model, outp)
+    result = {"step": step, "steps_this_run": step - start, "seconds_this_run": round(time.time() - t0, 1),
+              "loss": loss_val, "train": accuracy(model.predict(frames[idx[:4096]], frames[idx[:4096] + 1]),
+                                                   actions[:4096])}
+    if heldout:
+        hf, hi, ha = pairs(heldout)
+        result["heldout"] = accuracy(model.predict(hf[hi], hf[hi + 1]), ha)
+    (outp / "probe.json").write_text(json.dumps(result, indent=2))
+    if writer:
+        writer.close()
+    return result
