@@ -21,6 +21,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "note: could not install chromium (apt); the browser tests will be skipped"
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

@@ -7,6 +7,7 @@ and sends full-state key snapshots over the data channel:
     {"type": "keys", "keys": ["w", "a"], "seq": 12}   -> held keys (keyboard names)
     {"type": "ping", "t": 1234.5}                     -> {"type": "pong", "t": 1234.5}
     {"type": "reset", "seed": 3}                      -> restart the rollout
+    {"type": "bye"}                                   -> the page is going away: close now
 
 and receives `stats` (twice a second), `applied` (the first frame generated under keys `seq`
 has been sent: the page turns that into an input-to-frame latency) and `error` messages.
@@ -225,6 +226,8 @@ class Peer:
             self.send({"type": "pong", "t": msg.get("t")})
         elif kind == "reset":
             self.pipeline.reset(seed=msg.get("seed"))
+        elif kind == "bye":
+            asyncio.ensure_future(self.server.close_peer(self, "peer said bye"))
 
     def metrics(self, with_log: bool = False) -> dict:
         stats = self.pipeline.stats() if self.pipeline is not None else {}
@@ -272,8 +275,8 @@ def parse_message(raw, keyboard_keys: frozenset[str]) -> dict:
     elif kind == "reset":
         if msg.get("seed") is not None and not isinstance(msg["seed"], int):
             raise BadRequest('reset "seed" must be an integer')
-    else:
-        raise BadRequest(f"unknown message type {kind!r}; expected keys, ping or reset")
+    elif kind != "bye":
+        raise BadRequest(f"unknown message type {kind!r}; expected keys, ping, reset or bye")
     return msg
 
 

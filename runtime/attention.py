@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.masks import KeyIntervals
-from runtime.masks import dense_mask, flex_block_mask
+from runtime.masks import covers_all_keys, dense_mask, flex_block_mask
 
 BACKENDS = ("auto", "reference", "sdpa", "flex", "flash", "kernels")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("forcekit_attention", default=None)
@@ -81,7 +81,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: KeyInterv
     if mask is not None and (mask.num_queries != q.shape[1] or mask.num_keys != k.shape[1]):
         raise ValueError(f"mask is {mask.num_queries}x{mask.num_keys} but q has {q.shape[1]} and k "
                          f"{k.shape[1]} tokens")
-    if mask is not None and mask.is_full():
+    if mask is not None and covers_all_keys(mask):
         mask = None
     name = _resolve(selected_backend(backend), q)
     return _BACKEND_FNS[name](q, k, v, mask, scale)

@@ -15,6 +15,7 @@ from kernels.masks import KeyIntervals
 _CACHE_SIZE = 64
 _dense_cache: OrderedDict = OrderedDict()
 _block_cache: OrderedDict = OrderedDict()
+_full_cache: OrderedDict = OrderedDict()
 
 
 def _key(mask: KeyIntervals, device: torch.device) -> tuple:
@@ -32,6 +33,21 @@ def _memo(cache: OrderedDict, key: tuple, mask: KeyIntervals, build):
     if len(cache) > _CACHE_SIZE:
         cache.popitem(last=False)
     return value
+
+
+def covers_all_keys(mask: KeyIntervals) -> bool:
+    """True when every row's two intervals together cover every key, so the mask can be dropped."""
+
+    def build() -> bool:
+        a_lo, a_hi, b_lo, b_hi = mask.intervals.to(torch.int64).unbind(1)
+        nk = mask.num_keys
+        a_alone = (a_lo <= 0) & (a_hi >= nk)
+        b_alone = (b_lo <= 0) & (b_hi >= nk)
+        a_then_b = (a_lo <= 0) & (a_hi > a_lo) & (b_lo <= a_hi) & (b_hi >= nk)
+        b_then_a = (b_lo <= 0) & (b_hi > b_lo) & (a_lo <= b_hi) & (a_hi >= nk)
+        return bool((a_alone | b_alone | a_then_b | b_then_a).all())
+
+    return _memo(_full_cache, _key(mask, torch.device("cpu")), mask, build)
 
 
 def dense_mask(mask: KeyIntervals, device: torch.device | str) -> torch.Tensor:

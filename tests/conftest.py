@@ -10,6 +10,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Tests use tiny models: one thread is faster for them, and far faster when other processes
+# share the cores (OpenMP threads spin against each other).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -107,3 +107,13 @@ def test_cuda_backend_matches_reference(backend, mask_name):
     out = attention(q, k, v, None if mask is None else mask.to("cuda"), backend=backend)
     ref = _dense_reference(q.cpu().float(), k.cpu().float(), v.cpu().float(), mask)
     assert (out.cpu().double() - ref).abs().max() < 2e-2
+
+
+def test_covers_all_keys_sees_unions():
+    from runtime.masks import covers_all_keys
+
+    full_by_union = masks.cache_decode(1, T, 1, 2, 1, 2)  # ring full: sink + ring + chunk is everything
+    assert covers_all_keys(full_by_union) and full_by_union.to_dense().all()
+    filling = masks.cache_decode(1, T, 1, 2, 1, 1)
+    assert not covers_all_keys(filling) and not filling.to_dense().all()
+    assert not covers_all_keys(masks.block_causal(3, T, 1))

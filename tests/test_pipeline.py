@@ -109,9 +109,9 @@ def test_slow_consumer_latency_does_not_grow():
     half = len(ages) // 2
     # Bounded staleness: a frame is never older than a full queue at the consumer's pace plus slack,
     # and the second half of the run is no staler than the first.
-    bound = (pipe.queue.capacity + 1) * 5 * pipe.interval + 0.1
+    bound = (pipe.queue.capacity + 1) * 5 * pipe.interval + 0.25
     assert max(ages) < bound, (max(ages), bound)
-    assert np.median(ages[half:]) <= np.median(ages[:half]) + 0.03
+    assert np.median(ages[half:]) <= np.median(ages[:half]) + 0.05
     # Backpressure: generation did not run far ahead of what was consumed.
     assert stats["frames_generated"] <= stats["frames_shown"] + stats["dropped"] + pipe.queue.capacity
 

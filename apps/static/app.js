@@ -174,8 +174,15 @@ function trackFps() {
   }, 1000);
 }
 
+// Leaving the page (tab closed, navigation): say goodbye so the server frees the session now;
+// a browser that dies without this is caught by the server's idle timeout instead.
+window.addEventListener("pagehide", () => {
+  send({ type: "bye" });
+  if (pc) pc.close();
+});
+
 $("connect").addEventListener("click", connect);
-$("disconnect").addEventListener("click", disconnect);
+$("disconnect").addEventListener("click", () => { send({ type: "bye" }); disconnect(); });
 $("reset").addEventListener("click", () => send({ type: "reset", seed: Math.floor(Math.random() * 1e6) }));
 
 (async () => {
