@@ -12,7 +12,9 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-COMMAND_MODULES = ("runtime.commands", "training.commands", "kernels.commands", "apps.commands")
+COMMAND_MODULES = (
+    "runtime.commands", "training.commands", "kernels.commands", "apps.commands", "forcekit.run",
+)
 
 GROUPS = {
     "train": "train a stage of the recipe (codec, teacher, students, probe)",

@@ -105,3 +105,4 @@ def build_codec(cfg: dict[str, Any]) -> Codec:
 
 
 register_codec("pixel", PixelCodec)
+import runtime.autoencoder  # noqa: E402,F401  (registers "conv_ae": the trained latent codec)

@@ -1,4 +1,4 @@
-"""Runtime subcommands: `forcekit generate`, `forcekit bench runtime`, `forcekit run`."""
+"""Runtime subcommands: `forcekit generate` and `forcekit bench runtime`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 def register(commands) -> None:
@@ -28,19 +26,22 @@ def register(commands) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-uncached", action="store_true", help="skip the kv_cache=False comparison run")
 
-    commands.add("run", func=_run, help="the main job: play the shipped default model, or a random tiny bundle "
-                                         "until one ships")
-
 
 def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default="random-tiny", help="bundle directory, or 'random-tiny'")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the bundle's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is faster for tiny models on a busy machine)")
 
 
 def _open(args):
+    import torch
+
     from runtime import open_session
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return open_session(args.bundle, device=args.device, steps=args.steps)
 
 
@@ -137,15 +138,3 @@ def _bench_runtime(args) -> int:
         result["kv_cache_speedup"] = cached["fps"] / uncached["fps"]
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
-
-
-def _run(args) -> int:
-    if (DEFAULT_BUNDLE / "config.json").is_file():
-        bundle = str(DEFAULT_BUNDLE)
-        print(f"playing the shipped default model {bundle}")
-    else:
-        bundle = "random-tiny"
-        print("no trained model ships yet: generating with an untrained random tiny bundle (noise-like output)")
-    ns = argparse.Namespace(bundle=bundle, steps=None, device="cpu", frames=64, actions="random",
-                            out="out/run.mp4", seed=0)
-    return _generate(ns)

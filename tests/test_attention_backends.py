@@ -52,10 +52,6 @@ def test_backend_matches_reference(backend, mask_name):
 
 @pytest.mark.parametrize("mask_name", ["block_causal", "teacher_forcing"])
 def test_kernels_backend_matches_reference(mask_name):
-    import kernels
-
-    if not hasattr(kernels, "attention"):
-        pytest.skip("kernels.attention has not landed yet")
     mask = MASKS[mask_name]()
     q, k, v = _qkv(mask)
     out = attention(q, k, v, mask, backend="kernels")

@@ -1,0 +1,68 @@
+"""Image metrics for codec and world-model evaluation: PSNR and SSIM on uint8 frames.
+
+Both take frames `[..., H, W, 3]` (uint8 or float in [0, 255]) and return one value per
+frame. Identical frames have infinite PSNR; aggregates clamp per-frame PSNR at `PSNR_CAP`
+so one perfect frame does not make a mean infinite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+PSNR_CAP = 100.0
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.shape[-1] != 3:
+        raise ValueError(f"expected frames [..., H, W, 3], got {tuple(x.shape)}")
+    return x.float()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-frame PSNR in dB over [0, 255] frames; inf where the frames are identical."""
+    a, b = _float(a), _float(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
+    mse = (a - b).pow(2).flatten(-3).mean(-1)
+    return 10 * torch.log10(255.0**2 / mse)   # mse == 0 -> inf
+
+
+def mean_psnr(values: torch.Tensor) -> float:
+    return float(values.clamp(max=PSNR_CAP).mean())
+
+
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Per-frame SSIM (Gaussian window, per channel, averaged), in [-1, 1]; 1 for identical frames."""
+    a, b = _float(a), _float(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
+    lead = a.shape[:-3]
+    h, w = a.shape[-3:-1]
+    x = a.reshape(-1, h, w, 3).permute(0, 3, 1, 2)
+    y = b.reshape(-1, h, w, 3).permute(0, 3, 1, 2)
+    g = _gaussian(window, sigma)
+    k = (g[:, None] * g[None, :]).expand(3, 1, window, window).contiguous()
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, k, groups=3)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).reshape(lead)
+
+
+def horizons(max_horizon: int) -> list[int]:
+    """1, 2, 4, ... up to max_horizon (inclusive when it is a power of two)."""
+    return [2**i for i in range(int(math.log2(max_horizon)) + 1)] if max_horizon >= 1 else []
