@@ -307,7 +307,7 @@ class Pipeline:
         about when it is done: generating earlier would sample the input earlier than needed."""
         if queued + self.frames_per_chunk > self.queue.capacity:
             return False
-        lead = (self._step_ema or 0.0) + self.interval
+        lead = 1.5 * (self._step_ema or 0.0) + 0.25 * self.interval
         return queued * self.interval <= lead
 
     def _generate(self) -> None:
