@@ -445,7 +445,7 @@ class Pipeline:
             span = times[-1] - times[0]
             return (len(times) - 1) * per / span if span > 0 else None
 
-        intervals = np.asarray(self._intervals, dtype=np.float64)
+        intervals = np.asarray(list(self._intervals), dtype=np.float64)  # a copy: other threads append
         start = self._started_at
         return {
             "fps": rate(self._shown_times, 1),
