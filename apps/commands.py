@@ -29,7 +29,11 @@ def play(args: argparse.Namespace) -> int:
     from apps.pipeline import PipelineConfig
     from apps.play import PlayConfig, Player
 
-    player = Player(_open_fn(args)(), PlayConfig(window_min=args.window, hud=not args.no_hud,
+    session = _open_fn(args)()
+    for _ in range(args.warmup):  # one-off start-up costs before the clock starts
+        session.step(action=None)
+    session.reset(seed=0)
+    player = Player(session, PlayConfig(window_min=args.window, hud=not args.no_hud,
                                                  record_dir=Path(args.record_dir)),
                     PipelineConfig(fps=args.fps))
     stats = player.run(max_frames=args.max_frames)
@@ -53,8 +57,12 @@ def serve(args: argparse.Namespace) -> int:
                          pipeline=PipelineConfig(fps=args.fps))
     app = create_app(_open_fn(args), config)
     host = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
-    print(f"forcekit serve: open http://{host}:{args.port}/ (max {args.max_sessions} session(s), {args.codec} "
-          f"at {args.bitrate // 1000} kbit/s)", flush=True)
+
+    async def announce(_app) -> None:  # runs after the server's own start-up (model warm-up)
+        print(f"forcekit serve: open http://{host}:{args.port}/ (max {args.max_sessions} session(s), "
+              f"{args.codec} at {args.bitrate // 1000} kbit/s)", flush=True)
+
+    app.on_startup.append(announce)
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0
 
@@ -78,6 +86,7 @@ def register(commands) -> None:
     p.add_argument("--no-hud", action="store_true", help="hide the fps/latency overlay")
     p.add_argument("--record-dir", default="recordings", help="where F5 writes mp4 files")
     p.add_argument("--max-frames", type=int, default=None, help="quit after this many frames (for scripts)")
+    p.add_argument("--warmup", type=int, default=16, help="chunks generated (and discarded) before playing")
 
     p = commands.add("serve", help="serve a bundle to browsers over WebRTC (page at /)", func=serve)
     _bundle_args(p)

@@ -4,7 +4,8 @@
 - webrtc: `forcekit serve` in-process on loopback and a real aiortc peer that decodes the VP8
   video and sends key snapshots over the data channel (what the page does).
 
-Input alternates between no keys and one bound key every `toggle_s` seconds. Input-to-frame
+Input alternates between no keys and one bound key every `toggle_s` seconds (x 0.75-1.25 at
+random, so changes fall at random phases of the frame clock). Input-to-frame
 latency is the time from an input change to the first frame generated under it (local: frame
 produced / handed to the display; webrtc: that frame decoded at the peer, found by its RTP
 pts, which the server reports in an `applied` message). Time to first frame counts from
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,21 +66,27 @@ def measure_local(open_fn: Callable[[], object], cfg: LatencyConfig, key: str) -
     pipe = Pipeline(open_fn(), PipelineConfig(fps=cfg.fps))
     shown: list[float] = []
     first_frame = None
-    with pipe:
-        end = time.perf_counter() + cfg.seconds
-        next_toggle = time.perf_counter() + cfg.toggle_s
+    rng = np.random.default_rng(0)
+    done = threading.Event()
+
+    def toggle_keys() -> None:  # its own thread, at random phases relative to the frame clock
         held = False
+        while not done.wait(cfg.toggle_s * rng.uniform(0.75, 1.25)):
+            held = not held
+            pipe.inputs.set_keys([key] if held else [])
+
+    with pipe:
+        toggler = threading.Thread(target=toggle_keys, daemon=True)
+        toggler.start()
+        end = time.perf_counter() + cfg.seconds
         while time.perf_counter() < end:
             frame = pipe.next_frame(timeout=1.0)
-            t = time.perf_counter()
             if frame is not None:
-                shown.append(t)
+                shown.append(time.perf_counter())
                 if first_frame is None:
-                    first_frame = t
-            if t >= next_toggle:
-                held = not held
-                pipe.inputs.set_keys([key] if held else [])
-                next_toggle = t + cfg.toggle_s
+                    first_frame = shown[-1]
+        done.set()
+        toggler.join()
     s = pipe.stats()
     return {
         "time_to_first_frame_ms": None if first_frame is None else (first_frame - t0) * 1e3,
@@ -114,12 +122,13 @@ async def measure_webrtc(open_fn: Callable[[], object], cfg: LatencyConfig, key:
             await asyncio.wait_for(peer.first_frame.wait(), 60)
             first_frame = peer.frames[0][1]
             held = False
+            rng = np.random.default_rng(0)
             end = time.perf_counter() + cfg.seconds
             while time.perf_counter() < end:
                 held = not held
                 peer.send_keys([key] if held else [])
                 peer.send({"type": "ping", "t": time.perf_counter()})
-                await asyncio.sleep(cfg.toggle_s)
+                await asyncio.sleep(cfg.toggle_s * rng.uniform(0.75, 1.25))  # random phase
             await asyncio.sleep(0.5)  # let the last change arrive
             server_stats = app[SERVER].peers[peer.peer_id].pipeline.stats()
             await peer.close()

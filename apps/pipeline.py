@@ -307,7 +307,7 @@ class Pipeline:
         about when it is done: generating earlier would sample the input earlier than needed."""
         if queued + self.frames_per_chunk > self.queue.capacity:
             return False
-        lead = (self._step_ema or 0.0) + self.interval
+        lead = 1.5 * (self._step_ema or 0.0) + 0.25 * self.interval
         return queued * self.interval <= lead
 
     def _generate(self) -> None:
@@ -445,7 +445,7 @@ class Pipeline:
             span = times[-1] - times[0]
             return (len(times) - 1) * per / span if span > 0 else None
 
-        intervals = np.asarray(self._intervals, dtype=np.float64)
+        intervals = np.asarray(list(self._intervals), dtype=np.float64)  # a copy: other threads append
         start = self._started_at
         return {
             "fps": rate(self._shown_times, 1),

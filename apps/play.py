@@ -180,7 +180,8 @@ class Player:
     def run(self, max_frames: int | None = None, on_frame: Callable[[Player, Frame], None] | None = None) -> dict:
         """Play until quit (or max_frames shown); returns the pipeline's stats."""
         pg = self.pg
-        pg.init()
+        pg.display.init()  # no audio device needed
+        pg.font.init()
         h, w = self.session.frame_size
         sample = upscale(np.zeros((h, w, 3), np.uint8), self.config.window_min)
         self.font = pg.font.Font(None, 20)

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 COMMAND_MODULES = (
-    "runtime.commands", "training.commands", "kernels.commands", "apps.commands", "forcekit.run",
+    "runtime.commands", "training.commands", "training.longplay", "kernels.commands", "apps.commands",
+    "forcekit.run",
 )
 
 GROUPS = {

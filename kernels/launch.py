@@ -1,8 +1,8 @@
 """Launch configurations: tile sizes and compiler knobs per pass, dtype and device.
 
 Fixed tables rather than autotuning: the tile schedule depends on the tile sizes, and the
-interpreter (CPU) cannot autotune at all. The CUDA numbers are FA2-style starting points
-that have not been tuned on a GPU yet (see docs/kernels.md).
+interpreter (CPU) cannot autotune at all. The CUDA numbers were picked without a GPU, from
+register use reported by ptxas (see docs/kernels.md); they have not been timed yet.
 """
 
 from __future__ import annotations
@@ -33,25 +33,33 @@ def interpreted() -> bool:
 def config(pass_name: str, q: torch.Tensor, block_m: int | None = None,
            block_n: int | None = None) -> LaunchConfig:
     """The launch config of ``pass_name`` in {"fwd", "jvp", "dkdv", "dq"} for tensors like ``q``."""
-    dim = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(dim))
-    if q.device.type != "cuda":  # interpreter: small tiles keep test shapes multi-tile
-        cfg = LaunchConfig(16, 16, block_d, upcast=q.dtype == torch.bfloat16)
-    else:
-        big = block_d > 64
-        table = {
-            "fwd": LaunchConfig(128, 64, block_d, num_warps=8 if big else 4, num_stages=3),
-            "jvp": LaunchConfig(64, 64, block_d, num_warps=8 if big else 4, num_stages=2),
-            "dkdv": LaunchConfig(64, 128 if not big else 64, block_d, num_warps=8, num_stages=2),
-            "dq": LaunchConfig(128 if not big else 64, 64, block_d, num_warps=8, num_stages=2),
-        }
-        cfg = table[pass_name]
-    if q.dtype == torch.float32:
-        cfg = replace(cfg, precision="ieee")
+    cfg = config_for(pass_name, q.device.type, q.dtype, q.shape[-1])
     if block_m is not None:
         cfg = replace(cfg, block_m=block_m)
     if block_n is not None:
         cfg = replace(cfg, block_n=block_n)
+    return cfg
+
+
+def config_for(pass_name: str, device_type: str, dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    """Tile sizes per pass. CUDA: chosen offline with ``ptxas -v`` for sm_90a (bf16) as the
+    largest tiles without register spills (the JVP at head dim 128 spills ~200 bytes in every
+    config tried; 128x32 spilled least). Not timed on a GPU yet."""
+    if pass_name not in ("fwd", "jvp", "dkdv", "dq"):
+        raise ValueError(f"unknown pass {pass_name!r}")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device_type != "cuda":  # interpreter: small tiles keep test shapes multi-tile
+        cfg = LaunchConfig(16, 16, block_d, upcast=dtype == torch.bfloat16)
+    else:
+        big = block_d > 64
+        cfg = {
+            "fwd": LaunchConfig(128, 64, block_d, num_warps=8, num_stages=3),
+            "jvp": LaunchConfig(128, 32, block_d, num_warps=8, num_stages=3 if big else 2),
+            "dkdv": LaunchConfig(64, 64 if big else 128, block_d, num_warps=8, num_stages=2),
+            "dq": LaunchConfig(128, 64, block_d, num_warps=8, num_stages=2),
+        }[pass_name]
+    if dtype == torch.float32:
+        cfg = replace(cfg, precision="ieee")
     return cfg
 
 

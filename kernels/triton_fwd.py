@@ -59,18 +59,19 @@ def _fwd_tile(acc, acc_t, m_i, l_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=PRECISION)
     if JVP:
         tk = tl.load(tk_ptrs, mask=kt_mask, other=0.0)
         tv = tl.load(tv_ptrs, mask=v_mask, other=0.0)
         if UPCAST:
             tk = tk.to(tl.float32)
             tv = tv.to(tl.float32)
-        s_dot = (tl.dot(tq, k, input_precision=PRECISION) + tl.dot(q, tk, input_precision=PRECISION)) * scale
+        # Chained accumulation (acc=) keeps one live accumulator per product: fewer registers.
+        s_dot = tl.dot(q, tk, acc=tl.dot(tq, k, input_precision=PRECISION), input_precision=PRECISION) * scale
         ps = p * s_dot
         r_i = r_i * alpha + tl.sum(ps, 1)
-        acc_t = acc_t * alpha[:, None] + tl.dot(p.to(tv.dtype), tv, input_precision=PRECISION)
-        acc_t += tl.dot(ps.to(v.dtype), v, input_precision=PRECISION)
+        acc_t = tl.dot(p.to(tv.dtype), tv, acc=acc_t * alpha[:, None], input_precision=PRECISION)
+        acc_t = tl.dot(ps.to(v.dtype), v, acc=acc_t, input_precision=PRECISION)
     return acc, acc_t, m_new, l_i, r_i
 
 

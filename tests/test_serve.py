@@ -177,3 +177,24 @@ def test_silent_peer_is_closed(bundle):
             await runner.cleanup()
 
     run(main())
+
+
+def test_h264_is_negotiated_when_asked(bundle):
+    async def main():
+        app = create_app(lambda: open_session(bundle), ServeConfig(codec="h264", bitrate=1_000_000, warmup_chunks=0))
+        runner, base = await started(app)
+        try:
+            async with aiohttp.ClientSession() as http:
+                peer, status, body = await rtc_client.connect(base, http, keep_images=1)
+                assert status == 200 and "H264" in body["sdp"] and "VP8" not in body["sdp"]
+                await asyncio.wait_for(peer.first_frame.wait(), 30)
+                assert peer.images[-1].shape[0] >= 256
+                await peer.close()
+        finally:
+            await runner.cleanup()
+
+    run(main())
+    with pytest.raises(ValueError, match="bitrate"):
+        ServeConfig(codec="h264", bitrate=10)
+    with pytest.raises(ValueError, match="codec"):
+        ServeConfig(codec="av1")

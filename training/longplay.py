@@ -1,0 +1,138 @@
+"""Long play: does a rollout stay alive for as long as a user plays?
+
+Runs a session for many frames (no-op or random held keys) and tracks, per window of frames:
+spatial variance of the frames (collapse to a constant drives it to 0), frame-to-frame change
+(frozen video drives it to 0; noise drives it up to the level of unrelated frames), a
+high-frequency energy ratio (noise raises it), process memory and KV-cache bytes (both must
+stay flat). `forcekit eval longplay` prints the summary as JSON and plots the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LongPlayConfig:
+    frames: int = 10_000
+    policy: str = "random"  # "random" held keys, or "noop"
+    window: int = 100  # frames per reported point
+    seed: int = 0
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def high_frequency_ratio(frames: np.ndarray) -> float:
+    """Energy of neighbouring-pixel differences over total variance: about 2 for white noise,
+    far lower for natural or rendered images."""
+    x = frames.astype(np.float64).mean(axis=-1)
+    dx = np.diff(x, axis=-1).var() + np.diff(x, axis=-2).var()
+    total = x.var(axis=(-1, -2)).mean()
+    return float(dx / (2 * total)) if total > 1e-9 else 0.0
+
+
+def long_play(session, cfg: LongPlayConfig, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from runtime.commands import random_actions
+
+    session.reset(cfg.seed)
+    chunks = session.config.chunk_pattern.num_chunks(cfg.frames)
+    actions = random_actions(session.action_space, chunks, cfg.seed) if cfg.policy == "random" else [None] * chunks
+    if cfg.policy not in ("random", "noop"):
+        raise ValueError(f"policy must be 'random' or 'noop', got {cfg.policy!r}")
+    points, buffer, prev_last = [], [], None
+    done = 0
+    bar = tqdm(total=cfg.frames, desc=f"long play ({cfg.policy})", unit="frame", file=sys.stderr,
+               disable=not progress)
+    for action in actions:
+        frames = session.step(action)
+        buffer.append(frames)
+        done += len(frames)
+        bar.update(len(frames))
+        if sum(len(b) for b in buffer) >= cfg.window or done >= cfg.frames:
+            block = np.concatenate(buffer).astype(np.float64)
+            seq = block if prev_last is None else np.concatenate([prev_last[None], block])
+            points.append({
+                "frame": done,
+                "spatial_var": float(block.var(axis=(1, 2, 3)).mean()),
+                "change": float(np.abs(np.diff(seq, axis=0)).mean()) if len(seq) > 1 else 0.0,
+                "hf_ratio": high_frequency_ratio(block),
+                "rss_mb": rss_bytes() / 2**20,
+                "kv_cache_bytes": session.stats()["kv_cache_bytes"],
+            })
+            prev_last, buffer = block[-1], []
+        if done >= cfg.frames:
+            break
+    bar.close()
+    stats = session.stats()
+    first, last = points[0], points[-1]
+    return {
+        "frames": done, "policy": cfg.policy, "fps": stats["fps"],
+        "kv_cache_bytes_constant": len({p["kv_cache_bytes"] for p in points}) == 1,
+        "rss_mb_first": first["rss_mb"], "rss_mb_last": last["rss_mb"],
+        "spatial_var_first": first["spatial_var"], "spatial_var_last": last["spatial_var"],
+        "change_first": first["change"], "change_last": last["change"],
+        "hf_ratio_first": first["hf_ratio"], "hf_ratio_last": last["hf_ratio"],
+        "points": points,
+    }
+
+
+def plot_long_play(results: list[dict], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("spatial_var", "frame variance"), ("change", "frame-to-frame change"),
+            ("hf_ratio", "high-frequency ratio (noise ~ 2)"), ("rss_mb", "process memory (MiB)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for r in results:
+        x = [p["frame"] for p in r["points"]]
+        for ax, (k, title) in zip(axes, keys):
+            ax.plot(x, [p[k] for p in r["points"]], label=r["policy"])
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("frame")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def register(commands) -> None:
+    p = commands.add("longplay", group="eval", func=_cli,
+                     help="long rollout (no-op, random keys): flat memory? collapse to constant or noise? (JSON, PNG)")
+    p.add_argument("--bundle", default="random-tiny")
+    p.add_argument("--frames", type=int, default=10_000)
+    p.add_argument("--policies", default="noop,random", help="comma-separated: noop, random")
+    p.add_argument("--window", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="write the curves to this PNG")
+    p.add_argument("--json", action="store_true", help="print only the JSON summary")
+
+
+def _cli(args) -> int:
+    from runtime import open_session
+
+    results = []
+    for policy in args.policies.split(","):
+        session = open_session(args.bundle, device=args.device, steps=args.steps)
+        results.append(long_play(session, LongPlayConfig(args.frames, policy.strip(), args.window, args.seed)))
+    if args.plot:
+        plot_long_play(results, args.plot)
+    summary = [{k: v for k, v in r.items() if k != "points"} for r in results]
+    print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
