@@ -17,8 +17,18 @@ import torch
 
 from runtime import Bundle, SamplerConfig
 from training.latents import LatentClips
-from training.students.common import (StageConfig, check_clip, chunk_noise_levels, eval_batch, few_step_eval,
-                                      grad_step, run_stage, save_bundle, tf_velocity, trainable_copy)
+from training.students.common import (
+    StageConfig,
+    check_clip,
+    chunk_noise_levels,
+    eval_batch,
+    few_step_eval,
+    grad_step,
+    run_stage,
+    save_bundle,
+    tf_velocity,
+    trainable_copy,
+)
 
 
 @dataclass

@@ -20,9 +20,21 @@ import torch
 from runtime import Bundle, SamplerConfig
 from runtime.sampler import shift_timesteps
 from training.latents import LatentClips
-from training.students.common import (StageConfig, check_clip, ema_update, eval_batch, few_step_eval, frozen_copy,
-                                      grad_step, guided_tf_velocity, per_chunk, run_stage, save_bundle,
-                                      tf_velocity, trainable_copy)
+from training.students.common import (
+    StageConfig,
+    check_clip,
+    ema_update,
+    eval_batch,
+    few_step_eval,
+    frozen_copy,
+    grad_step,
+    guided_tf_velocity,
+    per_chunk,
+    run_stage,
+    save_bundle,
+    tf_velocity,
+    trainable_copy,
+)
 
 
 @dataclass

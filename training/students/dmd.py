@@ -28,8 +28,15 @@ import torch
 from runtime import Bundle, ChunkCondition, Rollout, SamplerConfig
 from runtime.sampler import predict_x0
 from training.latents import LatentClips
-from training.students.common import (StageConfig, eval_batch, few_step_eval, frozen_copy, run_stage, save_bundle,
-                                      trainable_copy)
+from training.students.common import (
+    StageConfig,
+    eval_batch,
+    few_step_eval,
+    frozen_copy,
+    run_stage,
+    save_bundle,
+    trainable_copy,
+)
 
 
 @dataclass

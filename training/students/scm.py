@@ -24,9 +24,20 @@ import torch
 
 from runtime import Bundle, SamplerConfig
 from training.latents import LatentClips
-from training.students.common import (StageConfig, check_clip, eval_batch, few_step_eval, frozen_copy, grad_step,
-                                      guided_tf_velocity, per_chunk, run_stage, save_bundle, tf_velocity,
-                                      trainable_copy)
+from training.students.common import (
+    StageConfig,
+    check_clip,
+    eval_batch,
+    few_step_eval,
+    frozen_copy,
+    grad_step,
+    guided_tf_velocity,
+    per_chunk,
+    run_stage,
+    save_bundle,
+    tf_velocity,
+    trainable_copy,
+)
 
 
 @dataclass
