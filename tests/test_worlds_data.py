@@ -182,3 +182,16 @@ def test_clip_alignment_action_t_produces_frame_t_plus_1(tmp_path):
     assert batch["frames"].shape == (4, 5, 8, 8, 3) and batch["actions"].shape == (4, 5, 3)
     held_out = ClipDataset(tmp_path, clip_frames=5, seeds={1})
     assert held_out.episodes == 1 and {held_out[i]["seed"] for i in range(len(held_out))} == {1}
+
+
+def test_action_spec_converts_to_the_runtime_action_space():
+    env = make_env("atari:pong")
+    try:
+        space = env.action_spec.to_runtime()
+        assert list(space.keys) == env.action_spec.keys
+        assert torch.equal(space.encode(["fire"]), torch.from_numpy(env.action_spec.vector(["fire"])))
+        assert space.from_keyboard(["up", "space"]) == ["right", "fire"]     # Pong: up arrow moves the paddle up
+        assert env.engine_action(env.action_spec.vector(["right", "fire"])) == 4   # RIGHTFIRE
+        assert env.engine_action(env.action_spec.vector([])) == 0                  # NOOP
+    finally:
+        env.close()

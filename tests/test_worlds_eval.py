@@ -93,6 +93,10 @@ def test_eval_world_cli_end_to_end(tmp_path):
     assert all(0 < v < 100 for v in result["psnr_by_horizon"].values())
     assert 0 <= result["probe"]["generated_exact"] <= 1 and result["seeds"][0] >= 100000
     assert (tmp_path / "w.png").stat().st_size > 0 and (tmp_path / "w.mp4").stat().st_size > 0
+    bi = subprocess.run(cmd[:cmd.index("--probe")] + ["--mode", "bidirectional"], capture_output=True, text=True)
+    assert bi.returncode == 0, bi.stderr[-2000:]
+    result = json.loads(bi.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "bidirectional" and result["episodes"] == 2 and result["steps"] == 2
 
 
 def test_eval_world_refuses_training_seeds(tmp_path):

@@ -1,5 +1,7 @@
 """Bidirectional teacher: flow-matching steps, resume, sampling, bundles, 2-process gloo DDP (issue 3)."""
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,8 +105,15 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
            "-m", "forcekit", "train", "teacher", "--data", str(data), "--codec", "pixel:2", "--out", str(out),
            "--steps", "3", "--batch", "2", "--clip-frames", "4", "--layers", "1", "--heads", "2", "--head-dim", "8",
            "--ffn", "16", "--freq-dim", "16", "--patch", "1", "--threads", "1", "--save-rank-states"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # Own process group: on a timeout the launcher and both workers are killed together.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 180 s: {err[-2000:]}")
+    assert proc.returncode == 0, err[-3000:]
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["step"] == r1["step"] == 3
     for k in r0["model"]:

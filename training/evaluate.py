@@ -36,6 +36,44 @@ class WorldEvalConfig:
     steps: int | None = None       # sampler steps (None: the bundle's)
     probe: str | None = None
     max_hold: int = 12
+    mode: str = "session"          # "session": open_session (causal, KV cache); "bidirectional": see below
+
+
+class BidirectionalSession:
+    """A bidirectional teacher played as a world model, the way it was trained.
+
+    Each `step` samples the new frame jointly with the last `window` frames as clean context
+    under full attention (`training.teacher.sample_clip`, Euler with CFG). A causal session
+    would instead cache context keys that never saw the new frame, which a bidirectional
+    model was not trained for; the causal teacher of issue 4 is trained for that.
+    Same reset/step protocol as `StreamSession`.
+    """
+
+    def __init__(self, bundle, steps: int | None = None) -> None:
+        self.model, self.codec = bundle.model.eval(), bundle.codec.eval()
+        self.steps = steps or bundle.sampler.steps
+        self.guidance = bundle.sampler.guidance_scale
+        self.window = bundle.config.window_frames + bundle.config.sink_frames
+        self.action_space = bundle.config.actions
+
+    @torch.no_grad()
+    def reset(self, seed: int, context: np.ndarray, context_actions) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.latents = self.codec.encode(torch.as_tensor(context))
+        self.cond = self.action_space.encode_many(list(context_actions))
+
+    @torch.no_grad()
+    def step(self, action) -> np.ndarray:
+        from training.teacher import sample_clip
+
+        ctx, cond = self.latents[-self.window:], self.cond[-self.window:]
+        cond = torch.cat([cond, self.action_space.encode(action)[None]])
+        x = sample_clip(self.model, ctx[None], cond[None], self.steps, self.guidance, self.generator)[0]
+        self.latents, self.cond = torch.cat([ctx, x]), cond
+        return self.codec.decode(x).numpy()
+
+    def stats(self) -> dict:
+        return {"steps": self.steps}
 
 
 def training_seeds(bundle) -> set[int]:
@@ -87,7 +125,10 @@ def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: boo
     if bundle.config.frames_per_chunk != 1:
         raise ValueError("eval world compares frame by frame: the bundle needs frames_per_chunk=1")
     env = make_env(cfg.env, size=bundle.frame_size)
-    session = open_session(bundle, steps=cfg.steps)
+    if cfg.mode not in ("session", "bidirectional"):
+        raise ValueError(f"unknown eval mode {cfg.mode!r}: expected 'session' or 'bidirectional'")
+    session = open_session(bundle, steps=cfg.steps) if cfg.mode == "session" else BidirectionalSession(
+        bundle, cfg.steps)
     probe = None
     if cfg.probe:
         from training.probe import load_probe
@@ -121,7 +162,8 @@ def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: boo
     p, s = torch.stack(ps).clamp(max=PSNR_CAP), torch.stack(ss)
     result = {
         "bundle": cfg.bundle, "env": cfg.env, "episodes": len(episodes), "seeds": [e[0] for e in episodes],
-        "context_frames": cfg.context, "horizon": cfg.horizon, "steps": session.stats()["steps"],
+        "mode": cfg.mode, "context_frames": cfg.context, "horizon": cfg.horizon,
+        "steps": session.stats()["steps"],
         "guidance_scale": bundle.sampler.guidance_scale,
         "psnr_by_horizon": {str(h): round(float(p[:, h - 1].mean()), 3) for h in hs},
         "ssim_by_horizon": {str(h): round(float(s[:, h - 1].mean()), 4) for h in hs},
@@ -169,8 +211,8 @@ def plot_world(result: dict, path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("frames after the context")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{Path(result['bundle']).name} vs {result['env']} ({result['episodes']} held-out episodes, "
-                 f"{result['steps']} steps)")
+    fig.suptitle(f"{Path(result['bundle']).parent.name}/{Path(result['bundle']).name} ({result['mode']}) vs "
+                 f"{result['env']}: {result['episodes']} held-out episodes, {result['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

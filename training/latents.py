@@ -64,7 +64,7 @@ def encode_latents(data: str, codec: Codec, max_episodes: int = 0, batch: int = 
     codec.eval()
     with torch.no_grad():
         for si, start, length, seed in tqdm(rows, desc="encode latents", disable=not progress):
-            shard = ds._shard(si)
+            shard = ds.load_shard(si)
             frames = torch.from_numpy(shard["frames"][start:start + length])
             lat.append(torch.cat([codec.encode(frames[i:i + batch]) for i in range(0, length, batch)]).half())
             cond.append(conditioning_actions(torch.from_numpy(shard["actions"][start:start + length])))

@@ -65,7 +65,7 @@ def pairs(data: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     frames = torch.from_numpy(ds.all_frames())
     actions, before, row = [], [], 0
     for si, start, length, _ in ds.episode_rows:
-        acts = torch.from_numpy(ds._shard(si)["actions"][start:start + length])
+        acts = torch.from_numpy(ds.load_shard(si)["actions"][start:start + length])
         before.append(torch.arange(row, row + length - 1))
         actions.append(acts[:-1])
         row += length

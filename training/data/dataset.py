@@ -52,14 +52,15 @@ class ClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _shard(self, si: int) -> dict[str, np.ndarray]:
+    def load_shard(self, si: int) -> dict[str, np.ndarray]:
+        """Frames and actions of shard number `si` (decompressed once, then cached)."""
         if si not in self._cache:
             self._cache[si] = open_shard(self.paths[si], ("frames", "actions"))
         return self._cache[si]
 
     def __getitem__(self, i: int) -> dict:
         si, row, start, seed = (int(x) for x in self.index[i])
-        shard = self._shard(si)
+        shard = self.load_shard(si)
         sl = slice(row, row + self.clip_frames)
         return {"frames": torch.from_numpy(shard["frames"][sl]), "actions": torch.from_numpy(shard["actions"][sl]),
                 "seed": seed, "start": start}
@@ -84,5 +85,5 @@ class ClipDataset(torch.utils.data.Dataset):
     def all_frames(self) -> np.ndarray:
         """Every frame of the kept episodes, uint8 [N, H, W, 3] (for per-frame training: the codec)."""
         h, w = self.meta["resolution"]
-        out = [self._shard(si)["frames"][row: row + length] for si, row, length, _ in self.episode_rows]
+        out = [self.load_shard(si)["frames"][row: row + length] for si, row, length, _ in self.episode_rows]
         return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.uint8)
