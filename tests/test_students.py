@@ -292,3 +292,11 @@ def test_cache_snapshot_restore_and_exit_step_bounds(dcm):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="exit_step"):
         ro.generate_chunk(noise, ChunkCondition(), exit_step=1)
+
+
+def test_plot_of_runs(tmp_path, causal, dcm):
+    from training.students.plot import plot_runs
+
+    finals = plot_runs({"causal": str(causal[0]), "dcm": str(dcm[0])}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert set(finals) == {"causal", "dcm"} and "tf_mse_2step" in finals["dcm"]

@@ -38,6 +38,7 @@ class CausalConfig(StageConfig):
     action_dropout: float = 0.1
     ema: float = 0.99
     sample_steps: int = 50  # Euler steps written into the bundle's sampler
+    eval_steps: tuple[int, ...] = (4, 16)  # Euler steps of the teacher-forcing eval
 
 
 def causal_loss(model, x0: torch.Tensor, action: torch.Tensor, cfg: CausalConfig, generator: torch.Generator

@@ -76,6 +76,14 @@ def _dmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from training.students.plot import plot_runs
+
+    runs = dict(item.split("=", 1) for item in args.runs)
+    print(json.dumps(plot_runs(runs, args.out), indent=2))
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser, bundle_help: str) -> None:
     p.add_argument("--bundle", required=True, help=bundle_help)
     p.add_argument("--out", required=True, help="run dir: ckpt.pt, metrics.json, tb/, bundle/")
@@ -127,3 +135,8 @@ def register(commands) -> None:
     p.add_argument("--cache-from", choices=("clean", "last_step"), default="clean",
                    help="KV-cache recipe used in training, written into the bundle for inference")
     p.add_argument("--sample-steps", type=int, default=2, help="student steps (the exit step is drawn among them)")
+
+    p = commands.add("students", help="plot student runs' objectives and few-step evals side by side (PNG)",
+                     func=_plot, group="eval")
+    p.add_argument("runs", nargs="+", help="LABEL=RUN_DIR, LABEL starting with the stage (dcm, scm-fast, ...)")
+    p.add_argument("--out", required=True, help="PNG path")

@@ -178,10 +178,10 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
     guidance = teacher.sampler.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     sampler = SamplerConfig(kind="consistency", steps=cfg.sample_steps, cache_from=cfg.cache_from,
                             shift=student.sampler.shift)
-    rollout = Rollout(generator, sampler, batch=cfg.batch, kv_cache=True)
+    gen = torch.Generator().manual_seed(cfg.seed)  # all training randomness (checkpointed: resume is exact)
+    rollout = Rollout(generator, sampler, batch=cfg.batch, kv_cache=True, generator=gen)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr or cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
     starts = clips.starts(frames)
     held = eval_batch(eval_clips or clips, StageConfig(eval_batch=cfg.eval_batch, clip_frames=frames))
 
