@@ -65,7 +65,7 @@ def test_probe_learns_actions_from_real_pairs(tmp_path):
                          capture_output=True, text=True)
     assert rec.returncode == 0, rec.stderr
     result = train_probe(str(tmp_path / "d"), str(tmp_path / "d"), str(tmp_path / "p"), steps=150, batch=32,
-                         lr=2e-3, progress=False)
+                         lr=2e-3, progress=False, channels=(16, 32))
     chance = 0.5
     assert result["train"]["per_key"] > chance + 0.1, result
     probe = load_probe(tmp_path / "p")
