@@ -99,6 +99,19 @@ def test_eval_world_cli_end_to_end(tmp_path):
     assert result["mode"] == "bidirectional" and result["episodes"] == 2 and result["steps"] == 2
 
 
+def test_copy_baseline_is_exact_for_a_static_engine():
+    from training.evaluate import CopyLastFrame
+
+    class Static(StepEnv):
+        def step(self, action):
+            return self._frame(0), False
+
+    env = Static()
+    env.t = 0
+    ep = rollout_pair(env, CopyLastFrame(), seed=0, cfg=WorldEvalConfig(bundle="", env="", horizon=4, context=2))
+    np.testing.assert_array_equal(ep["generated"], ep["real"][2:])
+
+
 def test_eval_world_refuses_training_seeds(tmp_path):
     rec = subprocess.run([sys.executable, "-m", "forcekit", "record", "--env", "atari:breakout", "--episodes", "1",
                           "--max-frames", "4", "--size", "16", "--seed", "100000", "--out", str(tmp_path / "train")],
