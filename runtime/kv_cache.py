@@ -117,3 +117,14 @@ class KVCache:
                 continue  # no window: only the sink is ever kept
             self._buf[:, :, :, dst_frame * t:(dst_frame + 1) * t] = self._buf[:, :, :, src]
         self.next_frame += n
+
+    # -- training support: self-forcing replays a chunk against the cache as it was before it ---------
+    def snapshot(self) -> dict:
+        """A copy of the buffers and bookkeeping, for `restore`."""
+        return {"buf": self._buf.clone(), "state": (self.sink_valid, self.window_valid, self.ring_next,
+                                                    self.next_frame, self._pending)}
+
+    def restore(self, snap: dict) -> None:
+        """Put back a `snapshot` (in place: no allocation)."""
+        self._buf.copy_(snap["buf"])
+        self.sink_valid, self.window_valid, self.ring_next, self.next_frame, self._pending = snap["state"]

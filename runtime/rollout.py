@@ -66,6 +66,7 @@ class Rollout:
         if self.cache is not None:
             self.cache.reset()
         self._history: list[tuple[torch.Tensor, torch.Tensor, ChunkCondition]] = []
+        self.exit_input: tuple[torch.Tensor, float] | None = None  # last denoising step's (input, level)
 
     @property
     def pattern(self):
@@ -126,14 +127,26 @@ class Rollout:
             self.velocity(latents, t0, cond, cache_mode="append")
         self._commit(latents, t0, cond)
 
-    def generate_chunk(self, noise: torch.Tensor, cond: ChunkCondition, steps: int | None = None) -> torch.Tensor:
-        """Denoise one chunk from ``noise`` ``[B, n, C, H, W]``, commit it to the context, return x0."""
+    def generate_chunk(self, noise: torch.Tensor, cond: ChunkCondition, steps: int | None = None,
+                       exit_step: int | None = None) -> torch.Tensor:
+        """Denoise one chunk from ``noise`` ``[B, n, C, H, W]``, commit it to the context, return x0.
+
+        ``exit_step`` (self-forcing training): stop at that step and take its x0 prediction as the
+        chunk. Either way ``exit_input`` then holds the last step's input and level, so training
+        can replay that step with gradients (`snapshot` / `restore`, ``cache_mode="readonly"``).
+        """
         levels = sampling.chunk_levels(self.sampler, self.chunk, steps)
+        if exit_step is not None:
+            if not 0 <= exit_step < len(levels) - 1:
+                raise ValueError(f"exit_step must be in [0, {len(levels) - 2}] for {len(levels) - 1} steps, "
+                                 f"got {exit_step}")
+            levels = levels[:exit_step + 1] + [0.0]
         last_step = self.sampler.cache_from == "last_step"
         x = noise
         for i, (t, t_next) in enumerate(zip(levels[:-1], levels[1:])):
             writes = last_step and i == len(levels) - 2
             mode = "append" if writes else "transient"
+            self.exit_input = (x, t)
             v = self.velocity(x, t, cond, cache_mode=mode)
             if writes:
                 ctx_latent, ctx_level = x, torch.full(x.shape[:2], t, dtype=x.dtype, device=x.device)
@@ -143,3 +156,14 @@ class Rollout:
         else:
             self.add_context(x, cond)
         return x
+
+    # -- training support ---------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The context as it stands (cache contents or history, and counters), for `restore`."""
+        return {"chunk": self.chunk, "frames": self.frames, "history": list(self._history),
+                "cache": self.cache.snapshot() if self.cache is not None else None}
+
+    def restore(self, snap: dict) -> None:
+        self.chunk, self.frames, self._history = snap["chunk"], snap["frames"], list(snap["history"])
+        if self.cache is not None:
+            self.cache.restore(snap["cache"])

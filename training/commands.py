@@ -231,3 +231,7 @@ def register(commands) -> None:
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
+
+    from training.students.commands import register as register_students
+
+    register_students(commands)

@@ -1,0 +1,323 @@
+"""The student recipe on a tiny model and tiny synthetic latents: causal teacher, dCM, sCM, SF-DMD."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import runtime.rollout
+from runtime import Bundle, ChunkCondition, ModelConfig, open_session
+from runtime.chunks import ChunkPattern
+from training.latents import synthetic_latents
+from training.students.causal import CausalConfig, train_causal
+from training.students.common import tf_velocity
+from training.students.dcm import DCMConfig, dcm_loss, train_dcm
+from training.students.dmd import (
+    DMDConfig,
+    critic_loss,
+    dmd_gradient,
+    dmd_surrogate,
+    replay_exit_step,
+    self_forcing_rollout,
+    train_dmd,
+)
+from training.students.scm import SCMConfig, train_scm, velocity_and_time_derivative
+
+CLIP = 4
+FAST = dict(batch=4, clip_frames=CLIP, log_every=2, eval_every=10, warmup=2)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig.tiny(**{"window_frames": 3, "sink_frames": 0, **overrides})
+
+
+def losses(out, key="loss"):
+    return [r[key] for r in json.loads((out / "metrics.json").read_text())["train"]]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return synthetic_latents(6, 12, (3, 8, 8), tiny_config().actions.dim, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A bidirectional 'teacher' bundle (random weights: the recipe's mechanics do not need a good one)."""
+    b = Bundle.random(tiny_config(), seed=0)
+    b.sampler.guidance_scale = 1.5
+    return b
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory, teacher, clips):
+    out = tmp_path_factory.mktemp("causal")
+    summary = train_causal(teacher, clips, CausalConfig(out=str(out), steps=60, lr=2e-3, **FAST), progress=False)
+    return out, summary, Bundle.load(summary["bundle"])
+
+
+@pytest.fixture(scope="module")
+def dcm(tmp_path_factory, causal, clips):
+    out = tmp_path_factory.mktemp("dcm")
+    summary = train_dcm(causal[2], clips, DCMConfig(out=str(out), steps=30, lr=1e-3, intervals=8, **FAST),
+                        progress=False)
+    return out, summary, Bundle.load(summary["bundle"])
+
+
+# -- stage 1 ----------------------------------------------------------------------------------------
+def test_causal_teacher_loss_decreases(causal):
+    out, summary, _ = causal
+    first, last = losses(out)[:3], losses(out)[-3:]
+    assert mean(last) < 0.9 * mean(first)
+    assert summary["step"] == 60
+
+
+def test_tf_forward_is_the_runtime_mask_and_equals_cached_inference(monkeypatch):
+    """tf_velocity asks the model's ChunkPattern for its teacher-forcing mask, and equals a session-style
+    chunk-by-chunk cached pass: denoise chunk c after committing the clean chunks before it."""
+    calls = []
+    original = ChunkPattern.teacher_forcing
+
+    def counting(self, frames):
+        calls.append(frames)
+        return original(self, frames)
+
+    monkeypatch.setattr(ChunkPattern, "teacher_forcing", counting)
+    torch.manual_seed(0)
+    from runtime.model import CausalDiT
+
+    model = CausalDiT(tiny_config(frames_per_chunk=2, window_frames=8)).eval()
+    f = 6
+    clean, noisy = torch.randn(2, f, 3, 8, 8), torch.randn(2, f, 3, 8, 8)
+    t, action = torch.rand(2, f), torch.rand(2, f, model.config.actions.dim)
+    with torch.no_grad():
+        v = tf_velocity(model, clean, noisy, t, action)
+        ro = runtime.rollout.Rollout(model, __import__("runtime").SamplerConfig(), batch=2)
+        for c in range(3):
+            sl = slice(2 * c, 2 * c + 2)
+            ref = ro.velocity(noisy[:, sl], t[:, sl], ChunkCondition(action=action[:, sl]))
+            assert (v[:, sl] - ref).abs().max() < 1e-4
+            ro.add_context(clean[:, sl], ChunkCondition(action=action[:, sl]))
+    assert calls == [f]
+
+
+def test_diffusion_forcing_draws_a_level_per_chunk(teacher):
+    from runtime.model import CausalDiT
+    from training.students.common import chunk_noise_levels
+
+    model = CausalDiT(tiny_config(frames_per_chunk=2))
+    t = chunk_noise_levels(model, 3, 6, torch.Generator().manual_seed(0), independent=True)
+    assert torch.equal(t[:, 0], t[:, 1]) and torch.equal(t[:, 2], t[:, 3])
+    assert not torch.equal(t[:, 1], t[:, 2])
+    shared = chunk_noise_levels(model, 3, 6, torch.Generator().manual_seed(0), independent=False)
+    assert torch.equal(shared, shared[:, :1].expand(3, 6))
+
+
+def test_stage_resume_is_exact(tmp_path, teacher, clips):
+    once = train_causal(teacher, clips, CausalConfig(out=str(tmp_path / "a"), steps=6, **FAST), progress=False)
+    train_causal(teacher, clips, CausalConfig(out=str(tmp_path / "b"), steps=3, **FAST), progress=False)
+    twice = train_causal(teacher, clips, CausalConfig(out=str(tmp_path / "b"), steps=6, **FAST), progress=False)
+    assert twice["steps_this_run"] == 3 and twice["step"] == 6
+    a, b = Bundle.load(once["bundle"]).model.state_dict(), Bundle.load(twice["bundle"]).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- stage 2 ----------------------------------------------------------------------------------------
+def test_dcm_loss_decreases(dcm):
+    out, summary, bundle = dcm
+    first, last = losses(out)[:3], losses(out)[-3:]
+    assert mean(last) < mean(first)
+    assert bundle.sampler.kind == "consistency" and bundle.sampler.steps == 2
+
+
+def test_dcm_target_is_the_teacher_step_at_the_first_interval(causal, clips):
+    """At n = 1 the target is f(x_{t_0}, 0) = the teacher's one-step denoise: a student equal to the
+    teacher's x0 prediction there has zero loss on that interval."""
+    teacher = causal[2].model
+    cfg = DCMConfig(intervals=1, guidance_scale=1.0)
+    x0, action = clips.sample(2, CLIP, torch.Generator().manual_seed(0))
+    loss = dcm_loss(teacher, teacher, teacher, x0, action, cfg, 1.0, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-8
+
+
+# -- stage 3 ----------------------------------------------------------------------------------------
+def test_model_jvp_equals_finite_difference(clips):
+    """torch.func.jvp through the whole model (teacher-forcing mask, attention, adaLN) against a central
+    difference. timestep_scale=1 keeps the time features smooth enough for a float32 difference."""
+    from runtime.model import CausalDiT
+
+    torch.manual_seed(0)
+    model = CausalDiT(tiny_config(timestep_scale=1.0)).eval()
+    x0, action = clips.sample(2, CLIP, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    x_t = torch.randn(x0.shape, generator=gen)
+    t = torch.rand(2, CLIP, generator=gen) * 0.8 + 0.1
+    dx = torch.randn(x0.shape, generator=gen)
+    v, dv = velocity_and_time_derivative(model, x0, x_t, t, action, dx)
+    eps = 1e-3
+    with torch.no_grad():
+        plus = tf_velocity(model, x0, x_t + eps * dx, t + eps, action)
+        minus = tf_velocity(model, x0, x_t - eps * dx, t - eps, action)
+        assert torch.allclose(v, tf_velocity(model, x0, x_t, t, action), atol=1e-5)
+    fd = (plus - minus) / (2 * eps)
+    assert dv.norm() > 1e-2 * v.norm()  # not vacuous
+    assert (dv - fd).norm() < 1e-3 * dv.norm()
+    wrong = velocity_and_time_derivative(model, x0, x_t, t, action, torch.zeros_like(dx))[1]
+    assert (wrong - fd).norm() > 1e-2 * dv.norm()  # the x tangent matters: the check can fail
+
+
+def test_scm_reduces_the_consistency_gap(tmp_path, clips):
+    """sCM's loss value is ~1 by construction (normalised tangent): what it drives down is |df/dt|, the
+    limit of the discrete consistency gap |f(x_t, t) - f(x_{t-Δ}, t-Δ)|² / Δ² along the teacher's ODE,
+    measured here by the dCM loss (student as its own target, Δ = 1/64) on fixed clips and noise.
+    The model uses timestep_scale=1: with Wan's 1000, df/dt is dominated by the high-frequency time
+    features and the continuous objective is ill-conditioned (docs/students.md shows both)."""
+    base = Bundle.random(tiny_config(timestep_scale=1.0), seed=0)
+    base.sampler.guidance_scale = 1.5
+    teacher = Bundle.load(train_causal(base, clips, CausalConfig(out=str(tmp_path / "c"), steps=60, lr=2e-3, **FAST),
+                                       progress=False)["bundle"])
+    probe = DCMConfig(intervals=64)
+    x0, action = clips.sample(8, CLIP, torch.Generator().manual_seed(5))
+
+    def gap(model):
+        with torch.no_grad():
+            return dcm_loss(model, model, teacher.model, x0, action, probe, 1.5, torch.Generator().manual_seed(6))
+
+    summary = train_scm(teacher, clips, SCMConfig(out=str(tmp_path / "s"), steps=30, lr=1e-3, tangent_warmup=10,
+                                                  **FAST), progress=False)
+    student = Bundle.load(summary["bundle"]).model
+    assert gap(student).item() < 0.6 * gap(teacher.model).item()
+    assert all(math.isfinite(x) for x in losses(tmp_path / "s", "tangent_rms"))
+
+
+# -- stage 4 ----------------------------------------------------------------------------------------
+def gaussian_x0(x_t: torch.Tensor, t: float, m: float, s: float) -> torch.Tensor:
+    """E[x0 | x_t] for x0 ~ N(m, s²), x_t = (1 - t) x0 + t ε."""
+    a = 1 - t
+    return m + a * s**2 / (a**2 * s**2 + t**2) * (x_t - a * m)
+
+
+def test_dmd_gradient_moves_a_1d_student_to_the_teacher_distribution():
+    """Real data N(2, 0.5²); the student generates μ + 0.5 z, starting at μ = -1. With exact real and
+    fake denoisers, descending the DMD surrogate must carry μ to 2 (and not away from it)."""
+    torch.manual_seed(0)
+    mu = torch.tensor(-1.0, requires_grad=True)
+    opt = torch.optim.SGD([mu], lr=0.05)
+    trace = []
+    for _ in range(300):
+        x0 = mu + 0.5 * torch.randn(256, 1)
+        t = float(torch.rand(()) * 0.9 + 0.05)
+        x_t = (1 - t) * x0.detach() + t * torch.randn_like(x0)
+        grad = dmd_gradient(x0.detach(), gaussian_x0(x_t, t, 2.0, 0.5), gaussian_x0(x_t, t, mu.item(), 0.5))
+        opt.zero_grad()
+        dmd_surrogate(x0, grad, x0.numel()).backward()
+        opt.step()
+        trace.append(mu.item())
+    assert trace[10] > -1.0  # first steps already go the right way
+    assert abs(trace[-1] - 2.0) < 0.1
+
+
+@pytest.mark.parametrize("cache_from", ["clean", "last_step"])
+def test_self_forcing_replay_equals_the_rollout_and_carries_gradients(dcm, clips, cache_from):
+    model = dcm[2].model
+    sampler = __import__("runtime").SamplerConfig(kind="consistency", steps=3, cache_from=cache_from)
+    ro = runtime.rollout.Rollout(model, sampler, batch=2)
+    x, action = clips.sample(2, 9, torch.Generator().manual_seed(3))  # past the window: the ring evicts
+    clip, records = self_forcing_rollout(ro, x[:, :1], action, 8, torch.Generator().manual_seed(4))
+    assert len(records) == 8 and torch.equal(clip[:, :1], x[:, :1])
+    exits = set()
+    for rec in records:
+        out = replay_exit_step(ro, rec)
+        exits.add(rec.exit_input[1])
+        assert (out - clip[:, rec.frames]).abs().max() < 1e-5
+        assert out.requires_grad
+        held = ro.cache.frames_held
+        out.square().mean().backward()
+        assert ro.cache.frames_held == held
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    assert len(exits) > 1  # random exit steps
+
+
+def test_dmd_trains_through_the_runtime_rollout(tmp_path, monkeypatch, dcm, teacher, clips):
+    """The rollouts are `runtime.rollout.Rollout.generate_chunk` calls (the session's code), the critic
+    learns (its loss falls), and the bundle records the cache recipe trained with."""
+    calls = []
+    original = runtime.rollout.Rollout.generate_chunk
+
+    def counting(self, *args, **kwargs):
+        assert type(self) is runtime.rollout.Rollout
+        calls.append(kwargs.get("exit_step"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.rollout.Rollout, "generate_chunk", counting)
+    cfg = DMDConfig(out=str(tmp_path), steps=24, lr=1e-4, critic_lr=2e-3, critic_steps=2, cache_from="last_step",
+                    **{**FAST, "eval_every": 100})
+    summary = train_dmd(dcm[2], teacher, clips, cfg, progress=False)
+    trained = [c for c in calls if c is not None]
+    assert len(trained) == 24 * (CLIP - 1)  # one call per generated chunk, each with an exit step
+    # The fake score learns the student's rollouts: its flow-matching loss on fixed rollouts of the final
+    # student (fixed noise, averaged over levels) is below the loss of its initialisation, the teacher.
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    student, critic = copy.deepcopy(dcm[2].model), copy.deepcopy(teacher.model)
+    student.load_state_dict(ckpt["modules"]["generator"])
+    ro = runtime.rollout.Rollout(student, bundle_sampler(tmp_path), batch=8)
+    x, action = clips.sample(8, CLIP, torch.Generator().manual_seed(8))
+    rollout, _ = self_forcing_rollout(ro, x[:, :1], action, CLIP - 1, torch.Generator().manual_seed(9))
+
+    def fake_score_loss(model):
+        gen = torch.Generator().manual_seed(10)
+        with torch.no_grad():
+            return mean([critic_loss(model, rollout, 1, action, cfg, gen).item() for _ in range(8)])
+
+    before = fake_score_loss(critic)
+    critic.load_state_dict(ckpt["modules"]["critic"])
+    assert fake_score_loss(critic) < 0.95 * before
+    bundle = Bundle.load(summary["bundle"])
+    assert bundle.sampler.cache_from == "last_step" and bundle.extra["stage"] == "dmd"
+
+
+def bundle_sampler(out):
+    return Bundle.load(out / "bundle").sampler
+
+
+# -- bundles ----------------------------------------------------------------------------------------
+def test_every_stage_bundle_plays_in_a_session(causal, dcm):
+    for _, summary, _ in (causal, dcm):
+        session = open_session(summary["bundle"], steps=2)
+        frames = [session.step(action=["forward"]) for _ in range(CLIP + 1)]
+        assert frames[0].dtype.name == "uint8" and frames[0].shape == (1, 8, 8, 3)
+        assert session.stats()["kv_cache_bytes"] > 0
+
+
+def test_cache_snapshot_restore_and_exit_step_bounds(dcm):
+    model = dcm[2].model
+    ro = runtime.rollout.Rollout(model, __import__("runtime").SamplerConfig(steps=1), batch=1)  # no re-noising
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 1, 3, 8, 8)
+    with torch.no_grad():
+        ro.generate_chunk(torch.randn(shape, generator=gen), ChunkCondition())
+        snap = ro.snapshot()
+        noise = torch.randn(shape, generator=gen)
+        a = ro.generate_chunk(noise, ChunkCondition())
+        ro.generate_chunk(torch.randn(shape, generator=gen), ChunkCondition())
+        assert ro.frames == 3
+        ro.restore(snap)
+        assert ro.frames == 1 and ro.cache.next_frame == 1
+        b = ro.generate_chunk(noise, ChunkCondition())
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="exit_step"):
+        ro.generate_chunk(noise, ChunkCondition(), exit_step=1)
+
+
+def test_plot_of_runs(tmp_path, causal, dcm):
+    from training.students.plot import plot_runs
+
+    finals = plot_runs({"causal": str(causal[0]), "dcm": str(dcm[0])}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert set(finals) == {"causal", "dcm"} and "tf_mse_2step" in finals["dcm"]

@@ -1,0 +1,142 @@
+"""`forcekit train causal|dcm|scm|dmd`: each reads a bundle (+ recorded data) and writes ``OUT/bundle``.
+
+Every stage is resumable: rerun the same command and it continues from ``OUT/ckpt.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _inputs(args: argparse.Namespace):
+    """The input bundle and the latent clips (encoded once with the bundle's codec, cached)."""
+    import torch
+
+    from runtime import Bundle
+    from training.latents import encode_latents
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = Bundle.load(args.bundle)
+    data = args.data or bundle.extra.get("data")
+    if not data:
+        raise SystemExit(f"{args.bundle} records no training data: pass --data")
+    cache = args.latents_cache or args.out
+    clips = encode_latents(data, bundle.codec, args.max_episodes, cache_dir=cache)
+    held = encode_latents(args.heldout, bundle.codec, args.heldout_episodes, cache_dir=cache) if args.heldout else None
+    return bundle, clips, held
+
+
+def _common(cfg_cls, args: argparse.Namespace, **fields):
+    names = ("out", "steps", "batch", "clip_frames", "lr", "seed", "ckpt_every_s", "eval_every")
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return cfg_cls(**given, **fields)
+
+
+def _causal(args: argparse.Namespace) -> int:
+    from training.students.causal import CausalConfig, train_causal
+
+    teacher, clips, held = _inputs(args)
+    cfg = _common(CausalConfig, args, diffusion_forcing=not args.no_diffusion_forcing)
+    print(json.dumps(train_causal(teacher, clips, cfg, held)))
+    return 0
+
+
+def _dcm(args: argparse.Namespace) -> int:
+    from training.students.dcm import DCMConfig, train_dcm
+
+    teacher, clips, held = _inputs(args)
+    cfg = _common(DCMConfig, args, intervals=args.intervals, guidance_scale=args.guidance, ema=args.ema,
+                  sample_steps=args.sample_steps)
+    print(json.dumps(train_dcm(teacher, clips, cfg, held)))
+    return 0
+
+
+def _scm(args: argparse.Namespace) -> int:
+    from training.students.scm import SCMConfig, train_scm
+
+    teacher, clips, held = _inputs(args)
+    cfg = _common(SCMConfig, args, guidance_scale=args.guidance, tangent_warmup=args.tangent_warmup,
+                  sample_steps=args.sample_steps)
+    print(json.dumps(train_scm(teacher, clips, cfg, held)))
+    return 0
+
+
+def _dmd(args: argparse.Namespace) -> int:
+    from runtime import Bundle
+    from training.students.dmd import DMDConfig, train_dmd
+
+    student, clips, held = _inputs(args)
+    real = Bundle.load(args.teacher)
+    cfg = _common(DMDConfig, args, guidance_scale=args.guidance, critic_steps=args.critic_steps,
+                  rollout_chunks=args.rollout_chunks, context_frames=args.context_frames,
+                  cache_from=args.cache_from, sample_steps=args.sample_steps, critic_lr=args.critic_lr)
+    print(json.dumps(train_dmd(student, real, clips, cfg, held)))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from training.students.plot import plot_runs
+
+    runs = dict(item.split("=", 1) for item in args.runs)
+    print(json.dumps(plot_runs(runs, args.out), indent=2))
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, bundle_help: str) -> None:
+    p.add_argument("--bundle", required=True, help=bundle_help)
+    p.add_argument("--out", required=True, help="run dir: ckpt.pt, metrics.json, tb/, bundle/")
+    p.add_argument("--data", default=None, help="training data dir (default: the one the bundle records)")
+    p.add_argument("--heldout", default=None, help="held-out data dir for the evaluation batch")
+    p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
+    p.add_argument("--heldout-episodes", type=int, default=8, help="held-out episodes to encode")
+    p.add_argument("--latents-cache", default=None, help="dir with cached latents (default: --out)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="clips per step")
+    p.add_argument("--clip-frames", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ckpt-every-s", type=float, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def register(commands) -> None:
+    p = commands.add("causal", help="causal teacher: teacher-forcing flow matching from the bidirectional "
+                     "teacher (resumable)", func=_causal, group="train")
+    _add_common(p, "bidirectional teacher bundle (forcekit train teacher)")
+    p.add_argument("--no-diffusion-forcing", action="store_true", help="one noise level per clip, not per chunk")
+
+    p = commands.add("dcm", help="TF-CM discrete: consistency distillation of the causal teacher (resumable)",
+                     func=_dcm, group="train")
+    _add_common(p, "causal teacher bundle (forcekit train causal)")
+    p.add_argument("--intervals", type=int, default=16, help="teacher ODE steps that split [0, 1]")
+    p.add_argument("--guidance", type=float, default=None, help="CFG of the teacher step (default: bundle's)")
+    p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the target network")
+    p.add_argument("--sample-steps", type=int, default=2, help="student steps written into the bundle")
+
+    p = commands.add("scm", help="TF-CM continuous (sCM, flow-matching form): tangent by forward-mode JVP "
+                     "through the whole model (resumable)", func=_scm, group="train")
+    _add_common(p, "causal teacher bundle (forcekit train causal)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG of the teacher velocity (default: bundle's)")
+    p.add_argument("--tangent-warmup", type=int, default=100, help="steps over which the JVP term ramps 0 -> 1")
+    p.add_argument("--sample-steps", type=int, default=2, help="student steps written into the bundle")
+
+    p = commands.add("dmd", help="SF-DMD: self-forcing rollouts through runtime.rollout, DMD against the "
+                     "bidirectional teacher (resumable)", func=_dmd, group="train")
+    _add_common(p, "few-step student bundle (forcekit train dcm/scm)")
+    p.add_argument("--teacher", required=True, help="bidirectional teacher bundle: the real score")
+    p.add_argument("--guidance", type=float, default=None, help="CFG of the real score (default: teacher's)")
+    p.add_argument("--critic-steps", type=int, default=2, help="fake-score updates per generator step")
+    p.add_argument("--critic-lr", type=float, default=None)
+    p.add_argument("--rollout-chunks", type=int, default=None, help="chunks generated per rollout")
+    p.add_argument("--context-frames", type=int, default=None, help="real clean frames before the rollout")
+    p.add_argument("--cache-from", choices=("clean", "last_step"), default="clean",
+                   help="KV-cache recipe used in training, written into the bundle for inference")
+    p.add_argument("--sample-steps", type=int, default=2, help="student steps (the exit step is drawn among them)")
+
+    p = commands.add("students", help="plot student runs' objectives and few-step evals side by side (PNG)",
+                     func=_plot, group="eval")
+    p.add_argument("runs", nargs="+", help="LABEL=RUN_DIR, LABEL starting with the stage (dcm, scm-fast, ...)")
+    p.add_argument("--out", required=True, help="PNG path")
