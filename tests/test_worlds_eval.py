@@ -65,7 +65,7 @@ def test_probe_learns_actions_from_real_pairs(tmp_path):
                          capture_output=True, text=True)
     assert rec.returncode == 0, rec.stderr
     result = train_probe(str(tmp_path / "d"), str(tmp_path / "d"), str(tmp_path / "p"), steps=150, batch=32,
-                         lr=2e-3, progress=False)
+                         lr=2e-3, progress=False, channels=(16, 32))
     chance = 0.5
     assert result["train"]["per_key"] > chance + 0.1, result
     probe = load_probe(tmp_path / "p")
@@ -97,6 +97,19 @@ def test_eval_world_cli_end_to_end(tmp_path):
     assert bi.returncode == 0, bi.stderr[-2000:]
     result = json.loads(bi.stdout.strip().splitlines()[-1])
     assert result["mode"] == "bidirectional" and result["episodes"] == 2 and result["steps"] == 2
+
+
+def test_copy_baseline_is_exact_for_a_static_engine():
+    from training.evaluate import CopyLastFrame
+
+    class Static(StepEnv):
+        def step(self, action):
+            return self._frame(0), False
+
+    env = Static()
+    env.t = 0
+    ep = rollout_pair(env, CopyLastFrame(), seed=0, cfg=WorldEvalConfig(bundle="", env="", horizon=4, context=2))
+    np.testing.assert_array_equal(ep["generated"], ep["real"][2:])
 
 
 def test_eval_world_refuses_training_seeds(tmp_path):

@@ -222,9 +222,10 @@ def register(commands) -> None:
     p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
     p.add_argument("--probe", default=None, help="probe dir (forcekit train probe) for action accuracy")
-    p.add_argument("--mode", default="session", choices=["session", "bidirectional"],
+    p.add_argument("--mode", default="session", choices=["session", "bidirectional", "copy"],
                    help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new "
-                   "frame jointly with its context window, as it was trained")
+                   "frame jointly with its context window, as it was trained; copy: baseline repeating the "
+                   "last context frame")
     p.add_argument("--plot", default=None, help="write PSNR/SSIM vs horizon to this PNG")
     p.add_argument("--video", default=None, help="write a real | generated side-by-side mp4")
     p.add_argument("--out", default=None, help="also write the JSON result here")

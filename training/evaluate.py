@@ -36,7 +36,20 @@ class WorldEvalConfig:
     steps: int | None = None       # sampler steps (None: the bundle's)
     probe: str | None = None
     max_hold: int = 12
-    mode: str = "session"          # "session": open_session (causal, KV cache); "bidirectional": see below
+    mode: str = "session"          # "session": open_session (causal, KV cache); "bidirectional", "copy": below
+
+
+class CopyLastFrame:
+    """The trivial baseline: every 'generated' frame repeats the last context frame."""
+
+    def reset(self, seed: int, context: np.ndarray, context_actions) -> None:
+        self.last = np.asarray(context)[-1:]
+
+    def step(self, action) -> np.ndarray:
+        return self.last.copy()
+
+    def stats(self) -> dict:
+        return {"steps": 0}
 
 
 class BidirectionalSession:
@@ -125,10 +138,11 @@ def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: boo
     if bundle.config.frames_per_chunk != 1:
         raise ValueError("eval world compares frame by frame: the bundle needs frames_per_chunk=1")
     env = make_env(cfg.env, size=bundle.frame_size)
-    if cfg.mode not in ("session", "bidirectional"):
-        raise ValueError(f"unknown eval mode {cfg.mode!r}: expected 'session' or 'bidirectional'")
-    session = open_session(bundle, steps=cfg.steps) if cfg.mode == "session" else BidirectionalSession(
-        bundle, cfg.steps)
+    modes = {"session": lambda: open_session(bundle, steps=cfg.steps),
+             "bidirectional": lambda: BidirectionalSession(bundle, cfg.steps), "copy": CopyLastFrame}
+    if cfg.mode not in modes:
+        raise ValueError(f"unknown eval mode {cfg.mode!r}: expected one of {sorted(modes)}")
+    session = modes[cfg.mode]()
     probe = None
     if cfg.probe:
         from training.probe import load_probe

@@ -1,9 +1,11 @@
 """Inverse-dynamics probe: which action turned frame t into frame t+1?
 
-A small CNN over the channel-stacked pair (f_t, f_{t+1}) predicts the held keys of a_t
-(multi-label, one logit per key). Trained on real pairs; `forcekit eval world` then applies it
-to generated pairs: if the world model obeys the controls, the probe reads the actions back
-from its frames about as well as from the engine's.
+A small CNN over the channel-stacked (f_t, f_{t+1}, f_{t+1} - f_t) predicts the held keys of
+a_t (multi-label, one logit per key). The difference image and a head that keeps the spatial
+layout (flatten, not global pooling) matter: with global pooling the probe stayed near chance
+on ViZDoom, where a turn is a few-pixel horizontal shift over a busy texture. Trained on real
+pairs; `forcekit eval world` then applies it to generated pairs: if the world model obeys the
+controls, the probe reads the actions back from its frames about as well as from the engine's.
 """
 
 from __future__ import annotations
@@ -24,24 +26,32 @@ from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorb
 class ProbeConfig:
     keys: list[str]
     size: tuple[int, int] = (64, 64)
-    channels: tuple[int, ...] = (32, 64, 128, 128)
+    channels: tuple[int, ...] = (32, 64, 128, 128)   # stride-2 convs; the first is 5x5
+    hidden: int = 256
 
 
 class InverseDynamicsProbe(nn.Module):
     def __init__(self, cfg: ProbeConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        layers, cin = [], 6
-        for c in cfg.channels:
-            layers += [nn.Conv2d(cin, c, 3, stride=2, padding=1), nn.SiLU()]
+        layers, cin = [], 9
+        for i, c in enumerate(cfg.channels):
+            k = 5 if i == 0 else 3
+            layers += [nn.Conv2d(cin, c, k, stride=2, padding=k // 2), nn.SiLU()]
             cin = c
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, len(cfg.keys))
+        down = 2 ** len(cfg.channels)
+        h, w = cfg.size
+        if h % down or w % down:
+            raise ValueError(f"probe input {h}x{w} must be divisible by {down} ({len(cfg.channels)} stride-2 convs)")
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * (h // down) * (w // down), cfg.hidden), nn.SiLU(),
+                                  nn.Linear(cfg.hidden, len(cfg.keys)))
 
     def forward(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """uint8 frames [n, H, W, 3] (each) -> key logits [n, K]."""
-        x = torch.cat([before, after], -1).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        return self.head(self.features(x).mean((2, 3)))
+        b = before.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        a = after.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return self.head(self.features(torch.cat([b, a, a - b], 1)))
 
     @torch.no_grad()
     def predict(self, before: torch.Tensor, after: torch.Tensor, batch: int = 512) -> torch.Tensor:
@@ -82,14 +92,15 @@ def load_probe(path: str | Path) -> InverseDynamicsProbe:
     d = load_checkpoint(path / "probe.pt" if path.is_dir() else path)
     if d is None:
         raise FileNotFoundError(f"{path}: no probe.pt (train one with `forcekit train probe`)")
-    cfg = ProbeConfig(**d["cfg"])
+    cfg = ProbeConfig(**{**d["cfg"], "size": tuple(d["cfg"]["size"]), "channels": tuple(d["cfg"]["channels"])})
     model = InverseDynamicsProbe(cfg)
     model.load_state_dict(d["model"])
     return model.eval()
 
 
 def train_probe(data: str, heldout: str | None, out: str, steps: int = 2000, batch: int = 64, lr: float = 1e-3,
-                seed: int = 0, ckpt_every_s: float = 120.0, progress: bool = True) -> dict:
+                seed: int = 0, ckpt_every_s: float = 120.0, progress: bool = True,
+                channels: tuple[int, ...] = (32, 64, 128, 128)) -> dict:
     from tqdm import tqdm
 
     from training.data.shards import ShardStore
@@ -98,7 +109,7 @@ def train_probe(data: str, heldout: str | None, out: str, steps: int = 2000, bat
     outp = Path(out)
     frames, idx, actions = pairs(data)
     keys = meta["action_space"]["keys"]
-    model = InverseDynamicsProbe(ProbeConfig(keys=list(keys), size=tuple(meta["resolution"])))
+    model = InverseDynamicsProbe(ProbeConfig(keys=list(keys), size=tuple(meta["resolution"]), channels=channels))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     step = 0
