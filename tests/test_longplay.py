@@ -1,4 +1,6 @@
 import numpy as np
+import pytest
+import torch
 
 from runtime import Bundle, ModelConfig, SamplerConfig, open_session
 from training.longplay import LongPlayConfig, high_frequency_ratio, long_play, plot_long_play
@@ -23,3 +25,51 @@ def test_long_play_tracks_memory_and_frames(tmp_path):
     assert all(p["spatial_var"] > 0 for p in result["points"])
     plot_long_play([result], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+class StampedSession:
+    """A real tiny session whose frames carry, in pixel (0, 0, 1), the bitmask of the keys of
+    the action given `lag` steps earlier (lag 0: the action that produced the frame)."""
+
+    def __init__(self, session, lag: int = 0):
+        self.inner, self.lag, self.given = session, lag, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, action):
+        frames = self.inner.step(action).copy()
+        self.given.append(self.action_space.encode(action))
+        vec = self.given[-1 - self.lag] if len(self.given) > self.lag else torch.zeros_like(self.given[-1])
+        frames[:, 0, 0, 1] = sum(1 << i for i, x in enumerate(vec.tolist()) if x > 0.5)
+        return frames
+
+
+class BitProbe:
+    """Reads the stamped bitmask back, in its own key order (reversed, to test the mapping)."""
+
+    def __init__(self, keys):
+        self.cfg = type("Cfg", (), {"keys": list(reversed(keys))})()
+        self.index = [keys.index(k) for k in self.cfg.keys]
+
+    def predict(self, before, after):
+        bits = after[:, 0, 0, 1].long()
+        return torch.stack([(bits >> i) & 1 for i in self.index], 1).bool()
+
+
+def test_long_play_probe_accuracy_is_aligned_with_the_commanded_actions():
+    cfg = ModelConfig.tiny(num_layers=1, latent_height=4, latent_width=4, window_frames=4, sink_frames=1)
+    bundle = Bundle.random(cfg, sampler=SamplerConfig(steps=1))
+    probe = BitProbe(list(cfg.actions.keys))
+    play = LongPlayConfig(frames=120, policy="random", window=40)
+    aligned = long_play(StampedSession(open_session(bundle)), play, progress=False, probe=probe)
+    assert [p["probe_exact"] for p in aligned["points"]] == [1.0, 1.0, 1.0]
+    lagged = long_play(StampedSession(open_session(bundle), lag=1), play, progress=False, probe=probe)
+    assert lagged["probe_exact_first"] < 1.0 or lagged["probe_exact_last"] < 1.0
+
+
+def test_long_play_refuses_a_probe_for_other_keys():
+    cfg = ModelConfig.tiny(num_layers=1, latent_height=4, latent_width=4, window_frames=4, sink_frames=1)
+    session = open_session(Bundle.random(cfg, sampler=SamplerConfig(steps=1)))
+    with pytest.raises(ValueError, match="probe reads keys"):
+        long_play(session, LongPlayConfig(frames=10, policy="noop"), progress=False, probe=BitProbe(["jump"]))

@@ -4,7 +4,9 @@ Runs a session for many frames (no-op or random held keys) and tracks, per windo
 spatial variance of the frames (collapse to a constant drives it to 0), frame-to-frame change
 (frozen video drives it to 0; noise drives it up to the level of unrelated frames), a
 high-frequency energy ratio (noise raises it), process memory and KV-cache bytes (both must
-stay flat). `forcekit eval longplay` prints the summary as JSON and plots the curves.
+stay flat), and, given an inverse-dynamics probe, how often the probe reads the commanded keys
+from consecutive generated frames (controls that fade over a long rollout drive it down).
+`forcekit eval longplay` prints the summary as JSON and plots the curves.
 """
 
 from __future__ import annotations
@@ -43,7 +45,19 @@ def high_frequency_ratio(frames: np.ndarray) -> float:
     return float(dx / (2 * total)) if total > 1e-9 else 0.0
 
 
-def long_play(session, cfg: LongPlayConfig, progress: bool = True) -> dict:
+def probe_key_columns(probe, action_space) -> list[int]:
+    """Columns of the session's action vectors in the probe's key order; the key sets must match."""
+    keys = list(action_space.keys)
+    missing = [k for k in probe.cfg.keys if k not in keys]
+    if missing:
+        raise ValueError(f"the probe reads keys {probe.cfg.keys} but the bundle's action space has {keys}")
+    return [keys.index(k) for k in probe.cfg.keys]
+
+
+def long_play(session, cfg: LongPlayConfig, progress: bool = True, probe=None) -> dict:
+    """Play ``cfg.frames`` frames; with ``probe``, each (previous, new) frame pair is checked
+    against the action given to the step that produced the new frame."""
+    import torch
     from tqdm import tqdm
 
     from runtime.commands import random_actions
@@ -53,12 +67,19 @@ def long_play(session, cfg: LongPlayConfig, progress: bool = True) -> dict:
     actions = random_actions(session.action_space, chunks, cfg.seed) if cfg.policy == "random" else [None] * chunks
     if cfg.policy not in ("random", "noop"):
         raise ValueError(f"policy must be 'random' or 'noop', got {cfg.policy!r}")
-    points, buffer, prev_last = [], [], None
+    columns = probe_key_columns(probe, session.action_space) if probe is not None else None
+    points, buffer, hits, prev_last = [], [], [], None
     done = 0
     bar = tqdm(total=cfg.frames, desc=f"long play ({cfg.policy})", unit="frame", file=sys.stderr,
                disable=not progress)
     for action in actions:
         frames = session.step(action)
+        if probe is not None and (prev_last is not None or buffer):
+            last = buffer[-1][-1] if buffer else prev_last
+            before = np.concatenate([last[None], frames[:-1]]).astype(np.uint8)
+            truth = session.action_space.encode(action)[columns] > 0.5
+            pred = probe.predict(torch.from_numpy(before), torch.from_numpy(frames))
+            hits.append((pred == truth).numpy())
         buffer.append(frames)
         done += len(frames)
         bar.update(len(frames))
@@ -73,7 +94,10 @@ def long_play(session, cfg: LongPlayConfig, progress: bool = True) -> dict:
                 "rss_mb": rss_bytes() / 2**20,
                 "kv_cache_bytes": session.stats()["kv_cache_bytes"],
             })
-            prev_last, buffer = block[-1], []
+            if hits:
+                h = np.concatenate(hits)
+                points[-1].update(probe_exact=float(h.all(1).mean()), probe_per_key=float(h.mean()))
+            prev_last, buffer, hits = block[-1], [], []
         if done >= cfg.frames:
             break
     bar.close()
@@ -86,6 +110,9 @@ def long_play(session, cfg: LongPlayConfig, progress: bool = True) -> dict:
         "spatial_var_first": first["spatial_var"], "spatial_var_last": last["spatial_var"],
         "change_first": first["change"], "change_last": last["change"],
         "hf_ratio_first": first["hf_ratio"], "hf_ratio_last": last["hf_ratio"],
+        **({"probe_exact_first": first["probe_exact"], "probe_exact_last": last["probe_exact"],
+            "probe_per_key_first": first["probe_per_key"], "probe_per_key_last": last["probe_per_key"]}
+           if probe is not None else {}),
         "points": points,
     }
 
@@ -98,6 +125,8 @@ def plot_long_play(results: list[dict], out: str) -> None:
 
     keys = [("spatial_var", "frame variance"), ("change", "frame-to-frame change"),
             ("hf_ratio", "high-frequency ratio (noise ~ 2)"), ("rss_mb", "process memory (MiB)")]
+    if all("probe_per_key" in r["points"][0] for r in results):
+        keys.append(("probe_per_key", "probe accuracy per key (commanded keys)"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for r in results:
         x = [p["frame"] for p in r["points"]]
@@ -120,6 +149,7 @@ def register(commands) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", default=None, help="probe dir (forcekit train probe): accuracy on generated pairs")
     p.add_argument("--plot", default=None, help="write the curves to this PNG")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
 
@@ -127,10 +157,16 @@ def register(commands) -> None:
 def _cli(args) -> int:
     from runtime import open_session
 
+    probe = None
+    if args.probe:
+        from training.probe import load_probe
+
+        probe = load_probe(args.probe)
     results = []
     for policy in args.policies.split(","):
         session = open_session(args.bundle, device=args.device, steps=args.steps)
-        results.append(long_play(session, LongPlayConfig(args.frames, policy.strip(), args.window, args.seed)))
+        results.append(long_play(session, LongPlayConfig(args.frames, policy.strip(), args.window, args.seed),
+                                 probe=probe))
     if args.plot:
         plot_long_play(results, args.plot)
     summary = [{k: v for k, v in r.items() if k != "points"} for r in results]

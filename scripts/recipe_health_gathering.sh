@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The whole recipe for the shipped default world model (ViZDoom health_gathering, 64x64):
+# record -> codec -> bidirectional teacher -> probe -> causal teacher -> dCM -> SF-DMD ->
+# evaluation against the engine -> speed and long-play checks.
+#
+# Every stage is resumable: each command continues from its run dir's checkpoint, and a stage
+# whose bundle (or result file) exists is skipped. Rerun the script after an interruption.
+#
+#   DATA=/work/data RUNS=/work/runs scripts/recipe_health_gathering.sh [stage ...]
+#
+# Stages: record codec teacher probe causal dcm dmd eval bench longplay (default: all, in order).
+# THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
+# override the step counts below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FK=${FK:-.venv/bin/forcekit}
+DATA=${DATA:-data}
+RUNS=${RUNS:-runs}
+THREADS=${THREADS:-2}
+ENV_NAME=doom:health_gathering
+TRAIN=$DATA/hg_train
+HELDOUT=$DATA/hg_heldout
+CODEC_STEPS=${CODEC_STEPS:-5000}
+TEACHER_STEPS=${TEACHER_STEPS:-6000}
+PROBE_STEPS=${PROBE_STEPS:-2000}
+CAUSAL_STEPS=${CAUSAL_STEPS:-300}
+DCM_STEPS=${DCM_STEPS:-200}
+DMD_STEPS=${DMD_STEPS:-150}
+STUDENT=(--heldout "$HELDOUT" --latents-cache "$RUNS/teacher" --threads "$THREADS" --ckpt-every-s 120
+         --batch 8 --clip-frames 6 --eval-every 50)
+
+log() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
+timed() { local name=$1; shift; local t0=$SECONDS; "$@"; echo "$name $((SECONDS - t0)) s" >> "$RUNS/times.txt"; }
+
+stage_record() {
+    timed record_train "$FK" record --env $ENV_NAME --episodes 240 --seed 0 --out "$TRAIN"
+    timed record_heldout "$FK" record --env $ENV_NAME --episodes 24 --seed 100000 --out "$HELDOUT"
+    "$FK" data check "$TRAIN" > "$RUNS/data_check.txt"
+}
+stage_codec() {
+    [[ -f $RUNS/codec/eval.json ]] && return
+    timed codec "$FK" train codec --data "$TRAIN" --out "$RUNS/codec" --steps "$CODEC_STEPS" --batch 16 --crop 32 \
+        --threads "$THREADS"
+    "$FK" eval codec --codec "$RUNS/codec" --data "$HELDOUT" --json --threads 1 > "$RUNS/codec/eval.json"
+}
+stage_teacher() {
+    [[ -f $RUNS/teacher/bundle/config.json ]] && return
+    timed teacher "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" --out "$RUNS/teacher" \
+        --steps "$TEACHER_STEPS" --batch 8 --clip-frames 6 --layers 6 --heads 4 --head-dim 32 --ffn 512 --patch 2 \
+        --guidance 1.5 --threads "$THREADS"
+}
+stage_probe() {
+    [[ -f $RUNS/probe/probe.json ]] && return
+    timed probe "$FK" train probe --data "$TRAIN" --heldout "$HELDOUT" --out "$RUNS/probe" --steps "$PROBE_STEPS" \
+        --threads "$THREADS"
+}
+stage_causal() {
+    [[ -f $RUNS/causal/bundle/config.json ]] && return
+    timed causal "$FK" train causal --bundle "$RUNS/teacher/bundle" --out "$RUNS/causal" --steps "$CAUSAL_STEPS" \
+        --lr 2e-4 "${STUDENT[@]}"
+}
+stage_dcm() {
+    [[ -f $RUNS/dcm/bundle/config.json ]] && return
+    timed dcm "$FK" train dcm --bundle "$RUNS/causal/bundle" --out "$RUNS/dcm" --steps "$DCM_STEPS" --lr 1e-4 \
+        "${STUDENT[@]}"
+}
+stage_dmd() {
+    [[ -f $RUNS/dmd/bundle/config.json ]] && return
+    timed dmd "$FK" train dmd --bundle "$RUNS/dcm/bundle" --teacher "$RUNS/teacher/bundle" --out "$RUNS/dmd" \
+        --steps "$DMD_STEPS" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 "${STUDENT[@]}"
+}
+# One row of the quality table: eval world on 4 held-out episodes (seeds 100000+).
+eval_row() {
+    local name=$1 bundle=$2 steps=$3; shift 3
+    [[ -f $RUNS/eval/$name.json ]] && return
+    "$FK" eval world --bundle "$bundle" --env $ENV_NAME --episodes 4 --horizon 64 --context 4 --seed 100000 \
+        --probe "$RUNS/probe" --steps "$steps" --threads 1 --out "$RUNS/eval/$name.json" --plot "$RUNS/eval/$name.png" \
+        "$@" > /dev/null
+}
+stage_eval() {
+    mkdir -p "$RUNS/eval"
+    eval_row copy "$RUNS/teacher/bundle" 1 --mode copy
+    eval_row teacher_50 "$RUNS/teacher/bundle" 50 --mode bidirectional
+    eval_row causal_50 "$RUNS/causal/bundle" 50
+    for s in 1 2 4; do
+        eval_row dcm_$s "$RUNS/dcm/bundle" $s
+        eval_row dmd_$s "$RUNS/dmd/bundle" $s
+    done
+}
+stage_bench() {
+    mkdir -p "$RUNS/bench"
+    for m in dcm dmd; do
+        [[ -f $RUNS/bench/$m.json ]] || "$FK" bench runtime --bundle "$RUNS/$m/bundle" --frames 256 --threads 1 \
+            --json --no-uncached > "$RUNS/bench/$m.json"
+    done
+}
+stage_longplay() {
+    local bundle=${LONGPLAY_BUNDLE:-$RUNS/dcm/bundle}
+    [[ -f $RUNS/longplay.json ]] && return
+    "$FK" eval longplay --bundle "$bundle" --frames 10000 --policies noop,random --probe "$RUNS/probe" \
+        --plot "$RUNS/longplay.png" --json > "$RUNS/longplay.json"
+}
+
+mkdir -p "$RUNS"
+stages=("$@")
+[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd eval bench longplay)
+for s in "${stages[@]}"; do
+    log "stage $s"
+    "stage_$s"
+done
+log done
