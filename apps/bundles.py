@@ -2,7 +2,8 @@
 
 `random-tiny` is an untrained `Bundle.random(ModelConfig.tiny(), seed=0)`: it exercises every
 moving part (timing, transport, input) without claiming to show a world. `auto` picks the
-bundle shipped under `models/` when there is one, and falls back to `random-tiny` with a note.
+bundle shipped under `models/` (`models/default` first, else the first by name) when there is
+one, and falls back to `random-tiny` with a note.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 RANDOM_TINY = "random-tiny"
 AUTO = "auto"
+DEFAULT_NAME = "default"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -34,7 +36,8 @@ def resolve_bundle(arg: str | None, models_dir: Path = MODELS_DIR):
                   file=sys.stderr)
             arg = RANDOM_TINY
         else:
-            arg = str(shipped[0])
+            named_default = [p for p in shipped if p.name == DEFAULT_NAME]
+            arg = str((named_default or shipped)[0])
     if arg == RANDOM_TINY:
         return Bundle.random(ModelConfig.tiny(), seed=0)
     path = Path(arg)
