@@ -91,8 +91,10 @@ stage_eval() {
 stage_bench() {
     mkdir -p "$RUNS/bench"
     for m in dcm dmd; do
-        [[ -f $RUNS/bench/$m.json ]] || "$FK" bench runtime --bundle "$RUNS/$m/bundle" --frames 256 --threads 1 \
-            --json --no-uncached > "$RUNS/bench/$m.json"
+        for s in 1 2 4; do
+            [[ -f $RUNS/bench/${m}_$s.json ]] || "$FK" bench runtime --bundle "$RUNS/$m/bundle" --steps $s \
+                --frames 256 --threads 1 --json --no-uncached > "$RUNS/bench/${m}_$s.json"
+        done
     done
 }
 stage_longplay() {
