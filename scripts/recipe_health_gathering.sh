@@ -96,6 +96,10 @@ stage_bench() {
                 --frames 256 --threads 1 --json --no-uncached > "$RUNS/bench/${m}_$s.json"
         done
     done
+    for m in teacher causal; do
+        [[ -f $RUNS/bench/${m}_50.json ]] || "$FK" bench runtime --bundle "$RUNS/$m/bundle" --steps 50 \
+            --frames 64 --threads 1 --json --no-uncached > "$RUNS/bench/${m}_50.json"
+    done
 }
 stage_longplay() {
     local bundle=${LONGPLAY_BUNDLE:-$RUNS/dcm/bundle}
