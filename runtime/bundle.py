@@ -21,6 +21,7 @@ import torch
 from runtime.codec import Codec, PixelCodec, build_codec
 from runtime.config import ModelConfig, SamplerConfig
 from runtime.model import CausalDiT
+from runtime.start_scenes import START_SCENES_FILE, StartScenes, StartScenesError
 
 FORMAT = "forcekit.bundle/1"
 CODEC_PREFIX = "codec."
@@ -40,6 +41,7 @@ class Bundle:
     name: str = "unnamed"
     card: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: stage, data, commands
+    start_scenes: StartScenes | None = None  # real frames sessions start from (optional start_scenes.npz)
 
     @classmethod
     def random(cls, config: ModelConfig | None = None, seed: int = 0, sampler: SamplerConfig | None = None,
@@ -84,6 +86,8 @@ class Bundle:
             (tmp / "config.json").write_text(json.dumps(self.config_dict(), indent=2) + "\n")
             save_file(self.state_dict(), str(tmp / "weights.safetensors"))
             (tmp / "card.md").write_text(self.card or f"# {self.name}\n")
+            if self.start_scenes is not None:
+                self.start_scenes.save(tmp / START_SCENES_FILE)
             if path.exists():
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -126,6 +130,14 @@ class Bundle:
         card = card_file.read_text() if card_file.is_file() else ""
         bundle = cls(config, model.eval(), codec.eval(), sampler, fps=float(raw.get("fps", 15.0)),
                      name=str(raw.get("name", path.name)), card=card, extra=dict(raw.get("extra", {})))
+        scenes_file = path / START_SCENES_FILE
+        if scenes_file.is_file():
+            try:
+                scenes = StartScenes.load(scenes_file)
+                scenes.check_fits(bundle.frame_size, config.actions.dim, str(scenes_file))
+            except StartScenesError as e:
+                raise BundleError(str(e)) from e
+            bundle.start_scenes = scenes
         return bundle.to(device)
 
     def to(self, device: torch.device | str) -> Bundle:

@@ -58,9 +58,12 @@ class StreamSession:
 
     # -- public API -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def reset(self, seed: int = 0, context: np.ndarray | None = None, context_actions: Any = None) -> None:
+    def reset(self, seed: int = 0, context: np.ndarray | None = None, context_actions: Any = None,
+              start_scene: bool = True) -> None:
         """Start a new stream. ``context``: optional real frames uint8 ``[n, H, W, 3]`` to continue from
-        (``n`` must end on a chunk boundary); ``context_actions``: one action per context frame."""
+        (``n`` must end on a chunk boundary); ``context_actions``: one action per context frame.
+        Without ``context``, a bundle that carries start scenes starts from scene ``seed % S``
+        (``start_scene=False``: from noise)."""
         self.seed = seed
         self._generator.manual_seed(seed)
         self._rollout.reset()
@@ -68,6 +71,9 @@ class StreamSession:
         self._frames_out = 0
         self._first_frame_ms: float | None = None
         self._reset_time = time.perf_counter()
+        scenes = self.bundle.start_scenes
+        if context is None and start_scene and scenes is not None:
+            context, context_actions = scenes.scene(seed)
         if context is not None:
             self._add_context(context, context_actions)
 

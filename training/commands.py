@@ -138,7 +138,27 @@ def _eval_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ship(args: argparse.Namespace) -> int:
+    from training.ship import ship
+
+    out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
+               card=args.card, name=args.name, seed=args.seed)
+    print(json.dumps({"bundle": str(out)}))
+    return 0
+
+
 def register(commands) -> None:
+    p = commands.add("ship", help="copy a trained bundle to models/NAME with real start scenes and a card",
+                     func=_ship)
+    p.add_argument("--bundle", required=True, help="trained bundle dir")
+    p.add_argument("--out", required=True, help="shipped bundle dir, e.g. models/default")
+    p.add_argument("--start-data", default=None, help="recorded data dir to cut start scenes from (held-out)")
+    p.add_argument("--scenes", type=int, default=8, help="start scenes (a session starts from scene seed %% S)")
+    p.add_argument("--scene-frames", type=int, default=None, help="real frames per scene (default: first chunk)")
+    p.add_argument("--card", default=None, help="markdown file to use as the bundle's card.md")
+    p.add_argument("--name", default=None, help="bundle name (default: the source bundle's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes' random offsets")
+
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
     p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game>")

@@ -1,0 +1,57 @@
+"""`forcekit ship`: turn a trained bundle into a shipped one under ``models/``.
+
+A shipped world model carries real start scenes (``runtime.start_scenes``) cut from recorded
+episodes, so `play`, `serve` and `generate` open on a scene the engine rendered rather than on
+the model's guess from noise, and a card that says how it was made and how good it is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime import Bundle
+from runtime.start_scenes import StartScenes
+from training.data.dataset import ClipDataset
+from training.latents import conditioning_actions
+
+
+def scenes_from_data(data: str | os.PathLike, scenes: int, frames: int, seed: int = 0) -> StartScenes:
+    """``scenes`` runs of ``frames`` real frames, one from each of ``scenes`` episodes spread evenly
+    over the data dir, at a random offset; actions are each frame's conditioning action."""
+    ds = ClipDataset(data, clip_frames=frames)
+    episodes = [row for row in ds.episode_rows if row[2] >= frames]
+    if len(episodes) < scenes:
+        raise ValueError(f"{data}: only {len(episodes)} episodes have {frames} frames; {scenes} scenes wanted")
+    rng = np.random.default_rng(seed)
+    picks = np.linspace(0, len(episodes) - 1, scenes).round().astype(int)
+    out_frames, out_actions = [], []
+    for i in picks:
+        shard_index, row, length, _ = episodes[i]
+        shard = ds.load_shard(shard_index)
+        offset = int(rng.integers(0, length - frames + 1))
+        cond = conditioning_actions(torch.from_numpy(shard["actions"][row:row + length])).numpy()
+        out_frames.append(shard["frames"][row + offset:row + offset + frames])
+        out_actions.append(cond[offset:offset + frames])
+    return StartScenes(np.stack(out_frames), np.stack(out_actions).astype(np.float32))
+
+
+def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | None = None, scenes: int = 8,
+         scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0) -> Path:
+    """Copy ``bundle`` to ``out`` with start scenes from ``start_data`` and the card file ``card``."""
+    b = Bundle.load(bundle)
+    if start_data is not None:
+        pattern = b.config.chunk_pattern
+        n = scene_frames or pattern.first_frames
+        if not pattern.is_whole(n):
+            raise ValueError(f"--scene-frames {n} must end on a chunk boundary of the bundle's pattern {pattern}")
+        b.start_scenes = scenes_from_data(start_data, scenes, n, seed)
+        b.start_scenes.check_fits(b.frame_size, b.config.actions.dim, f"start scenes from {start_data}")
+    if card is not None:
+        b.card = Path(card).read_text()
+    if name is not None:
+        b.name = name
+    return b.save(out)
