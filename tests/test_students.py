@@ -20,6 +20,7 @@ from training.students.dmd import (
     dmd_gradient,
     dmd_surrogate,
     replay_exit_step,
+    score_window_start,
     self_forcing_rollout,
     train_dmd,
 )
@@ -280,6 +281,38 @@ def test_dmd_trains_through_the_runtime_rollout(tmp_path, monkeypatch, dcm, teac
     assert fake_score_loss(critic) < 0.95 * before
     bundle = Bundle.load(summary["bundle"])
     assert bundle.sampler.cache_from == "last_step" and bundle.extra["stage"] == "dmd"
+
+
+def test_long_rollouts_are_scored_in_chunk_aligned_windows(tmp_path, monkeypatch, dcm, teacher, clips):
+    """Self-Forcing++-style: a rollout longer than the teacher's clip is scored on one random window;
+    only the window's generated chunks are replayed, and the windows move over the rollout."""
+    import training.students.dmd as dmd
+
+    replayed, original = [], dmd.replay_exit_step
+
+    def recording(rollout, record):
+        replayed.append((record.frames.start, record.frames.stop))
+        return original(rollout, record)
+
+    monkeypatch.setattr(dmd, "replay_exit_step", recording)
+    steps, chunks = 6, 2 * CLIP - 1     # 2 * CLIP frames per rollout, windows of CLIP frames
+    cfg = DMDConfig(out=str(tmp_path), steps=steps, lr=1e-4, critic_steps=1, rollout_chunks=chunks,
+                    **{**FAST, "eval_every": 100})
+    train_dmd(dcm[2], teacher, clips, cfg, progress=False)
+    per_step = [replayed[i:i + CLIP - 1] for i in range(0, len(replayed), CLIP - 1)]
+    assert len(per_step) == steps and all(len(s) == CLIP - 1 for s in per_step)
+    firsts = set()
+    for frames in per_step:   # consecutive frame-wise chunks after one context frame of the window
+        assert [a for a, _ in frames] == list(range(frames[0][0], frames[0][0] + CLIP - 1))
+        assert 1 <= frames[0][0] and frames[-1][1] <= 2 * CLIP
+        firsts.add(frames[0][0])
+    assert len(firsts) > 1
+    gen = torch.Generator().manual_seed(0)
+    starts = {score_window_start(ChunkPattern(frames_per_chunk=2), 10, 6, 2, gen) for _ in range(50)}
+    assert starts == {0, 2, 4}   # chunk-aligned windows of 6 frames (context 2) inside 10
+    ragged = ChunkPattern(frames_per_chunk=2, first_chunk_frames=1)   # boundaries 0, 1, 3, 5, 7, 9
+    assert {score_window_start(ragged, 9, 5, 1, gen) for _ in range(20)} == {0}
+    assert score_window_start(ChunkPattern(frames_per_chunk=1), 5, 5, 1, gen) == 0
 
 
 def bundle_sampler(out):

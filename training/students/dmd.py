@@ -46,7 +46,7 @@ class DMDConfig(StageConfig):
     guidance_scale: float | None = None  # real-score CFG; None: the teacher bundle's
     critic_steps: int = 2
     context_frames: int | None = None  # real clean frames before the rollout; None: the first chunk
-    rollout_chunks: int | None = None  # None: fill clip_frames
+    rollout_chunks: int | None = None  # None: fill clip_frames; more: a long rollout scored in windows
     cache_from: str = "clean"  # the KV-cache recipe trained with, written into the bundle
     sample_steps: int = 2
     t_min: float = 0.02
@@ -114,6 +114,19 @@ def replay_exit_step(rollout: Rollout, record: ChunkRecord) -> torch.Tensor:
     rollout.restore(record.snapshot)
     x, t = record.exit_input
     return predict_x0(x, rollout.velocity(x, t, record.cond, cache_mode="readonly"), t)
+
+
+def score_window_start(pattern, frames: int, window: int, context: int, generator: torch.Generator) -> int:
+    """First frame of the ``window``-frame stretch of a ``frames``-frame rollout that is scored this step.
+
+    A rollout longer than the teacher's clip (Self-Forcing++-style long rollouts, which expose the
+    student to its own drifted context) is scored on one random chunk-aligned window; its first
+    ``context`` frames, generated ones included, stay clean for the scores, so the teacher judges
+    how the student continues its own past. The window and its context end on chunk boundaries.
+    """
+    starts = [s for s in range(frames - window + 1)
+              if pattern.is_whole(s) and pattern.is_whole(s + context) and pattern.is_whole(s + window)]
+    return starts[int(torch.randint(len(starts), (1,), generator=generator))] if len(starts) > 1 else 0
 
 
 # -- scores -------------------------------------------------------------------------------------------
@@ -185,9 +198,15 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
     starts = clips.starts(frames)
     held = eval_batch(eval_clips or clips, StageConfig(eval_batch=cfg.eval_batch, clip_frames=frames))
 
+    window = min(frames, cfg.clip_frames)  # the clip length the teacher was trained on scores the rollout
+    if not pattern.is_whole(window) or window <= k:
+        raise ValueError(f"clip_frames {cfg.clip_frames} must end on a chunk boundary after the {k} context frames")
+
     def step_fn(step: int) -> dict[str, float]:
         real_clip, action = clips.sample(cfg.batch, frames, gen, starts)
         clip, records = self_forcing_rollout(rollout, real_clip[:, :k], action, chunks, gen)
+        w = score_window_start(pattern, frames, window, k, gen)
+        clip, action = clip[:, w:w + window], action[:, w:w + window]
         for _ in range(cfg.critic_steps):
             c_loss = critic_loss(critic, clip, k, action, cfg, gen)
             opt_c.zero_grad(set_to_none=True)
@@ -200,10 +219,12 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
             x0_fake = bidirectional_x0(critic, x_t, t, action, 1.0)
             grad = dmd_gradient(clip[:, k:], x0_real[:, k:], x0_fake[:, k:])
         opt_g.zero_grad(set_to_none=True)
-        count, surrogate = grad.numel(), 0.0
-        for rec in records:  # one chunk's graph at a time
+        count, surrogate, first = grad.numel(), 0.0, w + k
+        for rec in records:  # one chunk's graph at a time, for the chunks the window scores
+            if rec.frames.start < first or rec.frames.stop > w + window:
+                continue
             x0 = replay_exit_step(rollout, rec)
-            loss = dmd_surrogate(x0, grad[:, rec.frames.start - k:rec.frames.stop - k], count)
+            loss = dmd_surrogate(x0, grad[:, rec.frames.start - first:rec.frames.stop - first], count)
             loss.backward()
             surrogate += float(loss.detach())
         gnorm = float(torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip))
