@@ -70,12 +70,13 @@ class StreamSession:
         self._chunk_ms.clear()
         self._frames_out = 0
         self._first_frame_ms: float | None = None
-        self._reset_time = time.perf_counter()
+        start = time.perf_counter()
         scenes = self.bundle.start_scenes
         if context is None and start_scene and scenes is not None:
             context, context_actions = scenes.scene(seed)
         if context is not None:
             self._add_context(context, context_actions)
+        self._setup_ms = (time.perf_counter() - start) * 1000   # counted into the first frame's latency
 
     @torch.no_grad()
     def step(self, action: Any = None, audio: Any = None, video: Any = None) -> np.ndarray:
@@ -91,13 +92,15 @@ class StreamSession:
         elapsed = (time.perf_counter() - start) * 1000
         self._chunk_ms.append(elapsed)
         if self._first_frame_ms is None:
-            self._first_frame_ms = elapsed
+            self._first_frame_ms = self._setup_ms + elapsed
         self._frames_out += n
         return frames
 
     def stats(self) -> dict[str, float | int | None]:
         """Timing since the last reset. ``fps`` is steady state: the first chunk (warm-up) is left out
-        when later chunks exist. Decoding is included in every figure."""
+        when later chunks exist. ``first_frame_ms`` runs from the reset (context frames encoded and
+        cached included, idle time between reset and the first step excluded) to the first decoded
+        chunk. Decoding is included in every figure."""
         times = list(self._chunk_ms)
         steady = times[1:] if len(times) > 1 else times
         frames_steady = len(steady) * self.frames_per_chunk if len(times) > 1 else self._frames_out
