@@ -21,6 +21,7 @@ from training.students.dmd import (
     dmd_surrogate,
     replay_exit_step,
     score_window_start,
+    score_x0,
     self_forcing_rollout,
     train_dmd,
 )
@@ -313,6 +314,31 @@ def test_long_rollouts_are_scored_in_chunk_aligned_windows(tmp_path, monkeypatch
     ragged = ChunkPattern(frames_per_chunk=2, first_chunk_frames=1)   # boundaries 0, 1, 3, 5, 7, 9
     assert {score_window_start(ragged, 9, 5, 1, gen) for _ in range(20)} == {0}
     assert score_window_start(ChunkPattern(frames_per_chunk=1), 5, 5, 1, gen) == 0
+
+
+def test_causal_real_score_is_causal_and_trains(tmp_path, dcm, causal, clips):
+    """``real_score="causal"`` scores each noisy frame from the clean frames before it only (teacher
+    forcing), and a DMD run with the causal teacher as real score and critic writes its bundle."""
+    model = causal[2].model
+    clip, action = clips.sample(2, CLIP, torch.Generator().manual_seed(1))
+    t = torch.full((2, CLIP), 0.5)
+    x_t = clip + 0.5 * torch.randn_like(clip)
+    with torch.no_grad():
+        a = score_x0(model, clip, x_t, t, action, 1.5, "causal")
+        later = clip.clone()
+        later[:, 2:] += 1.0          # change the clean frames from 2 on
+        b = score_x0(model, later, x_t, t, action, 1.5, "causal")
+        c = score_x0(model, clip, x_t, t, action, 1.5, "bidirectional")
+    torch.testing.assert_close(a[:, :3], b[:, :3])          # frames 0..2 see clean frames < 2 only
+    assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-3
+    assert (a - c).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="real_score"):
+        score_x0(model, clip, x_t, t, action, 1.0, "sideways")
+    cfg = DMDConfig(out=str(tmp_path), steps=3, lr=1e-4, critic_steps=1, real_score="causal",
+                    **{**FAST, "eval_every": 100})
+    summary = train_dmd(dcm[2], causal[2], clips, cfg, progress=False)
+    bundle = Bundle.load(summary["bundle"])
+    assert bundle.extra["dmd_config"]["real_score"] == "causal" and "causal teacher" in bundle.card
 
 
 def bundle_sampler(out):

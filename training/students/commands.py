@@ -71,7 +71,8 @@ def _dmd(args: argparse.Namespace) -> int:
     real = Bundle.load(args.teacher)
     cfg = _common(DMDConfig, args, guidance_scale=args.guidance, critic_steps=args.critic_steps,
                   rollout_chunks=args.rollout_chunks, context_frames=args.context_frames,
-                  cache_from=args.cache_from, sample_steps=args.sample_steps, critic_lr=args.critic_lr)
+                  cache_from=args.cache_from, sample_steps=args.sample_steps, critic_lr=args.critic_lr,
+                  real_score=args.real_score)
     print(json.dumps(train_dmd(student, real, clips, cfg, held)))
     return 0
 
@@ -126,7 +127,10 @@ def register(commands) -> None:
     p = commands.add("dmd", help="SF-DMD: self-forcing rollouts through runtime.rollout, DMD against the "
                      "bidirectional teacher (resumable)", func=_dmd, group="train")
     _add_common(p, "few-step student bundle (forcekit train dcm/scm)")
-    p.add_argument("--teacher", required=True, help="bidirectional teacher bundle: the real score")
+    p.add_argument("--teacher", required=True, help="teacher bundle: the real score (bidirectional by default)")
+    p.add_argument("--real-score", choices=("bidirectional", "causal"), default="bidirectional",
+                   help="how the teacher scores the rollout: over the whole clip, or causally under teacher "
+                        "forcing (pass a causal teacher bundle)")
     p.add_argument("--guidance", type=float, default=None, help="CFG of the real score (default: teacher's)")
     p.add_argument("--critic-steps", type=int, default=2, help="fake-score updates per generator step")
     p.add_argument("--critic-lr", type=float, default=None)

@@ -11,7 +11,8 @@ detached, as in Self-Forcing) and back-propagated at once. Peak memory is one ch
 whatever the rollout length.
 
 Distribution matching (DMD/DMD2). The rollout x0 is re-noised to a random level t; the real
-score is the frozen bidirectional teacher with classifier-free guidance on the actions, the
+score is the frozen bidirectional teacher with classifier-free guidance on the actions (or,
+``real_score="causal"``, a causal teacher under teacher forcing: `score_x0`), the
 fake score a critic initialised from the teacher and trained ``critic_steps`` times per
 generator step with flow matching on the (detached) rollouts. In x0 terms the KL gradient is
 x0_fake - x0_real; normalised per sample by mean|x0 - x0_real|, it is applied through the
@@ -33,6 +34,7 @@ from training.students.common import (
     eval_batch,
     few_step_eval,
     frozen_copy,
+    guided_tf_velocity,
     run_stage,
     save_bundle,
     trainable_copy,
@@ -51,6 +53,7 @@ class DMDConfig(StageConfig):
     sample_steps: int = 2
     t_min: float = 0.02
     t_max: float = 0.98
+    real_score: str = "bidirectional"  # or "causal": the causal teacher under teacher forcing (see score_x0)
 
 
 # -- the DMD gradient ---------------------------------------------------------------------------------
@@ -142,6 +145,22 @@ def bidirectional_x0(model, clip: torch.Tensor, t: torch.Tensor, action: torch.T
     return clip - t[:, :, None, None, None] * v
 
 
+def score_x0(model, clip: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor, guidance: float,
+             kind: str) -> torch.Tensor:
+    """x0 prediction of a score model on the re-noised clip ``x_t`` (levels ``t``).
+
+    ``bidirectional``: the whole clip at once (the issue's recipe: the bidirectional teacher).
+    ``causal``: a causal teacher under teacher forcing: each noisy frame sees the clean ``clip``
+    frames before it, so the score is that of each frame's conditional given the student's own
+    past, the factorisation the student samples from.
+    """
+    if kind == "bidirectional":
+        return bidirectional_x0(model, x_t, t, action, guidance)
+    if kind == "causal":
+        return x_t - t[:, :, None, None, None] * guided_tf_velocity(model, clip, x_t, t, action, guidance)
+    raise ValueError(f"real_score must be 'bidirectional' or 'causal', got {kind!r}")
+
+
 def renoise(clip: torch.Tensor, k: int, t_min: float, t_max: float, generator: torch.Generator
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise the frames after the ``k`` context frames to one random level per clip (context stays clean)."""
@@ -157,7 +176,8 @@ def critic_loss(critic, clip: torch.Tensor, k: int, action: torch.Tensor, cfg: D
                 generator: torch.Generator) -> torch.Tensor:
     """Flow matching of the critic on the student's (detached) rollouts: it learns the fake score."""
     x_t, t, noise = renoise(clip, k, cfg.t_min, cfg.t_max, generator)
-    v = critic(x_t, t, action=action)
+    v = critic(x_t, t, action=action) if cfg.real_score == "bidirectional" else guided_tf_velocity(
+        critic, clip, x_t, t, action, 1.0)
     return (v[:, k:].float() - (noise - clip)[:, k:].float()).pow(2).mean()
 
 
@@ -176,6 +196,8 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
     """Train (or resume) the few-step ``student`` in ``cfg.out``; writes ``out/bundle``."""
     if cfg.cache_from not in ("clean", "last_step"):
         raise ValueError(f"cache_from must be 'clean' or 'last_step', got {cfg.cache_from!r}")
+    if cfg.real_score not in ("bidirectional", "causal"):
+        raise ValueError(f"real_score must be 'bidirectional' or 'causal', got {cfg.real_score!r}")
     torch.manual_seed(cfg.seed)
     generator = trainable_copy(student.model)
     real = frozen_copy(teacher.model)
@@ -215,8 +237,8 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
             opt_c.step()
         with torch.no_grad():
             x_t, t, _ = renoise(clip, k, cfg.t_min, cfg.t_max, gen)
-            x0_real = bidirectional_x0(real, x_t, t, action, guidance)
-            x0_fake = bidirectional_x0(critic, x_t, t, action, 1.0)
+            x0_real = score_x0(real, clip, x_t, t, action, guidance, cfg.real_score)
+            x0_fake = score_x0(critic, clip, x_t, t, action, 1.0, cfg.real_score)
             grad = dmd_gradient(clip[:, k:], x0_real[:, k:], x0_fake[:, k:])
         opt_g.zero_grad(set_to_none=True)
         count, surrogate, first = grad.numel(), 0.0, w + k
@@ -240,7 +262,8 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
                         gen, step_fn, eval_fn, progress)
     note = (f"SF-DMD student (forcekit train dmd) from `{student.name}`: self-forcing rollouts of {chunks} chunks "
             f"after {k} real frames, {cfg.sample_steps}-step schedule with random exit steps, real score = "
-            f"bidirectional teacher with CFG {guidance}, critic updated {cfg.critic_steps}x per step, KV cache "
+            f"{cfg.real_score} teacher `{teacher.name}` with CFG {guidance}, critic updated {cfg.critic_steps}x "
+            f"per step, KV cache "
             f"written from `{cfg.cache_from}` in training and in this bundle's sampler.")
     summary["bundle"] = str(save_bundle(generator, student, sampler, "dmd", cfg, summary, note))
     return summary
