@@ -74,9 +74,9 @@ def test_ship_cuts_scenes_from_recorded_episodes(tmp_path):
     card.write_text("# shipped\n\nmeasured things\n")
     assert main(["ship", "--bundle", str(tmp_path / "trained"), "--out", str(tmp_path / "models" / "default"),
                  "--start-data", str(tmp_path / "data"), "--scenes", "3", "--scene-frames", "3",
-                 "--card", str(card), "--name", "default"]) == 0
+                 "--card", str(card), "--name", "default", "--steps", "3"]) == 0
     shipped = Bundle.load(tmp_path / "models" / "default")
-    assert shipped.name == "default" and shipped.card == card.read_text()
+    assert shipped.name == "default" and shipped.card == card.read_text() and shipped.sampler.steps == 3
     scenes = shipped.start_scenes
     assert scenes.frames.shape == (3, 3, 8, 8, 3)
     all_frames = np.concatenate([e.frames for e in eps])

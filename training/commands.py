@@ -142,7 +142,7 @@ def _ship(args: argparse.Namespace) -> int:
     from training.ship import ship
 
     out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
-               card=args.card, name=args.name, seed=args.seed)
+               card=args.card, name=args.name, seed=args.seed, steps=args.steps)
     print(json.dumps({"bundle": str(out)}))
     return 0
 
@@ -158,6 +158,7 @@ def register(commands) -> None:
     p.add_argument("--card", default=None, help="markdown file to use as the bundle's card.md")
     p.add_argument("--name", default=None, help="bundle name (default: the source bundle's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes' random offsets")
+    p.add_argument("--steps", type=int, default=None, help="default sampler steps per chunk (default: as trained)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)

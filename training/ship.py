@@ -40,9 +40,18 @@ def scenes_from_data(data: str | os.PathLike, scenes: int, frames: int, seed: in
 
 
 def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | None = None, scenes: int = 8,
-         scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0) -> Path:
-    """Copy ``bundle`` to ``out`` with start scenes from ``start_data`` and the card file ``card``."""
+         scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0,
+         steps: int | None = None) -> Path:
+    """Copy ``bundle`` to ``out`` with start scenes from ``start_data``, the card file ``card`` and,
+    given ``steps``, that many sampler steps per chunk by default."""
     b = Bundle.load(bundle)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+        if b.sampler.timesteps is not None:
+            raise ValueError(f"{bundle}: its sampler lists explicit timesteps {b.sampler.timesteps}; --steps "
+                             "would be ignored")
+        b.sampler.steps = steps
     if start_data is not None:
         pattern = b.config.chunk_pattern
         n = scene_frames or pattern.first_frames
