@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole recipe for the shipped default world model (ViZDoom health_gathering, 64x64):
 # record -> codec -> bidirectional teacher -> probe -> causal teacher -> dCM -> SF-DMD ->
-# evaluation against the engine -> speed and long-play checks.
+# evaluation against the engine -> ship (models/default) -> speed and long-play checks.
 #
 # Every stage is resumable: each command continues from its run dir's checkpoint, and a stage
 # whose bundle (or result file) exists is skipped. Rerun the script after an interruption.
 #
 #   DATA=/work/data RUNS=/work/runs scripts/recipe_health_gathering.sh [stage ...]
 #
-# Stages: record codec teacher probe causal dcm dmd eval bench longplay (default: all, in order).
+# Stages: record codec teacher probe causal dcm dmd eval ship bench longplay (default: all, in order);
+# ablations (the other SF-DMD variants of docs/students.md) runs only when named.
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
 # override the step counts below.
 set -euo pipefail
@@ -65,11 +66,14 @@ stage_dcm() {
     timed dcm "$FK" train dcm --bundle "$RUNS/causal/bundle" --out "$RUNS/dcm" --steps "$DCM_STEPS" --lr 1e-4 \
         "${STUDENT[@]}"
 }
-stage_dmd() {
-    [[ -f $RUNS/dmd/bundle/config.json ]] && return
-    timed dmd "$FK" train dmd --bundle "$RUNS/dcm/bundle" --teacher "$RUNS/teacher/bundle" --out "$RUNS/dmd" \
-        --steps "$DMD_STEPS" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 "${STUDENT[@]}"
+# SF-DMD from the dCM student: NAME [extra flags] -> $RUNS/NAME (later flags override the defaults).
+dmd_run() {
+    local name=$1; shift
+    [[ -f $RUNS/$name/bundle/config.json ]] && return
+    timed "$name" "$FK" train dmd --bundle "$RUNS/dcm/bundle" --teacher "$RUNS/teacher/bundle" --out "$RUNS/$name" \
+        --steps "$DMD_STEPS" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 "${STUDENT[@]}" "$@"
 }
+stage_dmd() { dmd_run dmd; }
 # One row of the quality table: eval world on 4 held-out episodes (seeds 100000+).
 eval_row() {
     local name=$1 bundle=$2 steps=$3; shift 3
@@ -88,29 +92,41 @@ stage_eval() {
         eval_row dmd_$s "$RUNS/dmd/bundle" $s
     done
 }
-stage_bench() {
-    mkdir -p "$RUNS/bench"
-    for m in dcm dmd; do
-        for s in 1 2 4; do
-            [[ -f $RUNS/bench/${m}_$s.json ]] || "$FK" bench runtime --bundle "$RUNS/$m/bundle" --steps $s \
-                --frames 256 --threads 1 --json --no-uncached > "$RUNS/bench/${m}_$s.json"
-        done
-    done
-    for m in teacher causal; do
-        [[ -f $RUNS/bench/${m}_50.json ]] || "$FK" bench runtime --bundle "$RUNS/$m/bundle" --steps 50 \
-            --frames 64 --threads 1 --json --no-uncached > "$RUNS/bench/${m}_50.json"
+# What else was tried (docs/students.md): the real score without CFG, with CFG 3, and a causal real score.
+stage_ablations() {
+    dmd_run dmd_g1 --guidance 1.0
+    dmd_run dmd_cfg3 --guidance 3.0
+    dmd_run dmd_causal --real-score causal --teacher "$RUNS/causal/bundle"
+    for v in dmd_g1 dmd_cfg3 dmd_causal; do
+        for s in 1 2; do eval_row "${v}_$s" "$RUNS/$v/bundle" $s; done
     done
 }
+stage_ship() {
+    # The shipped default: the SF-DMD student at 1 step, with 8 real start scenes from held-out episodes.
+    # The card (models/default/card.md) holds the figures measured in our run; re-measure before editing it.
+    "$FK" ship --bundle "$RUNS/dmd/bundle" --out models/default --start-data "$HELDOUT" --scenes 8 --scene-frames 4 \
+        --steps 1 --seed 1 --card models/default/card.md --name default
+}
+stage_bench() {
+    mkdir -p "$RUNS/bench"
+    for s in 1 2; do
+        for t in 1 2; do
+            [[ -f $RUNS/bench/default_${s}_t$t.json ]] || "$FK" bench runtime --bundle models/default --steps $s \
+                --frames 256 --threads $t --json --no-uncached > "$RUNS/bench/default_${s}_t$t.json"
+        done
+    done
+    [[ -f $RUNS/bench/dcm_2.json ]] || "$FK" bench runtime --bundle "$RUNS/dcm/bundle" --steps 2 --frames 256 \
+        --threads 1 --json --no-uncached > "$RUNS/bench/dcm_2.json"
+}
 stage_longplay() {
-    local bundle=${LONGPLAY_BUNDLE:-$RUNS/dcm/bundle}
     [[ -f $RUNS/longplay.json ]] && return
-    "$FK" eval longplay --bundle "$bundle" --frames 10000 --policies noop,random --probe "$RUNS/probe" \
-        --plot "$RUNS/longplay.png" --json > "$RUNS/longplay.json"
+    OMP_NUM_THREADS=1 "$FK" eval longplay --bundle models/default --frames 10000 --policies noop,random \
+        --probe "$RUNS/probe" --plot "$RUNS/longplay.png" --json > "$RUNS/longplay.json"
 }
 
 mkdir -p "$RUNS"
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd eval bench longplay)
+[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd eval ship bench longplay)
 for s in "${stages[@]}"; do
     log "stage $s"
     "stage_$s"
