@@ -138,7 +138,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 text: torch.Tensor | None, mask: KeyIntervals | None, cache: KVCache | None,
-                cache_mode: str, layer: int) -> torch.Tensor:
+                cache_mode: str, layer: int, kv_only: bool = False) -> torch.Tensor:
+        """``kv_only``: stop once this layer's keys and values are in the cache (returns ``x`` as is)."""
         b, n, d = x.shape
         nf = mod.shape[1]
         per_frame = (self.scale_shift_table.unsqueeze(0) + mod.float()).unsqueeze(3)  # [B, F, 6, 1, D]
@@ -155,6 +156,8 @@ class DiTBlock(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v, mask = cache.keys_values(layer, k, v, cache_mode)
+            if kv_only:
+                return x
         a = self.attn1.to_out[0](attention(q, k, v, mask).flatten(-2))
         x = (x.float() + gated(a, gate)).to(x.dtype)
         if self.attn2 is not None:
@@ -193,14 +196,19 @@ class CausalDiT(nn.Module):
                 audio: torch.Tensor | None = None, video: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, mask: KeyIntervals | None = None,
                 frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                cache_mode: str = "transient") -> torch.Tensor:
+                cache_mode: str = "transient", cache_only: bool = False) -> torch.Tensor | None:
         """Predict the flow velocity for latents ``x`` ``[B, F, C, H, W]`` at per-frame ``timestep`` ``[B, F]``.
 
         ``action`` ``[B, F, A]``, ``audio`` ``[B, F, audio_dim]``, ``video`` ``[B, F, Cv, H, W]``,
         ``text`` ``[B, L, text_dim]``. ``frame_positions`` ``[F]`` are the frames' RoPE indices
         (default: consecutive from the cache's next frame, or from 0). With a ``cache``, the
         chunk attends to the cache (``mask`` is then derived from it) and ``append`` commits it.
+        ``cache_only`` (with ``append``): only fill the cache and return None, skipping the work
+        whose result nobody reads (the last block after its keys and values, the output head):
+        committing a finished chunk as context needs its keys, not its velocity.
         """
+        if cache_only and (cache is None or cache_mode != "append"):
+            raise ValueError("cache_only needs a cache and cache_mode='append'")
         cfg = self.config
         b, nf, c, hgt, wid = x.shape
         if c != cfg.in_channels or (hgt, wid) != (cfg.latent_height, cfg.latent_width):
@@ -226,14 +234,17 @@ class CausalDiT(nn.Module):
         text_ctx = self.condition_embedder.text_embedder(text) if cfg.text_dim else None
         h = self.patch_embedding(x.transpose(1, 2)).flatten(2).transpose(1, 2).contiguous()  # [B, F*gh*gw, D]
 
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            args = (h, mod, rope, text_ctx, mask, cache, cache_mode, i)
+            args = (h, mod, rope, text_ctx, mask, cache, cache_mode, i, cache_only and i == last)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, *args, use_reentrant=False)
             else:
                 h = block(*args)
         if cache is not None and cache_mode == "append":
             cache.commit()
+        if cache_only:
+            return None
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
         d = h.shape[-1]

@@ -88,10 +88,10 @@ class Rollout:
             return v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
         return self._run(x, tt, cond, cache_mode)
 
-    def _run(self, x, t, cond: ChunkCondition, cache_mode: str) -> torch.Tensor:
+    def _run(self, x, t, cond: ChunkCondition, cache_mode: str, cache_only: bool = False) -> torch.Tensor | None:
         if self.cache is not None:
             return self.model(x, t, action=cond.action, audio=cond.audio, video=cond.video, text=cond.text,
-                              cache=self.cache, cache_mode=cache_mode)
+                              cache=self.cache, cache_mode=cache_mode, cache_only=cache_only)
         return self._recompute(x, t, cond)
 
     def _recompute(self, x, t, cond: ChunkCondition) -> torch.Tensor:
@@ -123,8 +123,11 @@ class Rollout:
     def add_context(self, latents: torch.Tensor, cond: ChunkCondition) -> None:
         """Commit known clean latents (e.g. real frames) as the next chunk, at level 0."""
         t0 = torch.zeros(latents.shape[:2], dtype=latents.dtype, device=latents.device)
-        if self.cache is not None:
-            self.velocity(latents, t0, cond, cache_mode="append")
+        if self.cache is not None:  # only the keys and values matter: skip the velocity nobody reads
+            if self.guided:
+                self._run(torch.cat([latents, latents]), torch.cat([t0, t0]), _doubled(cond), "append", True)
+            else:
+                self._run(latents, t0, cond, "append", True)
         self._commit(latents, t0, cond)
 
     def generate_chunk(self, noise: torch.Tensor, cond: ChunkCondition, steps: int | None = None,

@@ -133,3 +133,23 @@ def test_chunk_condition_unconditional_zeroes_actions_only():
     c = ChunkCondition(action=torch.ones(1, 2, 3), audio=torch.ones(1, 2, 4))
     u = c.unconditional()
     assert u.action.abs().sum() == 0 and torch.equal(u.audio, c.audio)
+
+
+def test_cache_only_append_writes_the_same_cache():
+    """Committing context with ``cache_only=True`` (no velocity computed) fills the cache exactly as a
+    full ``append`` pass does, past eviction; it returns None and refuses modes that need the output."""
+    model = tiny_model(frames_per_chunk=2, window_frames=3, sink_frames=1)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 2, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    full, lean = model.new_cache(), model.new_cache()
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(shape, generator=gen)
+            assert model(x, torch.zeros(1, 2), cache=full, cache_mode="append") is not None
+            assert model(x, torch.zeros(1, 2), cache=lean, cache_mode="append", cache_only=True) is None
+    a, b = full.snapshot(), lean.snapshot()
+    assert a["state"] == b["state"]
+    assert torch.equal(a["buf"], b["buf"]) and a["buf"].abs().sum() > 0
+    with pytest.raises(ValueError, match="cache_only"):
+        model(x, torch.zeros(1, 2), cache=full, cache_mode="transient", cache_only=True)
