@@ -138,3 +138,26 @@ def cache_decode(chunk_frames: int, tokens_per_frame: int, sink_slots: int, wind
         row = [0, (sink_valid + window_valid) * t, current, current + chunk_frames * t]
     rows = torch.tensor([row], dtype=torch.int32).expand(chunk_frames * t, 4).contiguous()
     return KeyIntervals(rows, current + chunk_frames * t)
+
+
+def commit_decode(commit_frames: int, chunk_frames: int, tokens_per_frame: int, held_frames: int,
+                  evicted_frames: int) -> KeyIntervals:
+    """One pass that commits a finished chunk and starts denoising the next (fused cache decode).
+
+    Keys are gathered as ``[evicted | kept | committed chunk | current chunk]`` (in frames):
+    ``held_frames`` cached frames, the oldest ``evicted_frames`` of them first because
+    committing the finished chunk pushes them out of the window. Queries are the committed
+    chunk's tokens, then the current chunk's. The committed chunk sees what the cache held
+    before it (all ``held_frames``) and itself, as its own append pass would; the current chunk
+    sees the cache as it stands after the commit (kept + committed) and itself. Both are one
+    interval per row.
+    """
+    if not 0 <= evicted_frames <= held_frames or min(commit_frames, chunk_frames) < 1:
+        raise ValueError(f"bad fused decode geometry: commit {commit_frames}, chunk {chunk_frames}, "
+                         f"held {held_frames}, evicted {evicted_frames}")
+    t = tokens_per_frame
+    committed_end = (held_frames + commit_frames) * t
+    total = committed_end + chunk_frames * t
+    committed = torch.tensor([[0, committed_end, 0, 0]], dtype=torch.int32).expand(commit_frames * t, 4)
+    current = torch.tensor([[evicted_frames * t, total, 0, 0]], dtype=torch.int32).expand(chunk_frames * t, 4)
+    return KeyIntervals(torch.cat([committed, current]).contiguous(), total)

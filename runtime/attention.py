@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.masks import KeyIntervals
-from runtime.masks import covers_all_keys, dense_mask, flex_block_mask
+from runtime.masks import covers_all_keys, dense_bias, dense_mask, flex_block_mask
 
 BACKENDS = ("auto", "reference", "sdpa", "flex", "flash", "kernels")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("forcekit_attention", default=None)
@@ -102,7 +102,7 @@ def reference_attention(q, k, v, mask: KeyIntervals | None, scale: float | None)
 
 
 def _sdpa(q, k, v, mask: KeyIntervals | None, scale: float | None) -> torch.Tensor:
-    attn_mask = None if mask is None else dense_mask(mask, q.device)
+    attn_mask = None if mask is None else dense_bias(mask, q.device, q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask, scale=scale)
     return out.transpose(1, 2)

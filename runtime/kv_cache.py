@@ -1,8 +1,10 @@
 """`KVCache`: a preallocated sink + window ring per layer, so a rollout never ends.
 
-Buffer layout per layer, in frames: ``[sink | window ring | current chunk]``. The first
+Buffer layout per layer, in frames: ``[sink | window ring | current region]``. The first
 ``sink_frames`` frames ever committed stay in the sink; later frames go round the ring, the
-oldest evicted first. The current chunk's keys sit in their own region while it is denoised.
+oldest evicted first. The current chunk's keys sit in their own region while it is denoised; the region holds two
+chunks so that one pass can commit a finished chunk and start denoising the next
+(``commit_frames``, below).
 Keys are stored with their rotary positions already applied and positions are computed on the
 fly from an ever-growing frame counter, so there is no table to run out and memory is flat
 from the first call: nothing is allocated after construction.
@@ -13,6 +15,11 @@ Modes, per forward pass:
   append     the same, then commit the chunk into sink/ring (the step that writes the cache)
   readonly   attend over the detached cache plus the chunk's own keys without writing
              anything: training replays a chunk with gradients against a frozen cache
+
+A ``transient`` pass may carry a finished chunk in front of the current one
+(``commit_frames``): the finished chunk attends as its own append pass would (to the cache
+as it was) and is committed, the current chunk attends to the cache as it is after that
+commit. One pass instead of two per generated chunk; the result is the same.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ class CacheGeometry:
 
     @property
     def slots(self) -> int:
-        return self.sink_frames + self.window_frames + self.max_chunk_frames
+        """Frames per layer: sink, window ring, and a current region of two chunks."""
+        return self.sink_frames + self.window_frames + 2 * self.max_chunk_frames
 
 
 class KVCache:
@@ -49,6 +57,7 @@ class KVCache:
         self.geometry = g = geometry
         shape = (g.num_layers, 2, g.batch, g.slots * g.tokens_per_frame, g.heads, g.head_dim)
         self._buf = torch.zeros(shape, device=device, dtype=dtype)
+        self._fused_layouts: dict[tuple, tuple[torch.Tensor, KeyIntervals]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -66,30 +75,59 @@ class KVCache:
     def frames_held(self) -> int:
         return self.sink_valid + self.window_valid
 
-    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor, mode: str
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor, mode: str, commit_frames: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor, KeyIntervals | None]:
         """Keys and values the chunk's queries attend to, and the mask over them.
 
         ``k``, ``v``: the chunk's own ``[B, n*T, H, D]`` keys and values (positions applied).
+        ``commit_frames`` (``transient`` only): the first that many frames are a finished chunk to
+        commit in this same pass (see the module docstring); the mask then covers both.
         """
         g, t = self.geometry, self.geometry.tokens_per_frame
-        n = k.shape[1] // t
-        if n > g.max_chunk_frames or n * t != k.shape[1]:
+        n = k.shape[1] // t - commit_frames
+        if n > g.max_chunk_frames or commit_frames > g.max_chunk_frames or (n + commit_frames) * t != k.shape[1]:
             raise ValueError(f"chunk of {k.shape[1]} tokens does not fit the cache "
-                             f"({g.max_chunk_frames} frames of {t} tokens)")
+                             f"({g.max_chunk_frames} frames of {t} tokens, {commit_frames} to commit)")
         if mode == "readonly":
             held = self._held(layer)
             return torch.cat([held[0], k], dim=1), torch.cat([held[1], v], dim=1), None
         if mode not in MODES:
             raise ValueError(f"unknown cache mode {mode!r}; choose one of {list(MODES)}")
+        if commit_frames and mode != "transient":
+            raise ValueError(f"commit_frames needs cache mode 'transient', got {mode!r}")
         cur = (g.sink_frames + g.window_frames) * t
         buf = self._buf[layer]
-        buf[0, :, cur:cur + n * t] = k.detach()
-        buf[1, :, cur:cur + n * t] = v.detach()
+        buf[0, :, cur:cur + k.shape[1]] = k.detach()
+        buf[1, :, cur:cur + k.shape[1]] = v.detach()
+        if commit_frames:
+            index, mask = self._fused_layout(commit_frames, n)
+            kv = buf.index_select(2, index)
+            self._pending = commit_frames
+            return kv[0], kv[1], mask
         mask = cached_mask("cache_decode", n, t, g.sink_frames, g.window_frames, self.sink_valid, self.window_valid)
         if mode == "append":
             self._pending = n
         return buf[0, :, :cur + n * t], buf[1, :, :cur + n * t], mask
+
+    def _fused_layout(self, commit: int, n: int) -> tuple[torch.Tensor, KeyIntervals]:
+        """Token gather index ``[evicted | kept | committed | current]`` and its `commit_decode` mask."""
+        key = (self.sink_valid, self.window_valid, self.ring_next, commit, n)
+        if key not in self._fused_layouts:
+            g, t = self.geometry, self.geometry.tokens_per_frame
+            to_ring = commit - min(commit, g.sink_frames - self.sink_valid)
+            if to_ring > g.window_frames:
+                raise ValueError(f"a window of {g.window_frames} frames cannot keep a committed chunk of "
+                                 f"{commit}: commit it with its own append pass")
+            evicted = max(0, self.window_valid + to_ring - g.window_frames)
+            oldest = (self.ring_next - self.window_valid) % g.window_frames if g.window_frames else 0
+            ring = [g.sink_frames + (oldest + i) % g.window_frames for i in range(self.window_valid)]
+            current = g.sink_frames + g.window_frames
+            frames = ring[:evicted] + list(range(self.sink_valid)) + ring[evicted:] + list(
+                range(current, current + commit + n))
+            index = (torch.tensor(frames)[:, None] * t + torch.arange(t)).flatten().to(self._buf.device)
+            mask = cached_mask("commit_decode", commit, n, t, self.frames_held, evicted)
+            self._fused_layouts[key] = (index, mask)
+        return self._fused_layouts[key]
 
     def _held(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         g, t = self.geometry, self.geometry.tokens_per_frame

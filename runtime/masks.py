@@ -14,6 +14,7 @@ from kernels.masks import KeyIntervals
 
 _CACHE_SIZE = 64
 _dense_cache: OrderedDict = OrderedDict()
+_bias_cache: OrderedDict = OrderedDict()
 _block_cache: OrderedDict = OrderedDict()
 _full_cache: OrderedDict = OrderedDict()
 
@@ -54,6 +55,18 @@ def dense_mask(mask: KeyIntervals, device: torch.device | str) -> torch.Tensor:
     """Boolean ``[Nq, Nk]`` (True = attend), for the reference and SDPA backends."""
     device = torch.device(device)
     return _memo(_dense_cache, _key(mask, device), mask, lambda: mask.to_dense(device))
+
+
+def dense_bias(mask: KeyIntervals, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[Nq, Nk]`` mask (0 where allowed, -inf elsewhere), what SDPA turns a boolean mask
+    into on every call; memoised here so the conversion runs once per mask, not per layer and step."""
+    device = torch.device(device)
+
+    def build() -> torch.Tensor:
+        allowed = dense_mask(mask, device)
+        return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+    return _memo(_bias_cache, _key(mask, device) + (dtype,), mask, build)
 
 
 def flex_block_mask(mask: KeyIntervals, device: torch.device | str):

@@ -138,7 +138,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 text: torch.Tensor | None, mask: KeyIntervals | None, cache: KVCache | None,
-                cache_mode: str, layer: int, kv_only: bool = False) -> torch.Tensor:
+                cache_mode: str, layer: int, kv_only: bool = False, commit_frames: int = 0) -> torch.Tensor:
         """``kv_only``: stop once this layer's keys and values are in the cache (returns ``x`` as is)."""
         b, n, d = x.shape
         nf = mod.shape[1]
@@ -155,7 +155,7 @@ class DiTBlock(nn.Module):
         q, k, v = self.attn1.project(h, h)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v, mask = cache.keys_values(layer, k, v, cache_mode)
+            k, v, mask = cache.keys_values(layer, k, v, cache_mode, commit_frames)
             if kv_only:
                 return x
         a = self.attn1.to_out[0](attention(q, k, v, mask).flatten(-2))
@@ -196,7 +196,8 @@ class CausalDiT(nn.Module):
                 audio: torch.Tensor | None = None, video: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, mask: KeyIntervals | None = None,
                 frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                cache_mode: str = "transient", cache_only: bool = False) -> torch.Tensor | None:
+                cache_mode: str = "transient", cache_only: bool = False, commit_frames: int = 0
+                ) -> torch.Tensor | None:
         """Predict the flow velocity for latents ``x`` ``[B, F, C, H, W]`` at per-frame ``timestep`` ``[B, F]``.
 
         ``action`` ``[B, F, A]``, ``audio`` ``[B, F, audio_dim]``, ``video`` ``[B, F, Cv, H, W]``,
@@ -206,9 +207,16 @@ class CausalDiT(nn.Module):
         ``cache_only`` (with ``append``): only fill the cache and return None, skipping the work
         whose result nobody reads (the last block after its keys and values, the output head):
         committing a finished chunk as context needs its keys, not its velocity.
+        ``commit_frames`` (with ``transient``): the first that many frames of ``x`` are a finished
+        chunk (at level 0) entering the context in this same pass; they see only the cache and
+        themselves, and the velocity is returned for the frames after them only. This fuses the
+        commit of one chunk with the first denoising step of the next (`KVCache.keys_values`).
         """
         if cache_only and (cache is None or cache_mode != "append"):
             raise ValueError("cache_only needs a cache and cache_mode='append'")
+        if commit_frames and (cache is None or cache_mode != "transient" or not 0 < commit_frames < x.shape[1]):
+            raise ValueError(f"commit_frames needs a cache, cache_mode='transient' and fewer frames than x "
+                             f"({x.shape[1]}), got {commit_frames}")
         cfg = self.config
         b, nf, c, hgt, wid = x.shape
         if c != cfg.in_channels or (hgt, wid) != (cfg.latent_height, cfg.latent_width):
@@ -236,15 +244,18 @@ class CausalDiT(nn.Module):
 
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            args = (h, mod, rope, text_ctx, mask, cache, cache_mode, i, cache_only and i == last)
+            args = (h, mod, rope, text_ctx, mask, cache, cache_mode, i, cache_only and i == last, commit_frames)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, *args, use_reentrant=False)
             else:
                 h = block(*args)
-        if cache is not None and cache_mode == "append":
+        if cache is not None and (cache_mode == "append" or commit_frames):
             cache.commit()
         if cache_only:
             return None
+        if commit_frames:  # the committed chunk's velocity is not wanted
+            nf -= commit_frames
+            h, temb = h[:, commit_frames * gh * gw:], temb[:, commit_frames:]
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
         d = h.shape[-1]

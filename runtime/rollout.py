@@ -8,6 +8,11 @@ exactly what the cache must reproduce, so it is the reference the tests compare 
 What enters the context follows the bundle's recipe (``SamplerConfig.cache_from``):
 ``clean`` re-runs the denoised chunk at t = 0 (teacher-forcing style); ``last_step`` keeps
 the keys of the last denoising step, whose input is still noisy at that step's level.
+
+``fuse_commit=True`` (inference) defers the ``clean`` commit of a finished chunk to the first
+denoising step of the next one, which then runs both in one model pass
+(``CausalDiT(..., commit_frames=)``): the same numbers, one pass per chunk fewer. Training
+leaves it off so that snapshots and replays see a committed context.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def _cat(parts: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
 
 class Rollout:
     def __init__(self, model: CausalDiT, sampler: SamplerConfig, batch: int = 1, kv_cache: bool = True,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, fuse_commit: bool = False) -> None:
         self.model = model
         self.sampler = sampler
         self.batch = batch
@@ -58,6 +63,11 @@ class Rollout:
         self.guided = sampler.guidance_scale != 1.0 and model.config.actions.dim > 0
         p = next(model.parameters())
         self.cache = model.new_cache(batch * (2 if self.guided else 1), p.device, p.dtype) if kv_cache else None
+        cfg = model.config
+        # Fusing needs the committed chunk to stay in the window (a window smaller than a chunk would
+        # drop it before the next chunk reads it) and a clean commit (last_step commits mid-denoising).
+        self.fuse_commit = (fuse_commit and kv_cache and sampler.cache_from == "clean"
+                            and cfg.window_frames >= cfg.chunk_pattern.max_chunk_frames)
         self.reset()
 
     def reset(self) -> None:
@@ -67,6 +77,7 @@ class Rollout:
             self.cache.reset()
         self._history: list[tuple[torch.Tensor, torch.Tensor, ChunkCondition]] = []
         self.exit_input: tuple[torch.Tensor, float] | None = None  # last denoising step's (input, level)
+        self._deferred: tuple[torch.Tensor, ChunkCondition] | None = None  # finished chunk not yet in the cache
 
     @property
     def pattern(self):
@@ -79,19 +90,34 @@ class Rollout:
     def velocity(self, x: torch.Tensor, t: float | torch.Tensor, cond: ChunkCondition, cache_mode: str = "transient"
                  ) -> torch.Tensor:
         """Velocity for the current chunk ``x`` ``[B, n, C, H, W]`` at level ``t``, given the context."""
+        self.flush()
+        return self._velocity(x, t, cond, cache_mode)
+
+    def _velocity(self, x: torch.Tensor, t: float | torch.Tensor, cond: ChunkCondition, cache_mode: str,
+                  commit_frames: int = 0) -> torch.Tensor:
         b, n = x.shape[:2]
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         tt = tt.expand(b, n) if tt.ndim == 0 else tt
+        if commit_frames:  # a finished chunk at level 0 in front, committed in the same pass
+            ctx, ctx_cond = self._deferred
+            self._deferred = None
+            x = torch.cat([ctx, x], dim=1)
+            tt = torch.cat([torch.zeros(ctx.shape[:2], dtype=x.dtype, device=x.device), tt], dim=1)
+            cond = ChunkCondition(*(_cat([c, d], 1) for c, d in zip(
+                (ctx_cond.action, ctx_cond.audio, ctx_cond.video), (cond.action, cond.audio, cond.video))),
+                text=cond.text)
         if self.guided:
-            v = self._run(torch.cat([x, x]), torch.cat([tt, tt]), _doubled(cond), cache_mode)
+            v = self._run(torch.cat([x, x]), torch.cat([tt, tt]), _doubled(cond), cache_mode, False, commit_frames)
             v_cond, v_uncond = v.chunk(2)
             return v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
-        return self._run(x, tt, cond, cache_mode)
+        return self._run(x, tt, cond, cache_mode, False, commit_frames)
 
-    def _run(self, x, t, cond: ChunkCondition, cache_mode: str, cache_only: bool = False) -> torch.Tensor | None:
+    def _run(self, x, t, cond: ChunkCondition, cache_mode: str, cache_only: bool = False,
+             commit_frames: int = 0) -> torch.Tensor | None:
         if self.cache is not None:
             return self.model(x, t, action=cond.action, audio=cond.audio, video=cond.video, text=cond.text,
-                              cache=self.cache, cache_mode=cache_mode, cache_only=cache_only)
+                              cache=self.cache, cache_mode=cache_mode, cache_only=cache_only,
+                              commit_frames=commit_frames)
         return self._recompute(x, t, cond)
 
     def _recompute(self, x, t, cond: ChunkCondition) -> torch.Tensor:
@@ -122,13 +148,26 @@ class Rollout:
     # -- whole chunks -------------------------------------------------------------------------------
     def add_context(self, latents: torch.Tensor, cond: ChunkCondition) -> None:
         """Commit known clean latents (e.g. real frames) as the next chunk, at level 0."""
+        self.flush()
+        self._append(latents, cond)
+        self._commit(latents, torch.zeros(latents.shape[:2], dtype=latents.dtype, device=latents.device), cond)
+
+    def _append(self, latents: torch.Tensor, cond: ChunkCondition) -> None:
+        """Write clean latents into the cache; only the keys and values matter, so skip the velocity."""
+        if self.cache is None:
+            return
         t0 = torch.zeros(latents.shape[:2], dtype=latents.dtype, device=latents.device)
-        if self.cache is not None:  # only the keys and values matter: skip the velocity nobody reads
-            if self.guided:
-                self._run(torch.cat([latents, latents]), torch.cat([t0, t0]), _doubled(cond), "append", True)
-            else:
-                self._run(latents, t0, cond, "append", True)
-        self._commit(latents, t0, cond)
+        if self.guided:
+            self._run(torch.cat([latents, latents]), torch.cat([t0, t0]), _doubled(cond), "append", True)
+        else:
+            self._run(latents, t0, cond, "append", True)
+
+    def flush(self) -> None:
+        """Commit a finished chunk whose commit was deferred (``fuse_commit``) with its own pass."""
+        if self._deferred is not None:
+            latents, cond = self._deferred
+            self._deferred = None
+            self._append(latents, cond)
 
     def generate_chunk(self, noise: torch.Tensor, cond: ChunkCondition, steps: int | None = None,
                        exit_step: int | None = None) -> torch.Tensor:
@@ -150,12 +189,18 @@ class Rollout:
             writes = last_step and i == len(levels) - 2
             mode = "append" if writes else "transient"
             self.exit_input = (x, t)
-            v = self.velocity(x, t, cond, cache_mode=mode)
+            if self._deferred is not None:  # first step: commit the previous chunk in the same pass
+                v = self._velocity(x, t, cond, mode, commit_frames=self._deferred[0].shape[1])
+            else:
+                v = self._velocity(x, t, cond, mode)
             if writes:
                 ctx_latent, ctx_level = x, torch.full(x.shape[:2], t, dtype=x.dtype, device=x.device)
             x = sampling.step(self.sampler.kind, x, v, t, t_next, self.generator)
         if last_step:
             self._commit(ctx_latent, ctx_level, cond)
+        elif self.fuse_commit:
+            self._deferred = (x, cond)
+            self._commit(x, torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device), cond)
         else:
             self.add_context(x, cond)
         return x
@@ -164,9 +209,10 @@ class Rollout:
     def snapshot(self) -> dict:
         """The context as it stands (cache contents or history, and counters), for `restore`."""
         return {"chunk": self.chunk, "frames": self.frames, "history": list(self._history),
-                "cache": self.cache.snapshot() if self.cache is not None else None}
+                "deferred": self._deferred, "cache": self.cache.snapshot() if self.cache is not None else None}
 
     def restore(self, snap: dict) -> None:
         self.chunk, self.frames, self._history = snap["chunk"], snap["frames"], list(snap["history"])
+        self._deferred = snap["deferred"]
         if self.cache is not None:
             self.cache.restore(snap["cache"])

@@ -52,7 +52,8 @@ class StreamSession:
         self.frame_size = bundle.frame_size
         self.fps = bundle.fps
         self._generator = torch.Generator(self.device)
-        self._rollout = Rollout(bundle.model, bundle.sampler, batch=1, kv_cache=kv_cache, generator=self._generator)
+        self._rollout = Rollout(bundle.model, bundle.sampler, batch=1, kv_cache=kv_cache, generator=self._generator,
+                                fuse_commit=True)
         self._chunk_ms: deque[float] = deque(maxlen=2048)
         self.reset(seed)
 

@@ -12,12 +12,12 @@ def tiny_model(seed: int = 0, **overrides) -> CausalDiT:
 
 
 def rollout_latents(model: CausalDiT, sampler: SamplerConfig, chunks: int, kv_cache: bool, seed: int = 0,
-                    actions_seed: int = 1) -> torch.Tensor:
+                    actions_seed: int = 1, fuse_commit: bool = False) -> torch.Tensor:
     """Generate ``chunks`` chunks with fixed noise and random actions; return all x0 latents."""
     cfg = model.config
     gen = torch.Generator().manual_seed(seed)
     act_gen = torch.Generator().manual_seed(actions_seed)
-    ro = Rollout(model, sampler, batch=1, kv_cache=kv_cache, generator=gen)
+    ro = Rollout(model, sampler, batch=1, kv_cache=kv_cache, generator=gen, fuse_commit=fuse_commit)
     out = []
     with torch.no_grad():
         for _ in range(chunks):

@@ -16,6 +16,7 @@ MASKS = {
     "cache_decode_filling": lambda: masks.cache_decode(2, T, 1, 4, 1, 2),
     "cache_decode_full": lambda: masks.cache_decode(2, T, 1, 4, 1, 4),
     "cache_decode_sink_filling": lambda: masks.cache_decode(1, T, 2, 3, 1, 0),
+    "commit_decode": lambda: masks.commit_decode(2, 1, T, 4, 1),
 }
 
 

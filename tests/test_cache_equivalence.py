@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from runtime import ChunkCondition, SamplerConfig
+from runtime.rollout import Rollout
 from tests.helpers import rollout_latents, tiny_model
 
 PATTERNS = [
@@ -153,3 +154,53 @@ def test_cache_only_append_writes_the_same_cache():
     assert torch.equal(a["buf"], b["buf"]) and a["buf"].abs().sum() > 0
     with pytest.raises(ValueError, match="cache_only"):
         model(x, torch.zeros(1, 2), cache=full, cache_mode="transient", cache_only=True)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS + [dict(frames_per_chunk=2, window_frames=2, sink_frames=2)],
+                         ids=["framewise", "chunkwise", "first1", "nosink", "sink_then_ring"])
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_fused_commit_equals_separate_commit_pass(pattern, guidance):
+    """Committing the finished chunk inside the next chunk's first denoising pass (``fuse_commit``)
+    gives the same frames as its own append pass, past eviction, also with guidance and several steps,
+    and it really runs fewer model passes."""
+    model = tiny_model(**pattern)
+    sampler = SamplerConfig(kind="consistency", steps=2, guidance_scale=guidance)
+    calls = {"n": 0}
+    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    separate = rollout_latents(model, sampler, 8, kv_cache=True)
+    separate_calls, calls["n"] = calls["n"], 0
+    fused = rollout_latents(model, sampler, 8, kv_cache=True, fuse_commit=True)
+    hook.remove()
+    assert (fused - separate).abs().max().item() <= 1e-5
+    assert calls["n"] == separate_calls - 8  # no commit pass of its own for any chunk (the last is still deferred)
+
+
+def test_fused_commit_is_flushed_before_context_and_snapshots_restore_it():
+    """Real context added after a generated chunk lands after it; a snapshot taken while a commit is
+    deferred restores it, so the continuation is the same."""
+    model = tiny_model(frames_per_chunk=1, window_frames=3, sink_frames=1)
+    cfg = model.config
+    shape = (1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    outs = []
+    for fuse in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        ro = Rollout(model, SamplerConfig(steps=1), generator=gen, fuse_commit=fuse)
+        cond = ChunkCondition(action=torch.ones(1, 1, cfg.actions.dim))
+        with torch.no_grad():
+            ro.generate_chunk(torch.randn(shape, generator=gen), cond)
+            ro.add_context(torch.randn(shape, generator=gen), cond)
+            ro.generate_chunk(torch.randn(shape, generator=gen), cond)
+            snap = ro.snapshot()
+            first = ro.generate_chunk(torch.randn(shape, generator=torch.Generator().manual_seed(5)), cond)
+            ro.restore(snap)
+            again = ro.generate_chunk(torch.randn(shape, generator=torch.Generator().manual_seed(5)), cond)
+        assert torch.equal(first, again)
+        outs.append(first)
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+
+
+def test_fused_commit_falls_back_when_the_window_cannot_hold_a_chunk():
+    model = tiny_model(frames_per_chunk=3, window_frames=2, sink_frames=1)
+    assert not Rollout(model, SamplerConfig(), fuse_commit=True).fuse_commit
+    assert not Rollout(model, SamplerConfig(cache_from="last_step"), fuse_commit=True).fuse_commit
+    assert Rollout(tiny_model(frames_per_chunk=2, window_frames=2), SamplerConfig(), fuse_commit=True).fuse_commit
