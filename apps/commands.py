@@ -11,6 +11,8 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
                         "under models/, else random-tiny)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--steps", type=int, default=None, help="sampling steps per chunk (default: the bundle's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale on the actions (default: the bundle's)")
     p.add_argument("--fps", type=float, default=None, help="playback rate (default: the bundle's)")
 
 
@@ -20,7 +22,7 @@ def _open_fn(args: argparse.Namespace):
     from runtime import open_session
 
     bundle = resolve_bundle(args.bundle)
-    return lambda: open_session(bundle, device=args.device, steps=args.steps)
+    return lambda: open_session(bundle, device=args.device, steps=args.steps, guidance=args.guidance)
 
 
 def play(args: argparse.Namespace) -> int:

@@ -7,9 +7,11 @@ percentiles, steady-state fps with decoding included).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -41,18 +43,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 class StreamSession:
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", steps: int | None = None,
-                 kv_cache: bool = True, seed: int = 0) -> None:
+                 kv_cache: bool = True, seed: int = 0, guidance: float | None = None) -> None:
         self.device = resolve_device(device)
         self.bundle = bundle.to(self.device)
         self.config = bundle.config
         self.steps = steps
+        # Action guidance: the null action is "no key held", so a scale above 1 pushes each frame
+        # further along what the held keys change (a second batch row per pass: slower).
+        self.sampler = bundle.sampler if guidance is None else replace(bundle.sampler, guidance_scale=guidance)
         self.kv_cache = kv_cache
         self.action_space: ActionSpace = bundle.config.actions
         self.frames_per_chunk = self.config.frames_per_chunk
         self.frame_size = bundle.frame_size
         self.fps = bundle.fps
         self._generator = torch.Generator(self.device)
-        self._rollout = Rollout(bundle.model, bundle.sampler, batch=1, kv_cache=kv_cache, generator=self._generator,
+        self._rollout = Rollout(bundle.model, self.sampler, batch=1, kv_cache=kv_cache, generator=self._generator,
                                 fuse_commit=True)
         self._chunk_ms: deque[float] = deque(maxlen=2048)
         self.reset(seed)
@@ -117,6 +122,7 @@ class StreamSession:
             "chunks": len(times),
             "cache_frames_held": cache.frames_held if cache is not None else None,
             "steps": self.steps or self.bundle.sampler.steps,
+            "guidance": self.sampler.guidance_scale,
         }
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -174,8 +180,11 @@ class StreamSession:
 
 
 def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int | None = None,
-                 kv_cache: bool = True, seed: int = 0) -> StreamSession:
-    """Open a stream on a bundle (or a bundle directory, or ``random-tiny``)."""
+                 kv_cache: bool = True, seed: int = 0, guidance: float | None = None) -> StreamSession:
+    """Open a stream on a bundle (or a bundle directory, or ``random-tiny``).
+
+    ``guidance``: classifier-free guidance scale on the actions (default: the bundle's).
+    """
     if isinstance(bundle_or_path, Bundle):
         bundle = bundle_or_path
     elif bundle_or_path == "random-tiny":
@@ -184,4 +193,6 @@ def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int |
         bundle = Bundle.load(bundle_or_path)
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return StreamSession(bundle, device=device, steps=steps, kv_cache=kv_cache, seed=seed)
+    if guidance is not None and not (math.isfinite(guidance) and guidance > 0):
+        raise ValueError(f"guidance must be a positive number, got {guidance}")
+    return StreamSession(bundle, device=device, steps=steps, kv_cache=kv_cache, seed=seed, guidance=guidance)

@@ -197,3 +197,22 @@ def test_sampler_levels():
     assert shift_timesteps(torch.tensor(0.0), 5.0) == 0
     explicit = chunk_levels(SamplerConfig(timesteps=[0.25, 1.0, 0.5]), 0)
     assert explicit == [1.0, 0.5, 0.25, 0.0]
+
+
+def test_guidance_strengthens_held_keys_only():
+    """Action CFG: the null action is 'no key', so guidance changes nothing without keys and pushes
+    frames further from the no-key frames when keys are held."""
+    bundle = Bundle.random(seed=3)
+
+    def frames(guidance, action):
+        s = open_session(bundle, guidance=guidance, seed=0)
+        assert s.stats()["guidance"] == (guidance or bundle.sampler.guidance_scale)
+        return np.stack([s.step(action) for _ in range(3)]).astype(np.float64)
+
+    assert np.abs(frames(3.0, None) - frames(None, None)).max() <= 1
+    quiet = frames(None, None)
+    plain, guided = frames(None, ["forward", "attack"]), frames(3.0, ["forward", "attack"])
+    assert np.abs(guided - quiet).mean() > 1.5 * np.abs(plain - quiet).mean()
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="guidance"):
+            open_session(bundle, guidance=bad)

@@ -126,8 +126,8 @@ def _eval_world(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = WorldEvalConfig(bundle=args.bundle, env=args.env, episodes=args.episodes, horizon=args.horizon,
-                          context=args.context, seed=args.seed, steps=args.steps, probe=args.probe,
-                          mode=args.mode)
+                          context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                          probe=args.probe, mode=args.mode)
     result = evaluate_world(cfg, video=args.video)
     if args.plot:
         plot_world(result, args.plot)
@@ -242,6 +242,7 @@ def register(commands) -> None:
     p.add_argument("--context", type=int, default=4, help="real context frames given to the model")
     p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
+    p.add_argument("--guidance", type=float, default=None, help="action CFG scale (default: the bundle's)")
     p.add_argument("--probe", default=None, help="probe dir (forcekit train probe) for action accuracy")
     p.add_argument("--mode", default="session", choices=["session", "bidirectional", "copy"],
                    help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new "

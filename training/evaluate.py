@@ -34,6 +34,7 @@ class WorldEvalConfig:
     start_max: int = 40            # real frames played before the context starts: 0..start_max (random)
     seed: int = DEFAULT_HELDOUT_SEED
     steps: int | None = None       # sampler steps (None: the bundle's)
+    guidance: float | None = None  # action CFG scale (None: the bundle's)
     probe: str | None = None
     max_hold: int = 12
     mode: str = "session"          # "session": open_session (causal, KV cache); "bidirectional", "copy": below
@@ -62,10 +63,10 @@ class BidirectionalSession:
     Same reset/step protocol as `StreamSession`.
     """
 
-    def __init__(self, bundle, steps: int | None = None) -> None:
+    def __init__(self, bundle, steps: int | None = None, guidance: float | None = None) -> None:
         self.model, self.codec = bundle.model.eval(), bundle.codec.eval()
         self.steps = steps or bundle.sampler.steps
-        self.guidance = bundle.sampler.guidance_scale
+        self.guidance = bundle.sampler.guidance_scale if guidance is None else guidance
         self.window = bundle.config.window_frames + bundle.config.sink_frames
         self.action_space = bundle.config.actions
 
@@ -138,8 +139,8 @@ def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: boo
     if bundle.config.frames_per_chunk != 1:
         raise ValueError("eval world compares frame by frame: the bundle needs frames_per_chunk=1")
     env = make_env(cfg.env, size=bundle.frame_size)
-    modes = {"session": lambda: open_session(bundle, steps=cfg.steps),
-             "bidirectional": lambda: BidirectionalSession(bundle, cfg.steps), "copy": CopyLastFrame}
+    modes = {"session": lambda: open_session(bundle, steps=cfg.steps, guidance=cfg.guidance),
+             "bidirectional": lambda: BidirectionalSession(bundle, cfg.steps, cfg.guidance), "copy": CopyLastFrame}
     if cfg.mode not in modes:
         raise ValueError(f"unknown eval mode {cfg.mode!r}: expected one of {sorted(modes)}")
     session = modes[cfg.mode]()
@@ -178,7 +179,7 @@ def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: boo
         "bundle": cfg.bundle, "env": cfg.env, "episodes": len(episodes), "seeds": [e[0] for e in episodes],
         "mode": cfg.mode, "context_frames": cfg.context, "horizon": cfg.horizon,
         "steps": session.stats()["steps"],
-        "guidance_scale": bundle.sampler.guidance_scale,
+        "guidance_scale": bundle.sampler.guidance_scale if cfg.guidance is None else cfg.guidance,
         "psnr_by_horizon": {str(h): round(float(p[:, h - 1].mean()), 3) for h in hs},
         "ssim_by_horizon": {str(h): round(float(s[:, h - 1].mean()), 4) for h in hs},
         "psnr_mean": round(float(p.mean()), 3), "ssim_mean": round(float(s.mean()), 4),
