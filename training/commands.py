@@ -138,6 +138,24 @@ def _eval_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_controls(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.controls import ControlEvalConfig, evaluate_controls
+    from training.evaluate import dump
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ControlEvalConfig(bundle=args.bundle, env=args.env, episodes=args.episodes, hold=args.hold,
+                            context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    result = evaluate_controls(cfg)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(dump(result, False))
+    print(dump(result, args.json))
+    return 0
+
+
 def _ship(args: argparse.Namespace) -> int:
     from training.ship import ship
 
@@ -250,6 +268,20 @@ def register(commands) -> None:
                    "last context frame")
     p.add_argument("--plot", default=None, help="write PSNR/SSIM vs horizon to this PNG")
     p.add_argument("--video", default=None, help="write a real | generated side-by-side mp4")
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--json", action="store_true", help="one-line JSON")
+
+    p = commands.add("controls", help="does the model follow the keys? engine and model from one held-out state, "
+                     "each key held: response vs the engine's (JSON)", func=_eval_controls, group="eval")
+    p.add_argument("--bundle", required=True, help="bundle dir")
+    p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game> (the bundle's game)")
+    p.add_argument("--episodes", type=int, default=8)
+    p.add_argument("--hold", type=int, default=8, help="frames each key is held")
+    p.add_argument("--context", type=int, default=4, help="real context frames given to the model")
+    p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
+    p.add_argument("--guidance", type=float, default=None, help="action CFG scale (default: the bundle's)")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--json", action="store_true", help="one-line JSON")

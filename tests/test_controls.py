@@ -1,0 +1,94 @@
+"""`eval controls`: held-key response of a model against its engine."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from training.controls import ControlEvalConfig, control_response
+from training.envs import ActionSpec
+
+
+def texture(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (8, 16, 3), dtype=np.uint8)
+
+
+class ShiftEnv:
+    """A seeded texture that 'left'/'right' scroll by one pixel per frame; 'fire' does nothing.
+    Pixel row 0 stores the scroll position so that a session can read the state off a frame."""
+
+    def __init__(self):
+        self.action_spec = ActionSpec(keys=["left", "right", "fire"])
+
+    def _frame(self):
+        f = np.roll(texture(self.seed), self.x, axis=1)
+        f[0, 0, 0] = self.x % 256
+        return f
+
+    def reset(self, seed):
+        self.seed, self.x = seed, 0
+        return self._frame()
+
+    def step(self, action):
+        self.x += int(action[1] > 0.5) - int(action[0] > 0.5)
+        return self._frame(), False
+
+
+class OracleSession(ShiftEnv):
+    """Knows the engine's rule: as responsive as the engine."""
+
+    def reset(self, seed, context, context_actions):
+        assert len(context_actions) == len(context)
+        self.seed, self.x = seed % 1_000_003, int(context[-1, 0, 0, 0])
+
+    def step(self, action):
+        return super().step(action)[0][None]
+
+
+class DeafSession(OracleSession):
+    """Ignores the keys."""
+
+    def step(self, action):
+        return ShiftEnv.step(self, np.zeros(3))[0][None]
+
+
+def test_oracle_matches_the_engine_and_a_deaf_model_scores_zero():
+    cfg = ControlEvalConfig(bundle="", env="", episodes=3, hold=5, context=2, start_max=6)
+    oracle = control_response(ShiftEnv(), OracleSession(), cfg)
+    assert oracle["episodes"] == 3 and oracle["response_ratio"] == pytest.approx(1.0)
+    assert oracle["keys"]["left"]["engine"] > 10 and oracle["keys"]["fire"]["engine"] == 0
+    assert oracle["keys"]["fire"]["ratio"] is None           # the engine itself ignores 'fire'
+    assert oracle["sampling_spread"] == 0                   # a deterministic 'model'
+    deaf = control_response(ShiftEnv(), DeafSession(), cfg)
+    assert deaf["response_ratio"] == 0 and deaf["keys"]["left"]["engine"] == oracle["keys"]["left"]["engine"]
+
+
+def test_a_nondeterministic_engine_is_refused():
+    class Drifting(ShiftEnv):
+        resets = 0
+
+        def reset(self, seed):
+            Drifting.resets += 1
+            self.seed, self.x = seed, Drifting.resets
+            return self._frame()
+
+    with pytest.raises(RuntimeError, match="not deterministic"):
+        control_response(Drifting(), OracleSession(), ControlEvalConfig(bundle="", env="", episodes=1, context=2))
+
+
+def test_eval_controls_cli_on_a_real_engine(tmp_path):
+    from runtime import Bundle, ModelConfig
+    from runtime.codec import PixelCodec
+
+    cfg = ModelConfig.tiny(in_channels=3, latent_height=8, latent_width=8, window_frames=3, sink_frames=0,
+                           action_space={"keys": ["left", "right", "fire"], "values": [], "bindings": {}})
+    Bundle.random(cfg, codec=PixelCodec(2)).save(tmp_path / "b")
+    out = subprocess.run([sys.executable, "-m", "forcekit", "eval", "controls", "--bundle", str(tmp_path / "b"),
+                          "--env", "atari:breakout", "--episodes", "1", "--hold", "3", "--context", "2", "--json",
+                          "--guidance", "2.0"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["keys"]) == {"left", "right", "fire"} and result["guidance"] == 2.0
+    assert result["engine_response"] > 0 and result["model_response"] > 0   # a random model still reacts

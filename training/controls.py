@@ -1,0 +1,155 @@
+"""Does the world model follow the keys? Engine and model from one state, each key held.
+
+`eval world` scores a model on the engine's own action sequence, and PSNR there rewards a
+model that ignores the keys and predicts a calm average of what could happen next. This asks
+the player's question directly: from one real start, hold no key and then each key for
+``hold`` frames, in the engine (replayed from its seed: the engines here are deterministic,
+which is checked) and in the model (the same seed for every key, so the noise is the same
+and only the action differs). A key's *response* is how far its rollout moves away from the
+no-key rollout (mean absolute pixel difference, 0-255). The model's response over the
+engine's is its *response ratio*: 1 reacts as strongly as the game, 0 ignores the key. The
+*sampling spread* (the no-key rollout under another noise seed) says how much of a model's
+response could be noise rather than control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from training.data.record import RandomSticky
+from training.evaluate import DEFAULT_HELDOUT_SEED
+
+
+@dataclass
+class ControlEvalConfig:
+    bundle: str
+    env: str
+    episodes: int = 8
+    hold: int = 8                  # frames each key is held after the context
+    context: int = 4               # real frames the model starts from
+    start_max: int = 40            # random-policy frames played before the context: 0..start_max
+    seed: int = DEFAULT_HELDOUT_SEED
+    steps: int | None = None
+    guidance: float | None = None
+    max_hold: int = 12             # the random policy's longest hold before the context
+
+
+def _start(env, seed: int, cfg: ControlEvalConfig) -> tuple[list, np.ndarray, list] | None:
+    """Play the random policy from ``reset(seed)`` to a random start. Returns the actions played,
+    the context frames, and the action that produced each context frame (None where the episode
+    began); None if the episode ends first."""
+    rng = np.random.default_rng([seed, 11])
+    policy = RandomSticky(env.action_spec, rng, cfg.max_hold)
+    start = int(rng.integers(0, cfg.start_max + 1))
+    frames, actions = [env.reset(seed)], []
+    while len(frames) < start + cfg.context:
+        actions.append(policy(frames[-1]))
+        frame, done = env.step(actions[-1])
+        if done:
+            return None
+        frames.append(frame)
+    producers = [None, *actions]
+    return actions, np.stack(frames[start:]), producers[start:]
+
+
+def _engine_hold(env, seed: int, prefix: list, key: np.ndarray, hold: int, last_context: np.ndarray
+                 ) -> np.ndarray | None:
+    """Replay ``prefix`` from ``reset(seed)``, then hold ``key``; None if the episode ends."""
+    frame = env.reset(seed)
+    for a in prefix:
+        frame, done = env.step(a)
+        if done:
+            return None
+    if not np.array_equal(frame, last_context):
+        raise RuntimeError(f"{type(env).__name__} is not deterministic: replaying seed {seed} did not reach the "
+                           "same frame, so the held-key rollouts cannot start from one state")
+    out = []
+    for _ in range(hold):
+        frame, done = env.step(key)
+        if done:
+            return None
+        out.append(frame)
+    return np.stack(out)
+
+
+def _model_hold(session, seed: int, context: np.ndarray, context_actions: list, key: np.ndarray, hold: int
+                ) -> np.ndarray:
+    session.reset(seed, context=context, context_actions=context_actions)
+    return np.stack([session.step(key)[0] for _ in range(hold)])
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+def control_response(env, session, cfg: ControlEvalConfig, progress: bool = False) -> dict:
+    """Per-key response of engine and model from ``cfg.episodes`` held-out starts (see the module doc)."""
+    from tqdm import tqdm
+
+    spec = env.action_spec
+    keys = list(spec.keys)
+    options = {None: spec.vector([]), **{k: spec.vector([k]) for k in keys}}
+    engine: dict[str, list[float]] = {k: [] for k in keys}
+    model: dict[str, list[float]] = {k: [] for k in keys}
+    spread, seeds = [], []
+    bar = tqdm(total=cfg.episodes, desc="eval controls", disable=not progress)
+    for seed in range(cfg.seed, cfg.seed + 10 * cfg.episodes):
+        if len(seeds) == cfg.episodes:
+            break
+        start = _start(env, seed, cfg)
+        if start is None:
+            continue
+        prefix, context, context_actions = start
+        real = {k: _engine_hold(env, seed, prefix, a, cfg.hold, context[-1]) for k, a in options.items()}
+        if any(r is None for r in real.values()):
+            continue                                # the episode ended while a key was held
+        gen = {k: _model_hold(session, seed, context, context_actions, a, cfg.hold) for k, a in options.items()}
+        for k in keys:
+            engine[k].append(_diff(real[k], real[None]))
+            model[k].append(_diff(gen[k], gen[None]))
+        other_noise = _model_hold(session, seed + OTHER_NOISE, context, context_actions, options[None], cfg.hold)
+        spread.append(_diff(other_noise, gen[None]))
+        seeds.append(seed)
+        bar.update(1)
+    bar.close()
+    if not seeds:
+        raise RuntimeError(f"no held-out episode lasted {cfg.context + cfg.hold} frames from its start")
+    per_key = {k: {"engine": round(float(np.mean(engine[k])), 3), "model": round(float(np.mean(model[k])), 3),
+                   "ratio": _ratio(model[k], engine[k])} for k in keys}
+    every_engine, every_model = sum(engine.values(), []), sum(model.values(), [])
+    return {"env": cfg.env, "bundle": cfg.bundle, "episodes": len(seeds), "seeds": seeds, "hold": cfg.hold,
+            "context_frames": cfg.context, "keys": per_key, "response_ratio": _ratio(every_model, every_engine),
+            "engine_response": round(float(np.mean(every_engine)), 3),
+            "model_response": round(float(np.mean(every_model)), 3),
+            "sampling_spread": round(float(np.mean(spread)), 3)}
+
+
+OTHER_NOISE = 1_000_003   # seed offset for the sampling-spread rollout
+
+
+def _ratio(model: list[float], engine: list[float]) -> float | None:
+    e = float(np.mean(engine))
+    return round(float(np.mean(model)) / e, 3) if e > 0 else None
+
+
+def evaluate_controls(cfg: ControlEvalConfig, progress: bool = True) -> dict:
+    """`control_response` of a bundle against its engine (held-out seeds only)."""
+    from runtime import Bundle, open_session
+    from training.envs import make_env
+    from training.evaluate import training_seeds
+
+    bundle = Bundle.load(cfg.bundle)
+    overlap = training_seeds(bundle) & set(range(cfg.seed, cfg.seed + 10 * cfg.episodes))
+    if overlap:
+        raise ValueError(f"seeds {sorted(overlap)[:5]} were used to train this bundle; pick another --seed")
+    env = make_env(cfg.env, size=bundle.frame_size)
+    try:
+        session = open_session(bundle, steps=cfg.steps, guidance=cfg.guidance)
+        result = control_response(env, session, cfg, progress=progress)
+    finally:
+        env.close()
+    result["steps"] = session.stats()["steps"]
+    result["guidance"] = session.stats()["guidance"]
+    return result
