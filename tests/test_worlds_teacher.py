@@ -12,7 +12,14 @@ import torch
 from runtime import Bundle, ModelConfig, open_session
 from runtime.codec import PixelCodec
 from training.latents import conditioning_actions, synthetic_latents
-from training.teacher import TeacherTrainConfig, flow_matching_loss, noise_levels, sample_clip, train_teacher
+from training.teacher import (
+    TeacherTrainConfig,
+    action_gap,
+    flow_matching_loss,
+    noise_levels,
+    sample_clip,
+    train_teacher,
+)
 
 SPACE = {"keys": ["left", "right", "fire"], "values": [], "bindings": {"a": "left"}}
 
@@ -37,6 +44,36 @@ def test_noise_levels_have_a_clean_prefix_and_noisy_rest():
     assert t.shape == (64, 6) and (t[:, 0] == 0).all() and (t[:, -1] > 0).all()
     clean = t == 0
     assert (clean[:, 1:] <= clean[:, :-1]).all()             # zeros only as a prefix
+
+
+def test_timestep_shift_moves_levels_toward_noise_and_keeps_the_prefix():
+    plain = noise_levels(256, 6, TeacherTrainConfig(context_prob=1.0), torch.Generator().manual_seed(0))
+    shifted = noise_levels(256, 6, TeacherTrainConfig(context_prob=1.0, timestep_shift=3.0),
+                           torch.Generator().manual_seed(0))
+    assert torch.equal(plain == 0, shifted == 0) and (shifted >= plain).all() and shifted.max() <= 1
+    assert shifted[plain > 0].mean() > plain[plain > 0].mean() + 0.1
+
+
+class KnowsTheTruth(torch.nn.Module):
+    """Returns the true velocity of the last frame when given the true actions, noise otherwise."""
+
+    def __init__(self, x0, cond, noise_seed):
+        super().__init__()
+        self.x0, self.cond = x0, cond
+        self.noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed))
+
+    def forward(self, x_t, t, action):
+        v = self.noise - self.x0
+        return v if torch.equal(action, self.cond) else torch.zeros_like(v)
+
+
+def test_action_gap_is_zero_for_a_model_that_ignores_the_keys():
+    clips = synthetic_latents(4, 8, (3, 4, 4), 3)
+    x0, cond = clips.sample(8, 4, torch.Generator().manual_seed(0))
+    deaf = lambda x_t, t, action: torch.zeros_like(x_t)      # noqa: E731
+    assert action_gap(deaf, x0, cond, 0.9, torch.Generator().manual_seed(1)) == 0
+    knowing = KnowsTheTruth(x0, cond, noise_seed=1)
+    assert action_gap(knowing, x0, cond, 0.9, torch.Generator().manual_seed(1)) > 0.5
 
 
 def test_teacher_training_reduces_loss_on_a_tiny_batch():
@@ -69,9 +106,9 @@ def test_teacher_resume_continues_and_bundle_plays(tmp_path):
     clips = synthetic_latents(3, 10, (3, 4, 4), 3)
     cfg = TeacherTrainConfig(out=str(tmp_path), steps=3, batch=2, clip_frames=4, log_every=1, sample_steps=2)
     assert train_teacher(cfg, tiny_model_cfg(), clips, PixelCodec(2), progress=False)["step"] == 3
-    cfg.steps = 5
+    cfg.steps = 10                                           # step 10 also logs the action gap
     again = train_teacher(cfg, tiny_model_cfg(), clips, PixelCodec(2), progress=False)
-    assert again["step"] == 5 and again["steps_this_run"] == 2
+    assert again["step"] == 10 and again["steps_this_run"] == 7
     assert list((tmp_path / "tb").iterdir())                 # TensorBoard scalars were written
     bundle = Bundle.load(tmp_path / "bundle")
     assert bundle.sampler.kind == "euler" and bundle.sampler.steps == 2 and bundle.sampler.guidance_scale == 1.5

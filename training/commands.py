@@ -98,7 +98,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
                              lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
                              guidance_scale=args.guidance, sample_steps=args.sample_steps,
-                             save_rank_states=args.save_rank_states, extra=extra)
+                             timestep_shift=args.timestep_shift, save_rank_states=args.save_rank_states, extra=extra)
     clips = encode_latents(args.data, codec, args.max_episodes, cache_dir=args.out)
     result = train_teacher(cfg, model_cfg, clips, codec, fps=float(meta.get("fps", 15.0)))
     if result["rank"] == 0:
@@ -235,6 +235,9 @@ def register(commands) -> None:
     p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
     p.add_argument("--guidance", type=float, default=1.5, help="CFG scale written into the bundle's sampler")
     p.add_argument("--sample-steps", type=int, default=50, help="Euler steps written into the bundle's sampler")
+    p.add_argument("--timestep-shift", type=float, default=1.0,
+                   help="train on noise levels shifted toward t = 1 by this factor (where only the action tells "
+                        "where the view moves)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every-s", type=float, default=180.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")

@@ -44,6 +44,7 @@ class TeacherTrainConfig:
     action_dropout: float = 0.1
     context_prob: float = 0.75       # share of clips with a clean context prefix
     per_frame_noise_prob: float = 0.5  # share of clips with independent per-frame noise levels
+    timestep_shift: float = 1.0      # >1 moves training levels toward pure noise (t' = s t / (1 + (s - 1) t))
     seed: int = 0
     ckpt_every_s: float = 180.0
     log_every: int = 10
@@ -67,7 +68,8 @@ def noise_levels(batch: int, frames: int, cfg: TeacherTrainConfig, generator: to
     prefix = torch.randint(1, frames, (batch,), generator=generator)
     prefix = torch.where(torch.rand(batch, generator=generator) < cfg.context_prob, prefix, torch.zeros_like(prefix))
     t[torch.arange(frames)[None, :] < prefix[:, None]] = 0.0
-    return t
+    s = cfg.timestep_shift
+    return s * t / (1 + (s - 1) * t)
 
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, cfg: TeacherTrainConfig,
@@ -84,6 +86,28 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Ten
     weight = (t > 0).to(x0)[:, :, None, None, None]
     err = (v.float() - (noise - x0)).pow(2) * weight
     return err.sum() / (weight.sum() * x0[0, 0].numel()).clamp(min=1), noise
+
+
+@torch.no_grad()
+def action_gap(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, level: float,
+               generator: torch.Generator) -> float:
+    """How much the true actions lower the velocity loss of the newest frame, over zeroed ones.
+
+    Clips ``x0`` ``[B, F, ...]`` keep their first F - 1 frames clean and the last at noise
+    ``level``; at a high level only the action tells where the view moves next. A gap near 0
+    means the model ignores the keys, whatever its loss says (a blurred average of the moves
+    scores well on PSNR, see docs/students.md).
+    """
+    b, f = x0.shape[:2]
+    t = torch.zeros(b, f, dtype=x0.dtype)
+    t[:, -1] = level
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    tt = t[:, :, None, None, None]
+    x_t = (1 - tt) * x0 + tt * noise
+    target = (noise - x0)[:, -1]
+    loss = {name: (model(x_t, t, action=c)[:, -1].float() - target).pow(2).mean().item()
+            for name, c in (("true", cond), ("zero", torch.zeros_like(cond)))}
+    return loss["zero"] - loss["true"]
 
 
 @torch.no_grad()
@@ -167,6 +191,7 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
     every = Every(cfg.ckpt_every_s)
     bar = tqdm(total=cfg.steps, initial=step, desc="train teacher", disable=not (progress and is_main))
     t0, start, first_noise, loss_val = time.time(), step, None, float("nan")
+    gap_clips = clips.sample(32, cfg.clip_frames, torch.Generator().manual_seed(12345), starts)
 
     def checkpoint() -> None:
         gens = [gen.get_state()]
@@ -203,6 +228,9 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
             bar.set_postfix(loss=f"{loss_val:.4f}")
             if writer:
                 writer.add_scalar("teacher/loss", loss_val, step)
+                if step % (cfg.log_every * 10) == 0:   # does the teacher use the keys yet?
+                    gap = action_gap(ema.eval(), *gap_clips, 0.9, torch.Generator().manual_seed(0))
+                    writer.add_scalar("teacher/action_gap_t0.9", gap, step)
                 writer.add_scalar("teacher/grad_norm", float(gnorm), step)
                 writer.add_scalar("teacher/lr", opt.param_groups[0]["lr"], step)
         # The decision to checkpoint must agree across ranks: use the step count under DDP.
