@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The whole recipe for the shipped default world model (ViZDoom health_gathering, 64x64):
-# record -> codec -> bidirectional teacher -> probe -> causal teacher -> dCM -> SF-DMD ->
-# evaluation against the engine -> ship (models/default) -> speed and long-play checks.
+# record -> codec -> bidirectional teacher -> probe -> causal teacher -> dCM -> SF-DMD -> guidance distillation ->
+# evaluation against the engine and of the controls -> ship (models/default) -> speed and long-play checks.
 #
 # Every stage is resumable: each command continues from its run dir's checkpoint, and a stage
 # whose bundle (or result file) exists is skipped. Rerun the script after an interruption.
 #
 #   DATA=/work/data RUNS=/work/runs scripts/recipe_health_gathering.sh [stage ...]
 #
-# Stages: record codec teacher probe causal dcm dmd eval ship bench longplay (default: all, in order);
+# Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
 # ablations (the other SF-DMD variants of docs/students.md) runs only when named.
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
 # override the step counts below.
@@ -91,6 +91,7 @@ stage_eval() {
         eval_row dcm_$s "$RUNS/dcm/bundle" $s
         eval_row dmd_$s "$RUNS/dmd/bundle" $s
     done
+    eval_row guidance_1 "$RUNS/guidance/bundle" 1
 }
 # What else was tried (docs/students.md): the real score without CFG, with CFG 3, and a causal real score.
 stage_ablations() {
@@ -101,10 +102,27 @@ stage_ablations() {
         for s in 1 2; do eval_row "${v}_$s" "$RUNS/$v/bundle" $s; done
     done
 }
+# Fold the SF-DMD student's action CFG (scale 5) into one pass: the student alone hardly follows the keys.
+stage_guidance() {
+    [[ -f $RUNS/guidance/bundle/config.json ]] && return
+    timed guidance "$FK" train guidance --bundle "$RUNS/dmd/bundle" --out "$RUNS/guidance" --sample-steps 1 \
+        --guidance 5.0 --steps 300 --lr 5e-5 "${STUDENT[@]}"
+}
+# Does each model follow the keys? (forcekit eval controls, 8 held-out starts)
+stage_controls() {
+    mkdir -p "$RUNS/controls"
+    for row in "dmd_1 $RUNS/dmd/bundle 1" "dmd_1_g5 $RUNS/dmd/bundle 1 --guidance 5.0" "dcm_2 $RUNS/dcm/bundle 2" \
+               "causal_20 $RUNS/causal/bundle 20" "guidance_1 $RUNS/guidance/bundle 1"; do
+        set -- $row
+        local name=$1 bundle=$2 steps=$3; shift 3
+        [[ -f $RUNS/controls/$name.json ]] || "$FK" eval controls --bundle "$bundle" --env $ENV_NAME --episodes 8 \
+            --steps "$steps" --threads 1 --json --out "$RUNS/controls/$name.json" "$@" > /dev/null
+    done
+}
 stage_ship() {
-    # The shipped default: the SF-DMD student at 1 step, with 8 real start scenes from held-out episodes.
-    # The card (models/default/card.md) holds the figures measured in our run; re-measure before editing it.
-    "$FK" ship --bundle "$RUNS/dmd/bundle" --out models/default --start-data "$HELDOUT" --scenes 8 --scene-frames 4 \
+    # The shipped default: the guidance-distilled SF-DMD student at 1 step, with 8 real start scenes from
+    # held-out episodes. The card (models/default/card.md) holds the figures measured in our run.
+    "$FK" ship --bundle "$RUNS/guidance/bundle" --out models/default --start-data "$HELDOUT" --scenes 8 --scene-frames 4 \
         --steps 1 --seed 1 --card models/default/card.md --name default
 }
 stage_bench() {
@@ -126,7 +144,7 @@ stage_longplay() {
 
 mkdir -p "$RUNS"
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd eval ship bench longplay)
+[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay)
 for s in "${stages[@]}"; do
     log "stage $s"
     "stage_$s"

@@ -380,3 +380,36 @@ def test_plot_of_runs(tmp_path, causal, dcm):
     finals = plot_runs({"causal": str(causal[0]), "dcm": str(dcm[0])}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert set(finals) == {"causal", "dcm"} and "tf_mse_2step" in finals["dcm"]
+
+
+# -- guidance distillation --------------------------------------------------------------------------
+def test_guidance_loss_is_zero_at_scale_one_and_for_noop_frames(dcm, clips):
+    from training.students.guidance import guidance_loss, visited_levels
+
+    model = dcm[2].model
+    levels = visited_levels(dcm[2].sampler, 2)
+    assert levels.tolist() == [0.5, 1.0]
+    x0, action = clips.sample(2, CLIP, torch.Generator().manual_seed(0))
+    assert guidance_loss(model, model, x0, action, levels, 1.0, torch.Generator().manual_seed(0)).item() < 1e-10
+    noop = torch.zeros_like(action)
+    assert guidance_loss(model, model, x0, noop, levels, 5.0, torch.Generator().manual_seed(0)).item() < 1e-10
+    assert guidance_loss(model, model, x0, action, levels, 5.0, torch.Generator().manual_seed(0)).item() > 1e-6
+
+
+def test_guidance_distillation_moves_the_conditional_pass_toward_the_guided_one(tmp_path, dcm, clips):
+    from training.students.common import frozen_copy
+    from training.students.guidance import GuidanceConfig, guidance_loss, train_guidance, visited_levels
+
+    cfg = GuidanceConfig(out=str(tmp_path), steps=30, lr=1e-3, guidance_scale=3.0, **FAST)
+    summary = train_guidance(dcm[2], clips, cfg, progress=False)
+    bundle = Bundle.load(summary["bundle"])
+    assert bundle.sampler.guidance_scale == 1.0 and bundle.sampler.steps == dcm[2].sampler.steps
+    levels, frozen = visited_levels(dcm[2].sampler, 2), frozen_copy(dcm[2].model)
+
+    def gap(model):   # distance of a model's conditional pass to the input student's guided pass
+        x0, action = clips.sample(8, CLIP, torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            return guidance_loss(model, frozen, x0, action, levels, 3.0, torch.Generator().manual_seed(6)).item()
+
+    assert gap(bundle.model) < 0.5 * gap(dcm[2].model)
+    assert open_session(bundle).step(["forward"]).shape == (1, 8, 8, 3)

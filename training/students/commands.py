@@ -1,4 +1,4 @@
-"""`forcekit train causal|dcm|scm|dmd`: each reads a bundle (+ recorded data) and writes ``OUT/bundle``.
+"""`forcekit train causal|dcm|scm|dmd|guidance`: each reads a bundle (+ recorded data) and writes ``OUT/bundle``.
 
 Every stage is resumable: rerun the same command and it continues from ``OUT/ckpt.pt``.
 """
@@ -77,6 +77,15 @@ def _dmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guidance(args: argparse.Namespace) -> int:
+    from training.students.guidance import GuidanceConfig, train_guidance
+
+    student, clips, held = _inputs(args)
+    cfg = _common(GuidanceConfig, args, guidance_scale=args.guidance, sample_steps=args.sample_steps)
+    print(json.dumps(train_guidance(student, clips, cfg, held)))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from training.students.plot import plot_runs
 
@@ -139,6 +148,13 @@ def register(commands) -> None:
     p.add_argument("--cache-from", choices=("clean", "last_step"), default="clean",
                    help="KV-cache recipe used in training, written into the bundle for inference")
     p.add_argument("--sample-steps", type=int, default=2, help="student steps (the exit step is drawn among them)")
+
+    p = commands.add("guidance", help="guidance distillation: one conditional pass gives what the student gives "
+                     "under action CFG (resumable)", func=_guidance, group="train")
+    _add_common(p, "few-step student bundle (forcekit train dmd/dcm)")
+    p.add_argument("--guidance", type=float, default=5.0, help="action CFG scale to fold in")
+    p.add_argument("--sample-steps", type=int, default=None, help="student steps written into the bundle "
+                   "(default: the input bundle's)")
 
     p = commands.add("students", help="plot student runs' objectives and few-step evals side by side (PNG)",
                      func=_plot, group="eval")
