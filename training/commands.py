@@ -165,6 +165,23 @@ def _ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_heldout_args(p: argparse.ArgumentParser, episodes: int) -> None:
+    """The options every comparison against the real engine on held-out episodes shares."""
+    p.add_argument("--bundle", required=True, help="bundle dir")
+    p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game> (the bundle's game)")
+    p.add_argument("--episodes", type=int, default=episodes)
+    p.add_argument("--context", type=int, default=4, help="real context frames given to the model")
+    p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
+    p.add_argument("--guidance", type=float, default=None, help="action CFG scale (default: the bundle's)")
+
+
+def _add_result_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--json", action="store_true", help="one-line JSON")
+
+
 def register(commands) -> None:
     p = commands.add("ship", help="copy a trained bundle to models/NAME with real start scenes and a card",
                      func=_ship)
@@ -256,14 +273,8 @@ def register(commands) -> None:
 
     p = commands.add("world", help="world model vs the real engine: per-horizon PSNR/SSIM and probe accuracy "
                      "on held-out episodes", func=_eval_world, group="eval")
-    p.add_argument("--bundle", required=True, help="bundle dir")
-    p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game> (the bundle's game)")
-    p.add_argument("--episodes", type=int, default=4)
+    _add_heldout_args(p, episodes=4)
     p.add_argument("--horizon", type=int, default=64, help="frames generated after the context")
-    p.add_argument("--context", type=int, default=4, help="real context frames given to the model")
-    p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
-    p.add_argument("--guidance", type=float, default=None, help="action CFG scale (default: the bundle's)")
     p.add_argument("--probe", default=None, help="probe dir (forcekit train probe) for action accuracy")
     p.add_argument("--mode", default="session", choices=["session", "bidirectional", "copy"],
                    help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new "
@@ -271,23 +282,13 @@ def register(commands) -> None:
                    "last context frame")
     p.add_argument("--plot", default=None, help="write PSNR/SSIM vs horizon to this PNG")
     p.add_argument("--video", default=None, help="write a real | generated side-by-side mp4")
-    p.add_argument("--out", default=None, help="also write the JSON result here")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument("--json", action="store_true", help="one-line JSON")
+    _add_result_args(p)
 
     p = commands.add("controls", help="does the model follow the keys? engine and model from one held-out state, "
                      "each key held: response vs the engine's (JSON)", func=_eval_controls, group="eval")
-    p.add_argument("--bundle", required=True, help="bundle dir")
-    p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game> (the bundle's game)")
-    p.add_argument("--episodes", type=int, default=8)
+    _add_heldout_args(p, episodes=8)
     p.add_argument("--hold", type=int, default=8, help="frames each key is held")
-    p.add_argument("--context", type=int, default=4, help="real context frames given to the model")
-    p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
-    p.add_argument("--guidance", type=float, default=None, help="action CFG scale (default: the bundle's)")
-    p.add_argument("--out", default=None, help="also write the JSON result here")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument("--json", action="store_true", help="one-line JSON")
+    _add_result_args(p)
 
     from training.students.commands import register as register_students
 
