@@ -28,6 +28,7 @@ PROBE_STEPS=${PROBE_STEPS:-2000}
 CAUSAL_STEPS=${CAUSAL_STEPS:-300}
 DCM_STEPS=${DCM_STEPS:-200}
 DMD_STEPS=${DMD_STEPS:-150}
+EVAL_EPISODES=${EVAL_EPISODES:-16}   # held-out episodes per quality row (the bidirectional teacher's takes ~80 min at 16)
 STUDENT=(--heldout "$HELDOUT" --latents-cache "$RUNS/teacher" --threads "$THREADS" --ckpt-every-s 120
          --batch 8 --clip-frames 6 --eval-every 50)
 
@@ -74,13 +75,13 @@ dmd_run() {
         --steps "$DMD_STEPS" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 "${STUDENT[@]}" "$@"
 }
 stage_dmd() { dmd_run dmd; }
-# One row of the quality table: eval world on 4 held-out episodes (seeds 100000+).
+# One row of the quality table: eval world on EVAL_EPISODES held-out episodes (seeds 100000+).
 eval_row() {
     local name=$1 bundle=$2 steps=$3; shift 3
     [[ -f $RUNS/eval/$name.json ]] && return
-    "$FK" eval world --bundle "$bundle" --env $ENV_NAME --episodes 4 --horizon 64 --context 4 --seed 100000 \
-        --probe "$RUNS/probe" --steps "$steps" --threads 1 --out "$RUNS/eval/$name.json" --plot "$RUNS/eval/$name.png" \
-        "$@" > /dev/null
+    "$FK" eval world --bundle "$bundle" --env $ENV_NAME --episodes "$EVAL_EPISODES" --horizon 64 --context 4 \
+        --seed 100000 --probe "$RUNS/probe" --steps "$steps" --threads 1 \
+        --out "$RUNS/eval/$name.json" --plot "$RUNS/eval/$name.png" "$@" > /dev/null
 }
 stage_eval() {
     mkdir -p "$RUNS/eval"
@@ -91,9 +92,12 @@ stage_eval() {
         eval_row dcm_$s "$RUNS/dcm/bundle" $s
         eval_row dmd_$s "$RUNS/dmd/bundle" $s
     done
-    eval_row guidance_1 "$RUNS/guidance/bundle" 1
+    eval_row dmd_2_g2.5 "$RUNS/dmd/bundle" 2 --guidance 2.5
+    eval_row dcm_2_g2.5 "$RUNS/dcm/bundle" 2 --guidance 2.5
+    for s in 1 2 4; do eval_row guidance_$s "$RUNS/guidance/bundle" $s; done
 }
-# What else was tried (docs/students.md): the real score without CFG, with CFG 3, and a causal real score.
+# What else was tried (docs/students.md): the real score without CFG, with CFG 3, a causal real score,
+# and guidance distillation for 2 steps.
 stage_ablations() {
     dmd_run dmd_g1 --guidance 1.0
     dmd_run dmd_cfg3 --guidance 3.0
@@ -101,6 +105,10 @@ stage_ablations() {
     for v in dmd_g1 dmd_cfg3 dmd_causal; do
         for s in 1 2; do eval_row "${v}_$s" "$RUNS/$v/bundle" $s; done
     done
+    # Guidance distillation for the 2-step schedule at CFG 2.5 (the runtime-CFG row that meets the goals).
+    [[ -f $RUNS/guidance2/bundle/config.json ]] || timed guidance2 "$FK" train guidance --bundle "$RUNS/dmd/bundle" \
+        --out "$RUNS/guidance2" --sample-steps 2 --guidance 2.5 --steps 300 --lr 5e-5 "${STUDENT[@]}"
+    for s in 1 2; do eval_row guidance2_$s "$RUNS/guidance2/bundle" $s; done
 }
 # Fold the SF-DMD student's action CFG (scale 5) into one pass: the student alone hardly follows the keys.
 stage_guidance() {
