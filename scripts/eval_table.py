@@ -15,7 +15,7 @@ from pathlib import Path
 
 def row(label: str, r: dict, fps: float | None) -> str:
     p, probe = r["psnr_by_horizon"], r.get("probe", {})
-    cells = [label, r["mode"], r["steps"], p["1"], p["8"], p["32"], p.get("64", ""), r["psnr_mean"], r["ssim_mean"],
+    cells = [label, r["mode"], r["steps"], r.get("guidance_scale", ""), p["1"], p["8"], p["32"], p.get("64", ""), r["psnr_mean"], r["ssim_mean"],
              probe.get("generated_exact", ""), probe.get("generated_per_key", ""),
              f"{fps:.1f}" if fps is not None else ""]
     return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -30,9 +30,9 @@ def main() -> None:
     for item in args.bench:
         label, path = item.split("=", 1)
         fps[label] = json.loads(Path(path).read_text())["fps"]
-    print("| model | mode | steps | PSNR@1 | PSNR@8 | PSNR@32 | PSNR@64 | PSNR mean | SSIM mean | probe exact "
+    print("| model | mode | steps | CFG | PSNR@1 | PSNR@8 | PSNR@32 | PSNR@64 | PSNR mean | SSIM mean | probe exact "
           "| probe per key | fps |")
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     real = None
     for path in args.results:
         r = json.loads(Path(path).read_text())
