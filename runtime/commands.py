@@ -128,7 +128,7 @@ def _bench_runtime(args) -> int:
     cached = measure(session, args.frames, args.seed)
     result = {
         "bundle": session.bundle.name, "device": args.device, "frames": args.frames,
-        "frame_size": list(session.frame_size), "steps": cached["steps"],
+        "frame_size": list(session.frame_size), "steps": cached["steps"], "guidance": cached["guidance"],
         "frames_per_chunk": session.frames_per_chunk, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "fps": cached["fps"], "first_frame_ms": cached["first_frame_ms"], "chunk_ms_p50": cached["chunk_ms_p50"],

@@ -67,3 +67,13 @@ def test_bench_runtime_prints_json(capsys):
     result = json.loads(capsys.readouterr().out)
     for key in ("fps", "first_frame_ms", "chunk_ms_p50", "chunk_ms_p95", "kv_cache_bytes", "kv_cache_speedup"):
         assert result[key] > 0, key
+    assert result["guidance"] == 1.0
+
+
+def test_bench_runtime_reports_the_guidance_it_ran(capsys):
+    import json
+
+    from forcekit.cli import main
+
+    assert main(["bench", "runtime", "--frames", "4", "--guidance", "2.5", "--json", "--no-uncached"]) == 0
+    assert json.loads(capsys.readouterr().out)["guidance"] == 2.5
