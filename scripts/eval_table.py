@@ -15,7 +15,8 @@ from pathlib import Path
 
 def row(label: str, r: dict, fps: float | None) -> str:
     p, probe = r["psnr_by_horizon"], r.get("probe", {})
-    cells = [label, r["mode"], r["steps"], r.get("guidance_scale", ""), p["1"], p["8"], p["32"], p.get("64", ""), r["psnr_mean"], r["ssim_mean"],
+    cells = [label, r["mode"], r["steps"], r.get("guidance_scale", ""),
+             p["1"], p["8"], p["32"], p.get("64", ""), r["psnr_mean"], r["ssim_mean"],
              probe.get("generated_exact", ""), probe.get("generated_per_key", ""),
              f"{fps:.1f}" if fps is not None else ""]
     return "| " + " | ".join(str(c) for c in cells) + " |"
