@@ -7,6 +7,7 @@ lets untrained bundles decode end to end before a trained codec exists.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -15,31 +16,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Codec(nn.Module):
-    """encode: uint8 ``[n, H, W, 3]`` -> float ``[n, C, h, w]``; decode: the way back."""
+class Codec(nn.Module, ABC):
+    """encode: uint8 ``[n, H, W, 3]`` -> float ``[n, C, h, w]``; decode: the way back.
+
+    An interface: a codec that leaves out one of the abstract methods cannot be built.
+    """
 
     type_name = "abstract"
 
     @property
+    @abstractmethod
     def spatial_factor(self) -> int:
         """Decoded pixels per latent pixel along each side."""
-        raise NotImplementedError
 
+    @abstractmethod
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        raise NotImplementedError
+        """``(C, h, w)`` of the latent of one ``height x width`` frame."""
 
+    @abstractmethod
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """uint8 frames ``[n, H, W, 3]`` -> latents ``[n, C, h, w]``."""
 
+    @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """latents ``[n, C, h, w]`` -> uint8 frames ``[n, H, W, 3]``."""
 
     def config(self) -> dict[str, Any]:
         return {"type": self.type_name}
 
     @classmethod
+    @abstractmethod
     def from_config(cls, cfg: dict[str, Any]) -> Codec:
-        raise NotImplementedError
+        """The codec a ``config()`` dict describes (weights loaded separately)."""
 
 
 def frames_to_float(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
