@@ -107,10 +107,11 @@ class Rollout:
                 (ctx_cond.action, ctx_cond.audio, ctx_cond.video), (cond.action, cond.audio, cond.video))),
                 text=cond.text)
         if self.guided:
-            v = self._run(torch.cat([x, x]), torch.cat([tt, tt]), _doubled(cond), cache_mode, False, commit_frames)
+            v = self._run(torch.cat([x, x]), torch.cat([tt, tt]), _doubled(cond), cache_mode,
+                          commit_frames=commit_frames)
             v_cond, v_uncond = v.chunk(2)
             return v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
-        return self._run(x, tt, cond, cache_mode, False, commit_frames)
+        return self._run(x, tt, cond, cache_mode, commit_frames=commit_frames)
 
     def _run(self, x, t, cond: ChunkCondition, cache_mode: str, cache_only: bool = False,
              commit_frames: int = 0) -> torch.Tensor | None:
@@ -189,10 +190,9 @@ class Rollout:
             writes = last_step and i == len(levels) - 2
             mode = "append" if writes else "transient"
             self.exit_input = (x, t)
-            if self._deferred is not None:  # first step: commit the previous chunk in the same pass
-                v = self._velocity(x, t, cond, mode, commit_frames=self._deferred[0].shape[1])
-            else:
-                v = self._velocity(x, t, cond, mode)
+            # first step after a deferred commit: commit the previous chunk in the same pass
+            deferred = self._deferred[0].shape[1] if self._deferred is not None else 0
+            v = self._velocity(x, t, cond, mode, commit_frames=deferred)
             if writes:
                 ctx_latent, ctx_level = x, torch.full(x.shape[:2], t, dtype=x.dtype, device=x.device)
             x = sampling.step(self.sampler.kind, x, v, t, t_next, self.generator)
