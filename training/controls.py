@@ -21,6 +21,8 @@ import numpy as np
 from training.data.record import RandomSticky
 from training.evaluate import DEFAULT_HELDOUT_SEED
 
+OTHER_NOISE = 1_000_003   # seed offset for the sampling-spread rollout
+
 
 @dataclass
 class ControlEvalConfig:
@@ -126,9 +128,6 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
             "sampling_spread": round(float(np.mean(spread)), 3)}
 
 
-OTHER_NOISE = 1_000_003   # seed offset for the sampling-spread rollout
-
-
 def _ratio(model: list[float], engine: list[float]) -> float | None:
     e = float(np.mean(engine))
     return round(float(np.mean(model)) / e, 3) if e > 0 else None
@@ -138,18 +137,16 @@ def evaluate_controls(cfg: ControlEvalConfig, progress: bool = True) -> dict:
     """`control_response` of a bundle against its engine (held-out seeds only)."""
     from runtime import Bundle, open_session
     from training.envs import make_env
-    from training.evaluate import training_seeds
+    from training.evaluate import check_heldout
 
     bundle = Bundle.load(cfg.bundle)
-    overlap = training_seeds(bundle) & set(range(cfg.seed, cfg.seed + 10 * cfg.episodes))
-    if overlap:
-        raise ValueError(f"seeds {sorted(overlap)[:5]} were used to train this bundle; pick another --seed")
+    check_heldout(bundle, cfg.seed, cfg.episodes)
     env = make_env(cfg.env, size=bundle.frame_size)
     try:
         session = open_session(bundle, steps=cfg.steps, guidance=cfg.guidance)
         result = control_response(env, session, cfg, progress=progress)
     finally:
         env.close()
-    result["steps"] = session.stats()["steps"]
-    result["guidance"] = session.stats()["guidance"]
+    stats = session.stats()
+    result["steps"], result["guidance"] = stats["steps"], stats["guidance"]
     return result

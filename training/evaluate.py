@@ -100,6 +100,14 @@ def training_seeds(bundle) -> set[int]:
     return {int(s) for p in ShardStore(data).shard_paths() for s in open_shard(p, ("episode_seeds",))["episode_seeds"]}
 
 
+def check_heldout(bundle, first_seed: int, episodes: int) -> None:
+    """Refuse engine seeds the bundle was trained on among those an eval may use (up to 10 per episode:
+    episodes too short are skipped)."""
+    overlap = training_seeds(bundle) & set(range(first_seed, first_seed + 10 * episodes))
+    if overlap:
+        raise ValueError(f"seeds {sorted(overlap)[:5]} were used to train this bundle; pick another --seed")
+
+
 def rollout_pair(env, session, seed: int, cfg: WorldEvalConfig) -> dict:
     """One episode: real and generated frames after a shared context, under the same actions."""
     from training.data.record import RandomSticky
@@ -133,9 +141,7 @@ def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: boo
     from training.envs import make_env
 
     bundle = Bundle.load(cfg.bundle)
-    overlap = training_seeds(bundle) & set(range(cfg.seed, cfg.seed + 10 * cfg.episodes))
-    if overlap:
-        raise ValueError(f"seeds {sorted(overlap)[:5]} were used to train this bundle; pick another --seed")
+    check_heldout(bundle, cfg.seed, cfg.episodes)
     if bundle.config.frames_per_chunk != 1:
         raise ValueError("eval world compares frame by frame: the bundle needs frames_per_chunk=1")
     env = make_env(cfg.env, size=bundle.frame_size)
