@@ -15,7 +15,7 @@ what the student does when nothing is pressed does not move.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -87,9 +87,7 @@ def train_guidance(student_bundle: Bundle, clips: LatentClips, cfg: GuidanceConf
 
     summary = run_stage("guidance", cfg, {"student": student}, {"opt": opt}, gen, step_fn,
                         lambda: few_step_eval(student, held, cfg.eval_steps), progress)
-    sampler = SamplerConfig(kind=base.kind, steps=steps, first_chunk_steps=base.first_chunk_steps,
-                            timesteps=base.timesteps, shift=base.shift, cache_from=base.cache_from,
-                            guidance_scale=1.0)
+    sampler = replace(base, steps=steps, guidance_scale=1.0)
     note = (f"Guidance-distilled student (forcekit train guidance): one pass gives what `{student_bundle.name}` "
             f"gives under action CFG {cfg.guidance_scale} at levels {[round(float(t), 3) for t in levels]}.")
     summary["bundle"] = str(save_bundle(student, student_bundle, sampler, "guidance", cfg, summary, note))
