@@ -47,6 +47,7 @@ class ModelConfig:
     action_space: dict[str, Any] = field(default_factory=dict)  # ActionSpace.to_dict()
     audio_dim: int = 0  # per-frame audio feature size; 0: none
     video_channels: int = 0  # channel-concatenated video conditioning latents; 0: none
+    stack_frames: int = 0  # clean latents of this many previous frames on the channel axis (runtime.stacking)
     # Chunks and the KV cache, in frames.
     frames_per_chunk: int = 1
     first_chunk_frames: int | None = None
@@ -65,6 +66,8 @@ class ModelConfig:
                              f"patch {ph}x{pw}")
         if self.attention_head_dim % 2 or self.attention_head_dim < 6:
             raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {self.attention_head_dim}")
+        if self.stack_frames < 0:
+            raise ValueError(f"stack_frames must be >= 0, got {self.stack_frames}")
         if self.window_frames < 0 or self.sink_frames < 0:
             raise ValueError("window_frames and sink_frames must be >= 0")
         ActionSpace.from_dict(self.action_space)  # fails early on a malformed action space

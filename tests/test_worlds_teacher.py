@@ -62,7 +62,7 @@ class KnowsTheTruth(torch.nn.Module):
         self.x0, self.cond = x0, cond
         self.noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed))
 
-    def forward(self, x_t, t, action):
+    def forward(self, x_t, t, action, previous=None):
         v = self.noise - self.x0
         return v if torch.equal(action, self.cond) else torch.zeros_like(v)
 
@@ -70,7 +70,7 @@ class KnowsTheTruth(torch.nn.Module):
 def test_action_gap_is_zero_for_a_model_that_ignores_the_keys():
     clips = synthetic_latents(4, 8, (3, 4, 4), 3)
     x0, cond = clips.sample(8, 4, torch.Generator().manual_seed(0))
-    deaf = lambda x_t, t, action: torch.zeros_like(x_t)      # noqa: E731
+    deaf = lambda x_t, t, action, previous=None: torch.zeros_like(x_t)      # noqa: E731
     assert action_gap(deaf, x0, cond, 0.9, torch.Generator().manual_seed(1)) == 0
     knowing = KnowsTheTruth(x0, cond, noise_seed=1)
     assert action_gap(knowing, x0, cond, 0.9, torch.Generator().manual_seed(1)) > 0.5

@@ -92,13 +92,14 @@ def _train_teacher(args: argparse.Namespace) -> int:
     model_cfg = ModelConfig(in_channels=c, latent_height=h, latent_width=w, patch_size=(1, args.patch, args.patch),
                             num_attention_heads=args.heads, attention_head_dim=args.head_dim,
                             num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
-                            action_space=space, frames_per_chunk=1,
+                            action_space=space, frames_per_chunk=1, stack_frames=args.stack_frames,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
     extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
                              lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
                              guidance_scale=args.guidance, sample_steps=args.sample_steps,
-                             timestep_shift=args.timestep_shift, save_rank_states=args.save_rank_states, extra=extra)
+                             timestep_shift=args.timestep_shift, stack_noise=args.stack_noise,
+                             save_rank_states=args.save_rank_states, extra=extra)
     clips = encode_latents(args.data, codec, args.max_episodes, cache_dir=args.out)
     result = train_teacher(cfg, model_cfg, clips, codec, fps=float(meta.get("fps", 15.0)))
     if result["rank"] == 0:
@@ -255,6 +256,11 @@ def register(commands) -> None:
     p.add_argument("--timestep-shift", type=float, default=1.0,
                    help="train on noise levels shifted toward t = 1 by this factor (where only the action tells "
                         "where the view moves)")
+    p.add_argument("--stack-frames", type=int, default=0,
+                   help="frame stacking: each frame sees the clean latents of this many previous frames on its "
+                        "channel axis (DIAMOND/GameNGen), so copying the last view, moved by the key, is local")
+    p.add_argument("--stack-noise", type=float, default=0.0,
+                   help="noise augmentation of the stacked frames during training, a random level up to this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every-s", type=float, default=180.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")

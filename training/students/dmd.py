@@ -39,6 +39,7 @@ from training.students.common import (
     save_bundle,
     trainable_copy,
 )
+from training.teacher import stacked
 
 
 @dataclass
@@ -133,15 +134,18 @@ def score_window_start(pattern, frames: int, window: int, context: int, generato
 
 
 # -- scores -------------------------------------------------------------------------------------------
-def bidirectional_x0(model, clip: torch.Tensor, t: torch.Tensor, action: torch.Tensor, guidance: float
-                     ) -> torch.Tensor:
-    """x0 prediction of a bidirectional model on a clip whose frames sit at levels ``t`` ``[B, F]``."""
+def bidirectional_x0(model, clip: torch.Tensor, t: torch.Tensor, action: torch.Tensor, guidance: float,
+                     previous: torch.Tensor | None = None) -> torch.Tensor:
+    """x0 prediction of a bidirectional model on a clip whose frames sit at levels ``t`` ``[B, F]``
+    (``previous``: the stacked clean frames of a frame-stacking model, `training.teacher.stacked`)."""
     if guidance != 1.0:
-        v = model(torch.cat([clip, clip]), torch.cat([t, t]), action=torch.cat([action, torch.zeros_like(action)]))
+        both = None if previous is None else torch.cat([previous, previous])
+        v = model(torch.cat([clip, clip]), torch.cat([t, t]), action=torch.cat([action, torch.zeros_like(action)]),
+                  previous=both)
         v_cond, v_uncond = v.chunk(2)
         v = v_uncond + guidance * (v_cond - v_uncond)
     else:
-        v = model(clip, t, action=action)
+        v = model(clip, t, action=action, previous=previous)
     return clip - t[:, :, None, None, None] * v
 
 
@@ -155,7 +159,7 @@ def score_x0(model, clip: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, acti
     past, the factorisation the student samples from.
     """
     if kind == "bidirectional":
-        return bidirectional_x0(model, x_t, t, action, guidance)
+        return bidirectional_x0(model, x_t, t, action, guidance, stacked(model, clip))
     if kind == "causal":
         return x_t - t[:, :, None, None, None] * guided_tf_velocity(model, clip, x_t, t, action, guidance)
     raise ValueError(f"real_score must be 'bidirectional' or 'causal', got {kind!r}")
@@ -176,8 +180,10 @@ def critic_loss(critic, clip: torch.Tensor, k: int, action: torch.Tensor, cfg: D
                 generator: torch.Generator) -> torch.Tensor:
     """Flow matching of the critic on the student's (detached) rollouts: it learns the fake score."""
     x_t, t, noise = renoise(clip, k, cfg.t_min, cfg.t_max, generator)
-    v = critic(x_t, t, action=action) if cfg.real_score == "bidirectional" else guided_tf_velocity(
-        critic, clip, x_t, t, action, 1.0)
+    if cfg.real_score == "bidirectional":
+        v = critic(x_t, t, action=action, previous=stacked(critic, clip))
+    else:
+        v = guided_tf_velocity(critic, clip, x_t, t, action, 1.0)
     return (v[:, k:].float() - (noise - clip)[:, k:].float()).pow(2).mean()
 
 
