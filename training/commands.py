@@ -148,7 +148,8 @@ def _eval_controls(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ControlEvalConfig(bundle=args.bundle, env=args.env, episodes=args.episodes, hold=args.hold,
-                            context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance)
+                            context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                            still=args.still)
     result = evaluate_controls(cfg)
     if args.out:
         with open(args.out, "w") as f:
@@ -294,6 +295,8 @@ def register(commands) -> None:
                      "each key held: response vs the engine's (JSON)", func=_eval_controls, group="eval")
     _add_heldout_args(p, episodes=8)
     p.add_argument("--hold", type=int, default=8, help="frames each key is held")
+    p.add_argument("--still", type=int, default=64,
+                   help="frames with no key held for the stillness check (0: skip it)")
     _add_result_args(p)
 
     from training.students.commands import register as register_students
