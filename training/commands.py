@@ -158,6 +158,25 @@ def _eval_controls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_gap(args: argparse.Namespace) -> int:
+    import torch
+
+    from runtime import Bundle
+    from training.latents import encode_latents
+    from training.teacher import action_gap_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = Bundle.load(args.bundle)
+    clips = encode_latents(args.data, bundle.codec, args.max_episodes, cache_dir=args.latents_cache)
+    levels = tuple(float(v) for v in args.levels.split(","))
+    frames = args.clip_frames or bundle.config.window_frames + bundle.config.sink_frames + 1
+    result = {"bundle": args.bundle, "data": args.data,
+              **action_gap_report(bundle.model.eval(), clips, frames, args.clips, args.seeds, levels)}
+    print(json.dumps(result))
+    return 0
+
+
 def _ship(args: argparse.Namespace) -> int:
     from training.ship import ship
 
@@ -298,6 +317,18 @@ def register(commands) -> None:
     p.add_argument("--still", type=int, default=64,
                    help="frames with no key held for the stillness check (0: skip it)")
     _add_result_args(p)
+
+    p = commands.add("gap", help="does a teacher use the keys? its loss with zeroed vs true actions on held-out "
+                     "clips, the newest frame at high noise (several seeds)", func=_eval_gap, group="eval")
+    p.add_argument("--bundle", required=True, help="bundle dir (a bidirectional teacher)")
+    p.add_argument("--data", required=True, help="held-out data dir (forcekit record)")
+    p.add_argument("--clips", type=int, default=256, help="clips per seed")
+    p.add_argument("--seeds", type=int, default=3, help="seeds (clip choice and noise)")
+    p.add_argument("--levels", default="0.5,0.9", help="noise levels of the newest frame, comma separated")
+    p.add_argument("--clip-frames", type=int, default=0, help="frames per clip (0: the session context + 1)")
+    p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
+    p.add_argument("--latents-cache", default=None, help="dir for the encoded latents (default: none)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
 
     from training.students.commands import register as register_students
 
