@@ -173,6 +173,8 @@ class CudaStepModel(nn.Module):
             if kwargs.get(name) is not None:
                 kwargs[name] = kwargs[name].to(self.dtype)
         if self.options.capture == "graphs" and kwargs.get("cache") is not None and kwargs.get("mask") is None:
+            if not x.is_cuda and self._graph_runner is None:
+                raise ValueError(f"capture='graphs' records CUDA graphs: it needs a CUDA device, not {x.device}")
             out = self._graphed(x, timestep, kwargs)
         elif self._compiled is not None:
             cache = kwargs.get("cache")

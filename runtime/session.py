@@ -223,6 +223,18 @@ class StreamSession:
             done += k
 
 
+def resolve_bundle(bundle_or_path: Bundle | str, device: str | torch.device = "cpu") -> Bundle:
+    """A bundle, a bundle directory, or the name of a random bundle (`runtime.presets.RANDOM_BUNDLES`,
+    built directly on ``device``: the 1.3B one initialises far faster on a GPU)."""
+    from runtime.presets import RANDOM_BUNDLES, random_bundle
+
+    if isinstance(bundle_or_path, Bundle):
+        return bundle_or_path
+    if bundle_or_path in RANDOM_BUNDLES:
+        return random_bundle(bundle_or_path, device=resolve_device(device))
+    return Bundle.load(bundle_or_path)
+
+
 def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int | None = None,
                  kv_cache: bool = True, seed: int = 0, guidance: float | None = None,
                  text: torch.Tensor | None = None) -> StreamSession:
@@ -232,14 +244,7 @@ def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int |
     ``guidance``: classifier-free guidance scale on the actions (default: the bundle's).
     ``text``: the prompt embedding ``[L, text_dim]`` a text-conditioned bundle needs.
     """
-    from runtime.presets import RANDOM_BUNDLES, random_bundle
-
-    if isinstance(bundle_or_path, Bundle):
-        bundle = bundle_or_path
-    elif bundle_or_path in RANDOM_BUNDLES:
-        bundle = random_bundle(bundle_or_path, device=resolve_device(device))
-    else:
-        bundle = Bundle.load(bundle_or_path)
+    bundle = resolve_bundle(bundle_or_path, device)
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if guidance is not None and not (math.isfinite(guidance) and guidance > 0):
