@@ -8,8 +8,11 @@ Backends (all take ``q, k, v`` as ``[B, N, H, D]`` and an optional interval mask
   kernels    forcekit's Triton kernels (`kernels.attention`), fused JVP included
 
 Choice, first match wins: the ``backend`` argument, `use_backend(...)`, the
-``FORCEKIT_ATTENTION`` environment variable, then ``auto`` (kernels on CUDA when available,
-else SDPA; the reference whenever forward-mode AD is active on CPU, which SDPA lacks).
+``FORCEKIT_ATTENTION`` environment variable, then ``auto``: SDPA, or the reference whenever
+forward-mode AD is active (SDPA and FlexAttention have no JVP). On CUDA ``auto`` only picks a
+backend listed in `CUDA_VERIFIED`, the ones that have passed their tests on a GPU; the Triton
+kernels have not run on one yet, so they are opt-in (``FORCEKIT_ATTENTION=kernels``) until
+``scripts/gpu_check.sh`` has run them green and they are added there.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from kernels.masks import KeyIntervals
 from runtime.masks import covers_all_keys, dense_bias, dense_mask, flex_block_mask
 
 BACKENDS = ("auto", "reference", "sdpa", "flex", "flash", "kernels")
+# Backends `auto` may choose on CUDA, best first: only those whose tests passed on a GPU (SDPA is
+# PyTorch's own). Add "kernels" in front once tests/test_kernels.py's gpu tests pass on one.
+CUDA_VERIFIED: tuple[str, ...] = ("sdpa",)
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("forcekit_attention", default=None)
 
 
@@ -67,12 +73,22 @@ def _kernels_attention():
     return getattr(kernels, "attention", None)
 
 
+def auto_backend(is_cuda: bool, forward_ad: bool, verified: tuple[str, ...] = CUDA_VERIFIED) -> str:
+    """What ``auto`` runs: a GPU-verified backend on CUDA, SDPA elsewhere; under forward-mode AD
+    the fused-JVP kernels if verified on this GPU, else the reference (the others have no JVP)."""
+    if is_cuda:
+        if forward_ad:
+            return "kernels" if "kernels" in verified and _kernels_attention() is not None else "reference"
+        for name in verified:
+            if name != "kernels" or _kernels_attention() is not None:
+                return name
+    return "reference" if forward_ad else "sdpa"
+
+
 def _resolve(name: str, q: torch.Tensor) -> str:
     if name != "auto":
         return name
-    if q.is_cuda and _kernels_attention() is not None:
-        return "kernels"
-    return "reference" if _forward_ad_active(q) else "sdpa"
+    return auto_backend(q.is_cuda, _forward_ad_active(q))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: KeyIntervals | None = None,

@@ -68,7 +68,8 @@ class ConditionEmbedder(nn.Module):
     def forward(self, t: torch.Tensor, action: torch.Tensor | None, audio: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` ``[B, F]`` (already scaled) -> temb ``[B, F, D]``, modulation ``[B, F, 6, D]``."""
-        temb = self.time_embedder(timestep_features(t, self.freq_dim))
+        # features in the embedder's dtype: a bf16 model takes fp32 timesteps (levels stay exact)
+        temb = self.time_embedder(timestep_features(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype))
         if self.action_embedder is not None and action is not None:
             temb = temb + self.action_embedder(action.to(temb.dtype))
         if self.audio_embedder is not None and audio is not None:

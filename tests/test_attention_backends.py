@@ -114,3 +114,30 @@ def test_covers_all_keys_sees_unions():
     filling = masks.cache_decode(1, T, 1, 2, 1, 1)
     assert not covers_all_keys(filling) and not filling.to_dense().all()
     assert not covers_all_keys(masks.block_causal(3, T, 1))
+
+
+def test_auto_uses_only_gpu_verified_backends_on_cuda(monkeypatch):
+    """On CUDA, ``auto`` never runs a backend that has not passed its tests on a GPU (the kernels
+    are opt-in until then); under forward-mode AD it falls back to the reference."""
+    from runtime import attention as attn
+
+    assert "kernels" not in attn.CUDA_VERIFIED
+    assert attn.auto_backend(is_cuda=True, forward_ad=False) == "sdpa"
+    assert attn.auto_backend(is_cuda=True, forward_ad=True) == "reference"
+    assert attn.auto_backend(is_cuda=False, forward_ad=False) == "sdpa"
+    assert attn.auto_backend(is_cuda=False, forward_ad=True) == "reference"
+    # once the kernels are verified they lead, JVP included
+    assert attn.auto_backend(True, False, verified=("kernels", "sdpa")) == "kernels"
+    assert attn.auto_backend(True, True, verified=("kernels", "sdpa")) == "kernels"
+    assert attn.auto_backend(True, False, verified=("flex", "sdpa")) == "flex"
+    monkeypatch.setenv("FORCEKIT_ATTENTION", "kernels")
+    assert attn.selected_backend() == "kernels"  # opt-in still works
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_matches_reference():
+    mask = MASKS["commit_decode"]().to("cuda")
+    q, k, v = _qkv(mask, device="cuda", dtype=torch.bfloat16)
+    out = attention(q, k, v, mask)
+    ref = _dense_reference(q.cpu().float(), k.cpu().float(), v.cpu().float(), MASKS["commit_decode"]())
+    assert (out.cpu().double() - ref).abs().max() < 5e-2
