@@ -40,7 +40,7 @@ from runtime.model import CausalDiT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTURES = ("none", "graphs", "compile")
-_COND_INPUTS = ("action", "audio", "video", "text")
+_COND_INPUTS = ("action", "audio", "video", "previous", "text")
 
 
 @dataclass(frozen=True)
