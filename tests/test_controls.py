@@ -128,3 +128,21 @@ def test_eval_controls_cli_on_a_real_engine(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result["keys"]) == {"left", "right", "fire"} and result["guidance"] == 2.0
     assert result["engine_response"] > 0 and result["model_response"] > 0   # a random model still reacts
+
+
+def test_eval_controls_plays_a_teacher_bidirectionally(tmp_path):
+    from runtime import Bundle, ModelConfig
+    from runtime.codec import PixelCodec
+    from training.controls import evaluate_controls
+
+    cfg = ModelConfig.tiny(in_channels=3, latent_height=8, latent_width=8, window_frames=3, sink_frames=0,
+                           stack_frames=1, action_space={"keys": ["left", "right", "fire"], "values": [],
+                                                         "bindings": {}})
+    Bundle.random(cfg, codec=PixelCodec(2)).save(tmp_path / "b")
+    result = evaluate_controls(ControlEvalConfig(bundle=str(tmp_path / "b"), env="atari:breakout", episodes=1,
+                                                 hold=2, context=2, steps=2, still=3, mode="bidirectional"),
+                               progress=False)
+    assert result["steps"] == 2 and result["still"]["frames"] == 3 and result["model_response"] > 0
+    with pytest.raises(ValueError, match="unknown controls mode"):
+        evaluate_controls(ControlEvalConfig(bundle=str(tmp_path / "b"), env="atari:breakout", episodes=1,
+                                            mode="bogus"), progress=False)

@@ -149,7 +149,7 @@ def _eval_controls(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = ControlEvalConfig(bundle=args.bundle, env=args.env, episodes=args.episodes, hold=args.hold,
                             context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                            still=args.still)
+                            still=args.still, mode=args.mode)
     result = evaluate_controls(cfg)
     if args.out:
         with open(args.out, "w") as f:
@@ -316,6 +316,9 @@ def register(commands) -> None:
     p.add_argument("--hold", type=int, default=8, help="frames each key is held")
     p.add_argument("--still", type=int, default=64,
                    help="frames with no key held for the stillness check (0: skip it)")
+    p.add_argument("--mode", default="session", choices=["session", "bidirectional"],
+                   help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new frame "
+                        "jointly with its context window (as eval world --mode bidirectional)")
     _add_result_args(p)
 
     p = commands.add("gap", help="does a teacher use the keys? its loss with zeroed vs true actions on held-out "

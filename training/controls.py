@@ -45,6 +45,7 @@ class ControlEvalConfig:
     max_hold: int = 12             # the random policy's longest hold before the context
     still: int = 64                # frames with no key held for the stillness check (0: skip it)
     pan_threshold: float = 1.0     # engine pans under this (pixels per frame) have no direction to match
+    mode: str = "session"          # or "bidirectional": a teacher, as eval world plays it (BidirectionalSession)
 
 
 def _start(env, seed: int, cfg: ControlEvalConfig) -> tuple[list, np.ndarray, list] | None:
@@ -202,13 +203,16 @@ def evaluate_controls(cfg: ControlEvalConfig, progress: bool = True) -> dict:
     """`control_response` of a bundle against its engine (held-out seeds only)."""
     from runtime import Bundle, open_session
     from training.envs import make_env
-    from training.evaluate import check_heldout
+    from training.evaluate import BidirectionalSession, check_heldout
 
     bundle = Bundle.load(cfg.bundle)
     check_heldout(bundle, cfg.seed, cfg.episodes)
     env = make_env(cfg.env, size=bundle.frame_size)
     try:
-        session = open_session(bundle, steps=cfg.steps, guidance=cfg.guidance)
+        if cfg.mode not in ("session", "bidirectional"):
+            raise ValueError(f"unknown controls mode {cfg.mode!r}: expected 'session' or 'bidirectional'")
+        session = (open_session(bundle, steps=cfg.steps, guidance=cfg.guidance) if cfg.mode == "session"
+                   else BidirectionalSession(bundle, cfg.steps, cfg.guidance))
         result = control_response(env, session, cfg, progress=progress)
     finally:
         env.close()

@@ -89,7 +89,7 @@ class BidirectionalSession:
         return self.codec.decode(x).numpy()
 
     def stats(self) -> dict:
-        return {"steps": self.steps}
+        return {"steps": self.steps, "guidance": self.guidance}
 
 
 def training_seeds(bundle) -> set[int]:
