@@ -185,6 +185,9 @@ class Rollout:
                                  f"got {exit_step}")
             levels = levels[:exit_step + 1] + [0.0]
         last_step = self.sampler.cache_from == "last_step"
+        if last_step and len(levels) == 2:  # the one step that writes the cache would write the noise input
+            raise ValueError("cache_from='last_step' needs the chunk to stop after step >= 1 (exit_step >= 1 "
+                             "and steps >= 2): at step 0 the keys kept would be those of pure noise")
         x = noise
         for i, (t, t_next) in enumerate(zip(levels[:-1], levels[1:])):
             writes = last_step and i == len(levels) - 2

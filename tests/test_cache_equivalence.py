@@ -204,3 +204,19 @@ def test_fused_commit_falls_back_when_the_window_cannot_hold_a_chunk():
     assert not Rollout(model, SamplerConfig(), fuse_commit=True).fuse_commit
     assert not Rollout(model, SamplerConfig(cache_from="last_step"), fuse_commit=True).fuse_commit
     assert Rollout(tiny_model(frames_per_chunk=2, window_frames=2), SamplerConfig(), fuse_commit=True).fuse_commit
+
+
+def test_last_step_cache_never_keeps_the_noise_input():
+    """cache_from='last_step' keeps the keys of the last step's input: at step 0 that input is pure noise,
+    so a one-step chunk (steps=1, a per-call override, or an exit at step 0) is refused."""
+    model = tiny_model()
+    cfg = model.config
+    ro = Rollout(model, SamplerConfig(steps=3, cache_from="last_step"))
+    noise = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    with torch.no_grad():
+        for kwargs in (dict(exit_step=0), dict(steps=1)):
+            with pytest.raises(ValueError, match="last_step.*step >= 1"):
+                ro.generate_chunk(noise, ChunkCondition(), **kwargs)
+        assert ro.frames == 0 and ro.cache.frames_held == 0
+        ro.generate_chunk(noise, ChunkCondition(), exit_step=1)
+    assert ro.frames == 1

@@ -96,7 +96,9 @@ def self_forcing_rollout(rollout: Rollout, context: torch.Tensor, action: torch.
         for _ in range(chunks):
             s, n = rollout.frames, rollout.next_chunk_frames()
             steps = len(_levels(rollout)) - 1
-            exit_step = int(torch.randint(steps, (1,), generator=generator)) if random_exit else None
+            # last_step keeps the exit step's input as context: step 0's input is pure noise, so never exit there
+            lowest = 1 if rollout.sampler.cache_from == "last_step" else 0
+            exit_step = int(torch.randint(lowest, steps, (1,), generator=generator)) if random_exit else None
             cond = ChunkCondition(action=action[:, s:s + n])
             snap = rollout.snapshot()
             noise = torch.randn((context.shape[0], n, *context.shape[2:]), generator=generator).to(context)
@@ -196,6 +198,9 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
     """Train (or resume) the few-step ``student`` in ``cfg.out``; writes ``out/bundle``."""
     if cfg.cache_from not in ("clean", "last_step"):
         raise ValueError(f"cache_from must be 'clean' or 'last_step', got {cfg.cache_from!r}")
+    if cfg.cache_from == "last_step" and cfg.sample_steps < 2:
+        raise ValueError(f"cache_from='last_step' needs sample_steps >= 2 (got {cfg.sample_steps}): with one step "
+                         "the context would hold the pure-noise input of every chunk")
     if cfg.real_score not in ("bidirectional", "causal"):
         raise ValueError(f"real_score must be 'bidirectional' or 'causal', got {cfg.real_score!r}")
     torch.manual_seed(cfg.seed)
