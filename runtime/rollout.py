@@ -99,8 +99,7 @@ class Rollout:
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         tt = tt.expand(b, n) if tt.ndim == 0 else tt
         if commit_frames:  # a finished chunk at level 0 in front, committed in the same pass
-            ctx, ctx_cond = self._deferred
-            self._deferred = None
+            ctx, ctx_cond = self._deferred  # cleared only once the pass succeeded: a retry still commits it
             x = torch.cat([ctx, x], dim=1)
             tt = torch.cat([torch.zeros(ctx.shape[:2], dtype=x.dtype, device=x.device), tt], dim=1)
             cond = ChunkCondition(*(_cat([c, d], 1) for c, d in zip(
@@ -110,8 +109,12 @@ class Rollout:
             v = self._run(torch.cat([x, x]), torch.cat([tt, tt]), _doubled(cond), cache_mode,
                           commit_frames=commit_frames)
             v_cond, v_uncond = v.chunk(2)
-            return v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
-        return self._run(x, tt, cond, cache_mode, commit_frames=commit_frames)
+            v = v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
+        else:
+            v = self._run(x, tt, cond, cache_mode, commit_frames=commit_frames)
+        if commit_frames:
+            self._deferred = None
+        return v
 
     def _run(self, x, t, cond: ChunkCondition, cache_mode: str, cache_only: bool = False,
              commit_frames: int = 0) -> torch.Tensor | None:
@@ -167,8 +170,8 @@ class Rollout:
         """Commit a finished chunk whose commit was deferred (``fuse_commit``) with its own pass."""
         if self._deferred is not None:
             latents, cond = self._deferred
-            self._deferred = None
             self._append(latents, cond)
+            self._deferred = None  # only now: a pass that raised leaves the chunk to commit for the retry
 
     def generate_chunk(self, noise: torch.Tensor, cond: ChunkCondition, steps: int | None = None,
                        exit_step: int | None = None) -> torch.Tensor:

@@ -220,3 +220,34 @@ def test_last_step_cache_never_keeps_the_noise_input():
         assert ro.frames == 0 and ro.cache.frames_held == 0
         ro.generate_chunk(noise, ChunkCondition(), exit_step=1)
     assert ro.frames == 1
+
+
+def test_fused_commit_survives_a_pass_that_raises():
+    """The finished chunk waiting for the next pass is not lost when that pass raises half-way (after
+    the first block wrote its keys): retrying the chunk gives what an uninterrupted rollout gives."""
+    model = tiny_model(frames_per_chunk=1, window_frames=2, sink_frames=1)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    noises = [torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+              for _ in range(5)]
+    cond = ChunkCondition(action=torch.ones(1, 1, cfg.actions.dim))
+
+    def run(fail_at: int | None) -> torch.Tensor:
+        ro = Rollout(model, SamplerConfig(steps=2), generator=torch.Generator().manual_seed(1), fuse_commit=True)
+        block = model.blocks[1]
+        out = []
+        with torch.no_grad():
+            for i, noise in enumerate(noises):
+                if i == fail_at:
+                    def broken(*args, **kwargs):
+                        del block.forward  # raise once, then work again
+                        raise RuntimeError("injected failure")
+                    block.forward = broken
+                    with pytest.raises(RuntimeError, match="injected"):
+                        ro.generate_chunk(noise, cond)
+                    assert ro._deferred is not None and ro.frames == i
+                out.append(ro.generate_chunk(noise, cond))
+        return torch.cat(out, 1)
+
+    clean_run = run(None)
+    assert (run(3) - clean_run).abs().max().item() <= 1e-6
