@@ -316,10 +316,19 @@ def test_long_rollouts_are_scored_in_chunk_aligned_windows(tmp_path, monkeypatch
         return original(rollout, record)
 
     monkeypatch.setattr(dmd, "replay_exit_step", recording)
+    snapshots, snapshot = [], runtime.rollout.Rollout.snapshot
+
+    def counting_snapshot(self):
+        snapshots.append(1)
+        return snapshot(self)
+
+    monkeypatch.setattr(runtime.rollout.Rollout, "snapshot", counting_snapshot)
     steps, chunks = 6, 2 * CLIP - 1     # 2 * CLIP frames per rollout, windows of CLIP frames
     cfg = DMDConfig(out=str(tmp_path), steps=steps, lr=1e-4, critic_steps=1, rollout_chunks=chunks,
                     **{**FAST, "eval_every": 100})
     train_dmd(dcm[2], teacher, clips, cfg, progress=False)
+    # a copy of the context is kept for the scored window's chunks only, not for every rollout chunk
+    assert len(snapshots) == len(replayed) == steps * (CLIP - 1) < steps * chunks
     per_step = [replayed[i:i + CLIP - 1] for i in range(0, len(replayed), CLIP - 1)]
     assert len(per_step) == steps and all(len(s) == CLIP - 1 for s in per_step)
     firsts = set()
