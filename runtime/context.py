@@ -18,6 +18,8 @@ each copy attended only by the chunks that use that shift. Its size is bounded p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.masks import KeyIntervals
@@ -99,6 +101,13 @@ def recompute_plan(pattern: ChunkPattern, start: int, frames: int, window: int, 
         rows.append((o, o + sink_hi, base + max(win_lo, lo) - lo, base + e - lo))
         order.append(f)
         positions.append(f)
-    t = pattern.tokens_per_frame
+    return order, positions, _token_mask(tuple(rows), pattern.tokens_per_frame)
+
+
+@functools.lru_cache(maxsize=64)
+def _token_mask(rows: tuple[tuple[int, int, int, int], ...], tokens_per_frame: int) -> KeyIntervals:
+    """Frame-level rows -> the token-level mask, memoised: once the window is full every chunk has the
+    same layout, so it is one object and the backends' lowered forms (dense masks) are reused too."""
+    t = tokens_per_frame
     iv = (torch.tensor(rows, dtype=torch.int64) * t).repeat_interleave(t, dim=0).to(torch.int32)
-    return order, positions, KeyIntervals(iv, len(order) * t)
+    return KeyIntervals(iv, len(rows) * t)
