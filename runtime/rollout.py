@@ -135,8 +135,10 @@ class Rollout:
         if self.guided:  # x holds [conditional; unconditional]: replay the history for both branches
             history = [(f, torch.cat([h, h]), torch.cat([lv, lv]), _doubled(c)) for f, h, lv, c in history]
         parts = history + [(self.frames, x, t, cond)]
-        column = {f + i: sum(p[1].shape[1] for p in parts[:j]) + i
-                  for j, (f, h, _, _) in enumerate(parts) for i in range(h.shape[1])}
+        column, at = {}, 0  # absolute frame -> its column in the concatenation of parts
+        for f, h, _, _ in parts:
+            column.update({f + i: at + i for i in range(h.shape[1])})
+            at += h.shape[1]
         order, positions, mask = recompute_plan(self.pattern, self.frames, x.shape[1], cfg.window_frames,
                                                 cfg.sink_frames, cfg.num_layers)
         index = torch.tensor([column[f] for f in order], device=x.device)
