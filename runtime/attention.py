@@ -5,7 +5,8 @@ Backends (all take ``q, k, v`` as ``[B, N, H, D]`` and an optional interval mask
   sdpa       ``scaled_dot_product_attention`` with a dense boolean mask
   flex       FlexAttention with a block mask from the same description (compiled on CUDA)
   flash      flash-attn, when installed, for masks it can express (no mask); else SDPA
-  kernels    forcekit's Triton kernels (`kernels.attention`), fused JVP included
+  kernels    forcekit's Triton kernels (`kernels.attention`), fused JVP included; on CPU
+             interpreted when ``TRITON_INTERPRET=1``, else the kernels package's reference
 
 Choice, first match wins: the ``backend`` argument, `use_backend(...)`, the
 ``FORCEKIT_ATTENTION`` environment variable, then ``auto``: SDPA, or the reference whenever
@@ -154,10 +155,14 @@ def _flash(q, k, v, mask: KeyIntervals | None, scale: float | None) -> torch.Ten
 
 
 def _kernels(q, k, v, mask: KeyIntervals | None, scale: float | None) -> torch.Tensor:
+    """The Triton kernels on CUDA, and on CPU when ``TRITON_INTERPRET=1`` (the tests' setting);
+    elsewhere on CPU the kernels package's pure-torch reference (the interpreter is no speed path)."""
     fn = _kernels_attention()
     if fn is None:
         raise RuntimeError("attention backend 'kernels' requested but kernels.attention is not available")
-    return fn(q, k, v, mask=mask, scale=scale)
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    triton = importlib.util.find_spec("triton") is not None and (q.is_cuda or interpreted)
+    return fn(q, k, v, mask=mask, scale=scale, backend="triton" if triton else "auto")
 
 
 _BACKEND_FNS = {"reference": reference_attention, "sdpa": _sdpa, "flex": _flex, "flash": _flash,

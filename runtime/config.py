@@ -144,6 +144,16 @@ class SamplerConfig:
             raise ValueError("steps must be >= 1")
         if self.timesteps is not None and not all(0 < t <= 1 for t in self.timesteps):
             raise ValueError(f"timesteps must lie in (0, 1], got {self.timesteps}")
+        if self.cache_from == "last_step" and 1 in self.step_counts():
+            raise ValueError(f"cache_from='last_step' needs at least 2 denoising steps per chunk, got "
+                             f"{self.step_counts()}: with one step the keys kept are those of the pure-noise "
+                             f"input, never of the generated frame; use cache_from='clean'")
+
+    def step_counts(self) -> list[int]:
+        """The numbers of denoising steps a chunk can take (first chunk and later chunks)."""
+        if self.timesteps is not None:
+            return [len(self.timesteps)]
+        return [self.steps] + ([self.first_chunk_steps] if self.first_chunk_steps else [])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

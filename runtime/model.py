@@ -190,7 +190,7 @@ class CausalDiT(nn.Module):
         p = next(self.parameters())
         geometry = CacheGeometry(cfg.num_layers, batch, cfg.num_attention_heads, cfg.attention_head_dim,
                                  cfg.tokens_per_frame, cfg.sink_frames, cfg.window_frames,
-                                 cfg.chunk_pattern.max_chunk_frames)
+                                 cfg.chunk_pattern.max_chunk_frames, cfg.rope_theta)
         return KVCache(geometry, device=device or p.device, dtype=dtype or p.dtype)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, *, action: torch.Tensor | None = None,

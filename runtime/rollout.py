@@ -1,9 +1,11 @@
 """`Rollout`: chunk-by-chunk generation in latent space, shared by inference and self-forcing training.
 
 A rollout owns the context the next chunk sees. With ``kv_cache=True`` that is a `KVCache`;
-with ``kv_cache=False`` it is the full history of context latents, their noise levels and
-conditions, re-run through the model under the window + sink mask for every call: slow, but
-exactly what the cache must reproduce, so it is the reference the tests compare against.
+with ``kv_cache=False`` it is the history of context latents, their noise levels and
+conditions, of which every call re-runs what the chunk depends on (the sink's chunks and the
+last ``num_layers`` windows, `runtime.context.recompute_plan`) under the window + sink mask and
+the cache's positions: slower, bounded per chunk, and exactly what the cache must reproduce, so
+it is the reference the tests compare against. Only that much history is kept.
 
 What enters the context follows the bundle's recipe (``SamplerConfig.cache_from``):
 ``clean`` re-runs the denoised chunk at t = 0 (teacher-forcing style); ``last_step`` keeps
@@ -27,6 +29,7 @@ import torch
 
 from runtime import sampler as sampling
 from runtime.config import SamplerConfig
+from runtime.context import receptive_start, recompute_plan, sink_chunks_end
 from runtime.model import CausalDiT
 from runtime.stacking import next_previous, previous_frames
 
@@ -100,7 +103,7 @@ class Rollout:
                                     cfg.latent_width), dtype=p.dtype, device=p.device) if cfg.stack_frames else None
         if self.cache is not None:
             self.cache.reset()
-        self._history: list[tuple[torch.Tensor, torch.Tensor, ChunkCondition]] = []
+        self._history: list[tuple[int, torch.Tensor, torch.Tensor, ChunkCondition]] = []  # (first frame, ...)
         self.exit_input: tuple[torch.Tensor, float] | None = None  # last denoising step's (input, level)
         self._deferred: tuple[torch.Tensor, ChunkCondition] | None = None  # finished chunk not yet in the cache
 
@@ -143,8 +146,7 @@ class Rollout:
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         tt = tt.expand(b, n) if tt.ndim == 0 else tt
         if commit_frames:  # a finished chunk at level 0 in front, committed in the same pass
-            ctx, ctx_cond = self._deferred
-            self._deferred = None
+            ctx, ctx_cond = self._deferred  # cleared only once the pass succeeded: a retry still commits it
             x = torch.cat([ctx, x], dim=1)
             tt = torch.cat([torch.zeros(ctx.shape[:2], dtype=x.dtype, device=x.device), tt], dim=1)
             cond = _cat_frames([ctx_cond, cond], cond.text)
@@ -152,8 +154,12 @@ class Rollout:
             v = self._run(torch.cat([x, x]), torch.cat([tt, tt]), _doubled(cond), cache_mode,
                           commit_frames=commit_frames)
             v_cond, v_uncond = v.chunk(2)
-            return v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
-        return self._run(x, tt, cond, cache_mode, commit_frames=commit_frames)
+            v = v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
+        else:
+            v = self._run(x, tt, cond, cache_mode, commit_frames=commit_frames)
+        if commit_frames:
+            self._deferred = None
+        return v
 
     def _run(self, x, t, cond: ChunkCondition, cache_mode: str, cache_only: bool = False,
              commit_frames: int = 0) -> torch.Tensor | None:
@@ -164,27 +170,43 @@ class Rollout:
         return self._recompute(x, t, cond)
 
     def _recompute(self, x, t, cond: ChunkCondition) -> torch.Tensor:
-        """No cache: run the whole history plus this chunk under the same window + sink mask."""
+        """No cache: re-run what this chunk depends on, from the kept history, under the window + sink
+        mask at the cache's positions (`runtime.context.recompute_plan`)."""
         cfg = self.model.config
         history = self._history
         if self.guided:  # x holds [conditional; unconditional]: replay the history for both branches
-            history = [(torch.cat([h, h]), torch.cat([lv, lv]), _doubled(c)) for h, lv, c in history]
-        parts = history + [(x, t, cond)]
-        latents = torch.cat([p[0] for p in parts], dim=1)
-        levels = torch.cat([p[1] for p in parts], dim=1)
-        full = _cat_frames([p[2] for p in parts], cond.text)
-        total = latents.shape[1]
-        mask = self.pattern.window_sink(total, cfg.window_frames, cfg.sink_frames)
-        out = self.model(latents, levels, action=full.action, audio=full.audio, video=full.video,
-                         previous=full.previous, text=full.text, mask=mask)
-        return out[:, total - x.shape[1]:]
+            history = [(f, torch.cat([h, h]), torch.cat([lv, lv]), _doubled(c)) for f, h, lv, c in history]
+        parts = history + [(self.frames, x, t, cond)]
+        column, at = {}, 0  # absolute frame -> its column in the concatenation of parts
+        for f, h, _, _ in parts:
+            column.update({f + i: at + i for i in range(h.shape[1])})
+            at += h.shape[1]
+        order, positions, mask = recompute_plan(self.pattern, self.frames, x.shape[1], cfg.window_frames,
+                                                cfg.sink_frames, cfg.num_layers)
+        index = torch.tensor([column[f] for f in order], device=x.device)
+
+        def gather(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat(ts, dim=1).index_select(1, index)
+
+        conds = [p[3] for p in parts]
+        out = self.model(gather([p[1] for p in parts]), gather([p[2] for p in parts]),
+                         action=gather([c.action for c in conds]), audio=gather([c.audio for c in conds]),
+                         video=gather([c.video for c in conds]), previous=gather([c.previous for c in conds]),
+                         text=cond.text, mask=mask,
+                         frame_positions=torch.tensor(positions, device=x.device))
+        return out[:, len(order) - x.shape[1]:]
 
     def _commit(self, x: torch.Tensor, t: torch.Tensor, cond: ChunkCondition) -> None:
         """Record what enters the context for the no-cache path (the cache commits inside the model)."""
         if self.cache is None:
-            self._history.append((x.detach(), t.detach(), cond))
+            self._history.append((self.frames, x.detach(), t.detach(), cond))
         self.frames += x.shape[1]
         self.chunk += 1
+        if self.cache is None:  # keep what the next chunk depends on: the sink's chunks and the last windows
+            cfg = self.model.config
+            lo = receptive_start(self.pattern, self.frames, cfg.window_frames, cfg.num_layers)
+            sink_end = sink_chunks_end(self.pattern, cfg.sink_frames)
+            self._history = [h for h in self._history if h[0] < sink_end or h[0] + h[1].shape[1] > lo]
 
     # -- whole chunks -------------------------------------------------------------------------------
     def add_context(self, latents: torch.Tensor, cond: ChunkCondition) -> None:
@@ -209,8 +231,8 @@ class Rollout:
         """Commit a finished chunk whose commit was deferred (``fuse_commit``) with its own pass."""
         if self._deferred is not None:
             latents, cond = self._deferred
-            self._deferred = None
             self._append(latents, cond)
+            self._deferred = None  # only now: a pass that raised leaves the chunk to commit for the retry
 
     def generate_chunk(self, noise: torch.Tensor, cond: ChunkCondition, steps: int | None = None,
                        exit_step: int | None = None) -> torch.Tensor:
@@ -227,6 +249,9 @@ class Rollout:
                                  f"got {exit_step}")
             levels = levels[:exit_step + 1] + [0.0]
         last_step = self.sampler.cache_from == "last_step"
+        if last_step and len(levels) == 2:  # the one step that writes the cache would write the noise input
+            raise ValueError("cache_from='last_step' needs the chunk to stop after step >= 1 (exit_step >= 1 "
+                             "and steps >= 2): at step 0 the keys kept would be those of pure noise")
         given, cond = cond, self._denoising(cond, noise.shape[1])
         x = noise
         for i, (t, t_next) in enumerate(zip(levels[:-1], levels[1:])):

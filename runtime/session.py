@@ -247,6 +247,8 @@ def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int |
     bundle = resolve_bundle(bundle_or_path, device)
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps is not None:  # every chunk then takes `steps` steps: validate that recipe as the bundle's own
+        replace(bundle.sampler, steps=steps, first_chunk_steps=None, timesteps=None)
     if guidance is not None and not (math.isfinite(guidance) and guidance > 0):
         raise ValueError(f"guidance must be a positive number, got {guidance}")
     return StreamSession(bundle, device=device, steps=steps, kv_cache=kv_cache, seed=seed, guidance=guidance,

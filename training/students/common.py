@@ -48,14 +48,17 @@ class StageConfig:
 
 
 def check_clip(model: CausalDiT, clip_frames: int) -> None:
-    """Teacher forcing sees the whole clean prefix; a session sees only sink + window frames."""
+    """Teacher forcing shows a noisy chunk every clean frame before it; a session shows it only its sink +
+    window. The last chunk of the clip sees the most, so it must fit: its first frame <= sink + window."""
     cfg = model.config
-    if clip_frames > cfg.window_frames + cfg.sink_frames + cfg.chunk_pattern.max_chunk_frames:
-        raise ValueError(f"clip_frames {clip_frames} is longer than the context a session keeps "
-                         f"(sink {cfg.sink_frames} + window {cfg.window_frames} + one chunk): training would "
-                         f"teach the model contexts inference never shows it")
-    if not cfg.chunk_pattern.is_whole(clip_frames):
-        raise ValueError(f"clip_frames {clip_frames} does not end on a chunk boundary of {cfg.chunk_pattern}")
+    pattern = cfg.chunk_pattern
+    if not pattern.is_whole(clip_frames):
+        raise ValueError(f"clip_frames {clip_frames} does not end on a chunk boundary of {pattern}")
+    context = pattern.chunk_start(pattern.num_chunks(clip_frames) - 1)
+    if context > cfg.window_frames + cfg.sink_frames:
+        raise ValueError(f"clip_frames {clip_frames}: its last chunk (from frame {context}) sees {context} clean "
+                         f"frames under teacher forcing, but a session keeps sink {cfg.sink_frames} + window "
+                         f"{cfg.window_frames}: training would teach the model contexts inference never shows it")
 
 
 # -- the teacher-forcing forward --------------------------------------------------------------------
