@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.forcekit-installed
 # The local CPU build on the development machine; GPU users: see README "Installing on a GPU".
 TORCH_PIN ?= torch==2.13.0
-EXTRAS ?= dev,apps,engines,diffusers,train
+EXTRAS ?= dev,apps,engines,diffusers,train,lipsync
 
 .PHONY: install run test lint clean
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 COMMAND_MODULES = (
     "runtime.commands", "training.commands", "training.longplay", "kernels.commands", "apps.commands",
-    "forcekit.run",
+    "forcekit.run", "training.lipsync.commands",
 )
 
 GROUPS = {

@@ -218,12 +218,12 @@ def register(commands) -> None:
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
-    p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game>")
+    p.add_argument("--env", required=True, help="doom:<scenario>, atari:<game> or lipsync:train / lipsync:heldout")
     p.add_argument("--episodes", type=int, required=True, help="total episodes wanted in --out")
     p.add_argument("--policy", default="random-sticky", help="action policy (random-sticky)")
     p.add_argument("--out", required=True, help="data directory (created; a rerun continues it)")
     p.add_argument("--seed", type=int, default=0, help="episode i uses engine seed SEED+i")
-    p.add_argument("--size", type=_size, default=(64, 64), help="frame size HxW (default 64x64)")
+    p.add_argument("--size", type=_size, default=None, help="frame size HxW (default 64x64; lipsync 96x96)")
     p.add_argument("--frame-skip", type=int, default=None, help="engine frames per recorded frame")
     p.add_argument("--episodes-per-shard", type=int, default=8)
     p.add_argument("--max-frames", type=int, default=1000, help="cap on frames per episode")

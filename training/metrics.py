@@ -43,6 +43,11 @@ def _gaussian(size: int, sigma: float) -> torch.Tensor:
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
     """Per-frame SSIM (Gaussian window, per channel, averaged), in [-1, 1]; 1 for identical frames."""
+    return ssim_map(a, b, window, sigma).flatten(-2).mean(-1)
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM per window position, channel-averaged: [..., H - window + 1, W - window + 1] (for masked means)."""
     a, b = _float(a), _float(b)
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -60,7 +65,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).reshape(lead)
+    return s.mean(1).reshape(*lead, *s.shape[-2:])
 
 
 def horizons(max_horizon: int) -> list[int]:

@@ -26,7 +26,7 @@ class RecordConfig:
     episodes: int = 10
     policy: str = "random-sticky"
     seed: int = 0
-    size: tuple[int, int] = (64, 64)
+    size: tuple[int, int] | None = None   # None: 64x64 for engines, 96x96 for lipsync face crops
     frame_skip: int | None = None
     episodes_per_shard: int = 8
     max_frames: int = 1000          # cap on frames per episode
@@ -81,12 +81,19 @@ def record(cfg: RecordConfig, out: str, progress: bool = True, env=None) -> dict
 
     `env` overrides the engine built from `cfg.env` (tests use a synthetic one).
     """
+    if cfg.env.startswith("lipsync:") and env is None:
+        # Synthetic speaking faces: no engine or policy, the clip's speech drives everything.
+        from training.lipsync.record import LipsyncConfig, record_lipsync
+
+        lcfg = LipsyncConfig(split=cfg.env.partition(":")[2], size=cfg.size or (96, 96),
+                             max_frames=cfg.max_frames)
+        return record_lipsync(lcfg, out, cfg.episodes, cfg.seed, cfg.episodes_per_shard, progress)
     if cfg.policy not in POLICIES:
         raise ValueError(f"unknown policy {cfg.policy!r}; known: {sorted(POLICIES)}")
     from tqdm import tqdm
 
     store = ShardStore(out)
-    env = env or make_env(cfg.env, size=cfg.size, frame_skip=cfg.frame_skip)
+    env = env or make_env(cfg.env, size=cfg.size or (64, 64), frame_skip=cfg.frame_skip)
     try:
         store.write_meta({**env.metadata(), "env": cfg.env, "policy": cfg.policy,
                           "alignment": "actions[t] produced frames[t+1]"})

@@ -3,7 +3,10 @@
 Layout of a data directory:
     meta.json          engine, version, resolution, action space, fps (written once, atomically)
     shard_00000.npz    whole episodes: frames uint8 [N,H,W,3], actions float32 [N,D],
-                       episode_lengths int64 [E], episode_seeds int64 [E]
+                       episode_lengths int64 [E], episode_seeds int64 [E]; optionally more
+                       per-frame arrays [N, ...] (named with their shapes in meta.json's
+                       "frame_arrays", e.g. lip-sync audio and mouth truth) and episode_info,
+                       one JSON string per episode
 Each shard is written to a hidden temp file, fsynced and renamed into place, then the directory
 is fsynced: a killed recorder leaves complete shards only (and at most a stale temp file that
 readers ignore and the next recorder removes). Shards are zip files whose members carry CRCs,
@@ -18,7 +21,7 @@ import re
 import zipfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,8 @@ class Episode:
     frames: np.ndarray     # uint8 [T, H, W, 3]
     actions: np.ndarray    # float32 [T, D]; actions[t] produced frames[t+1]
     seed: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)   # more per-frame arrays [T, ...]
+    info: dict | None = None                                      # stored as JSON in episode_info
 
 
 class ShardStore:
@@ -108,12 +113,23 @@ class ShardStore:
             if ep.frames.dtype != np.uint8 or ep.frames.ndim != 4 or len(ep.actions) != len(ep.frames):
                 raise ValueError(f"bad episode: frames {ep.frames.dtype} {ep.frames.shape}, "
                                  f"actions {ep.actions.shape}")
+            if set(ep.arrays) != set(episodes[0].arrays) or (ep.info is None) != (episodes[0].info is None):
+                raise ValueError("episodes of one shard must carry the same arrays and all or no info")
+            bad = {k: a.shape for k, a in ep.arrays.items() if len(a) != len(ep.frames)}
+            if bad:
+                raise ValueError(f"bad episode: per-frame arrays {bad} for {len(ep.frames)} frames")
         arrays = {
             "frames": np.concatenate([e.frames for e in episodes]),
             "actions": np.concatenate([e.actions for e in episodes]).astype(np.float32),
             "episode_lengths": np.array([len(e.frames) for e in episodes], np.int64),
             "episode_seeds": np.array([e.seed for e in episodes], np.int64),
         }
+        for name in episodes[0].arrays:
+            if name in arrays or name == "episode_info":
+                raise ValueError(f"per-frame array name {name!r} is reserved")
+            arrays[name] = np.concatenate([e.arrays[name] for e in episodes])
+        if episodes[0].info is not None:
+            arrays["episode_info"] = np.array([json.dumps(e.info) for e in episodes])
         path = self.root / f"shard_{index:05d}.npz"
         atomic_write_bytes(path, lambda f: np.savez_compressed(f, **arrays))
         return path
@@ -150,6 +166,15 @@ def verify_shard(path: Path, meta: dict) -> dict[str, np.ndarray]:
         problems.append("episode_seeds and episode_lengths differ in length")
     if not np.isfinite(actions).all():
         problems.append("non-finite actions")
+    if meta.get("frame_arrays"):
+        extra = open_shard(path, tuple(meta["frame_arrays"]))
+        for name, spec in meta["frame_arrays"].items():
+            a = extra[name]
+            if a.shape != (len(frames), *spec["shape"]) or str(a.dtype) != spec["dtype"]:
+                problems.append(f"{name} {a.dtype} {a.shape}, expected {spec['dtype']} [{len(frames)}, "
+                                f"{', '.join(map(str, spec['shape']))}]")
+            elif a.dtype.kind == "f" and not np.isfinite(a).all():
+                problems.append(f"non-finite {name}")
     if problems:
         raise ShardError(f"{path}: " + "; ".join(problems))
     return arr
