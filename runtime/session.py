@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from runtime.actions import ActionSpace
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, resolve_bundle
 from runtime.rollout import ChunkCondition, Rollout
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
@@ -181,16 +181,12 @@ class StreamSession:
 
 def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int | None = None,
                  kv_cache: bool = True, seed: int = 0, guidance: float | None = None) -> StreamSession:
-    """Open a stream on a bundle (or a bundle directory, or ``random-tiny``).
+    """Open a stream on a bundle, or on what a ``--bundle`` argument names (a bundle directory,
+    ``random-tiny`` or ``auto``: see `resolve_bundle`).
 
     ``guidance``: classifier-free guidance scale on the actions (default: the bundle's).
     """
-    if isinstance(bundle_or_path, Bundle):
-        bundle = bundle_or_path
-    elif bundle_or_path == "random-tiny":
-        bundle = Bundle.random(name="random-tiny")
-    else:
-        bundle = Bundle.load(bundle_or_path)
+    bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else resolve_bundle(bundle_or_path)
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if guidance is not None and not (math.isfinite(guidance) and guidance > 0):

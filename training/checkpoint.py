@@ -15,6 +15,10 @@ import numpy as np
 import torch
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint); names the file."""
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +37,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise RuntimeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to start "
+                              f"over") from e
 
 
 def rng_state() -> dict:

@@ -6,6 +6,15 @@ import argparse
 import json
 import sys
 
+from forcekit.cli import (
+    CommandError,
+    UsageError,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
+
 
 def _size(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
@@ -15,6 +24,8 @@ def _size(text: str) -> tuple[int, int]:
         h, w = (int(p) for p in parts)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 64 or 64x64") from e
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: height and width must be positive")
     return h, w
 
 
@@ -35,6 +46,8 @@ def _data_check(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     for line in bad:
         print(f"BAD SHARD {line}", file=sys.stderr)
+    if not summary["shards"]:
+        raise CommandError(f"{args.dir}: no shards (shard_NNNNN.npz) in this data dir")
     return 1 if bad else 0
 
 
@@ -71,7 +84,10 @@ def load_codec_arg(spec: str):
     from training.codec import load_codec
 
     if spec == "pixel" or spec.startswith("pixel:"):
-        return PixelCodec(int(spec.split(":")[1]) if ":" in spec else 1)
+        factor = spec.partition(":")[2] or "1"
+        if not factor.isdigit() or int(factor) < 1:
+            raise UsageError(f"--codec {spec!r}: expected pixel, pixel:N with N a positive integer, or a codec dir")
+        return PixelCodec(int(factor))
     return load_codec(spec)
 
 
@@ -83,6 +99,9 @@ def _train_teacher(args: argparse.Namespace) -> int:
     from training.latents import encode_latents
     from training.teacher import TeacherTrainConfig, train_teacher
 
+    if args.clip_frames <= args.sink_frames:
+        raise UsageError(f"--clip-frames ({args.clip_frames}) must exceed --sink-frames ({args.sink_frames}): "
+                         "the session window is clip - 1 - sink frames")
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = ShardStore(args.data).read_meta()
@@ -169,17 +188,21 @@ def _add_heldout_args(p: argparse.ArgumentParser, episodes: int) -> None:
     """The options every comparison against the real engine on held-out episodes shares."""
     p.add_argument("--bundle", required=True, help="bundle dir")
     p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game> (the bundle's game)")
-    p.add_argument("--episodes", type=int, default=episodes)
-    p.add_argument("--context", type=int, default=4, help="real context frames given to the model")
-    p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
-    p.add_argument("--guidance", type=float, default=None, help="action CFG scale (default: the bundle's)")
+    p.add_argument("--episodes", type=positive_int, default=episodes, help="held-out episodes compared")
+    p.add_argument("--context", type=positive_int, default=4, help="real context frames given to the model")
+    p.add_argument("--seed", type=seed_int, default=100000, help="first held-out engine seed (never trained on)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the bundle's)")
+    p.add_argument("--guidance", type=positive_float, default=None, help="action CFG scale (default: the bundle's)")
 
 
 def _add_result_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the JSON result here")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    _threads_arg(p)
     p.add_argument("--json", action="store_true", help="one-line JSON")
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: 0, torch's choice)")
 
 
 def register(commands) -> None:
@@ -188,25 +211,29 @@ def register(commands) -> None:
     p.add_argument("--bundle", required=True, help="trained bundle dir")
     p.add_argument("--out", required=True, help="shipped bundle dir, e.g. models/default")
     p.add_argument("--start-data", default=None, help="recorded data dir to cut start scenes from (held-out)")
-    p.add_argument("--scenes", type=int, default=8, help="start scenes (a session starts from scene seed %% S)")
-    p.add_argument("--scene-frames", type=int, default=None, help="real frames per scene (default: first chunk)")
+    p.add_argument("--scenes", type=positive_int, default=8,
+                   help="start scenes (a session starts from scene seed %% S)")
+    p.add_argument("--scene-frames", type=positive_int, default=None,
+                   help="real frames per scene (default: first chunk)")
     p.add_argument("--card", default=None, help="markdown file to use as the bundle's card.md")
     p.add_argument("--name", default=None, help="bundle name (default: the source bundle's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes' random offsets")
-    p.add_argument("--steps", type=int, default=None, help="default sampler steps per chunk (default: as trained)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the scenes' random offsets")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="default sampler steps per chunk (default: as trained)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
     p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game>")
-    p.add_argument("--episodes", type=int, required=True, help="total episodes wanted in --out")
+    p.add_argument("--episodes", type=positive_int, required=True, help="total episodes wanted in --out")
     p.add_argument("--policy", default="random-sticky", help="action policy (random-sticky)")
     p.add_argument("--out", required=True, help="data directory (created; a rerun continues it)")
-    p.add_argument("--seed", type=int, default=0, help="episode i uses engine seed SEED+i")
-    p.add_argument("--size", type=_size, default=(64, 64), help="frame size HxW (default 64x64)")
-    p.add_argument("--frame-skip", type=int, default=None, help="engine frames per recorded frame")
-    p.add_argument("--episodes-per-shard", type=int, default=8)
-    p.add_argument("--max-frames", type=int, default=1000, help="cap on frames per episode")
-    p.add_argument("--max-hold", type=int, default=12, help="random-sticky: longest hold in frames")
+    p.add_argument("--seed", type=seed_int, default=0, help="episode i uses engine seed SEED+i")
+    p.add_argument("--size", type=_size, default=(64, 64), help="frame size HxW (default: 64x64)")
+    p.add_argument("--frame-skip", type=positive_int, default=None,
+                   help="engine frames per recorded frame (default: the engine adapter's)")
+    p.add_argument("--episodes-per-shard", type=positive_int, default=8, help="episodes written per shard file")
+    p.add_argument("--max-frames", type=positive_int, default=1000, help="cap on frames per episode")
+    p.add_argument("--max-hold", type=positive_int, default=12, help="random-sticky: longest hold in frames")
 
     p = commands.add("check", help="verify every shard of a data dir and print a summary", func=_data_check,
                      group="data")
@@ -216,21 +243,22 @@ def register(commands) -> None:
                      func=_train_codec, group="train")
     p.add_argument("--data", required=True, help="training data dir (forcekit record)")
     p.add_argument("--out", required=True, help="run dir: ckpt.pt, codec.json, codec.safetensors, tb/")
-    p.add_argument("--steps", type=int, default=20000, help="total optimizer steps")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--crop", type=int, default=32, help="training crop size; 0 = full frames")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--latent-channels", type=int, default=8, help="(ignored when resuming)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every-s", type=float, default=180.0, help="checkpoint every N seconds")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--steps", type=positive_int, default=20000, help="total optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=32, help="frames (crops) per step")
+    p.add_argument("--crop", type=nonnegative_int, default=32, help="training crop size; 0 = full frames")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--latent-channels", type=positive_int, default=8,
+                   help="latent channels per position (ignored when resuming)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
+    p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
+    _threads_arg(p)
 
     p = commands.add("codec", help="codec reconstruction PSNR/SSIM on held-out frames and decode latency",
                      func=_eval_codec, group="eval")
     p.add_argument("--codec", required=True, help="codec dir (codec.json + codec.safetensors)")
     p.add_argument("--data", required=True, help="held-out data dir")
-    p.add_argument("--max-frames", type=int, default=4096, help="evaluate on at most N frames (0: all)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--max-frames", type=nonnegative_int, default=4096, help="evaluate on at most N frames (0: all)")
+    _threads_arg(p)
     p.add_argument("--json", action="store_true", help="one-line JSON")
 
     p = commands.add("teacher", help="train the bidirectional action-conditioned flow-matching teacher "
@@ -238,26 +266,29 @@ def register(commands) -> None:
     p.add_argument("--data", required=True, help="training data dir (forcekit record)")
     p.add_argument("--codec", required=True, help="codec dir (forcekit train codec), or pixel / pixel:N")
     p.add_argument("--out", required=True, help="run dir: ckpt.pt, tb/, bundle/")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=8, help="clips per step per rank")
-    p.add_argument("--clip-frames", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--freq-dim", type=int, default=64)
-    p.add_argument("--patch", type=int, default=2, help="spatial patch size on the latent")
-    p.add_argument("--sink-frames", type=int, default=0, help="session sink frames (window = clip - 1 - sink)")
-    p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
-    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale written into the bundle's sampler")
-    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps written into the bundle's sampler")
-    p.add_argument("--timestep-shift", type=float, default=1.0,
+    p.add_argument("--steps", type=positive_int, default=2000, help="total optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=8, help="clips per step per rank")
+    p.add_argument("--clip-frames", type=positive_int, default=8, help="frames per training clip")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate")
+    p.add_argument("--layers", type=positive_int, default=6, help="transformer blocks")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--head-dim", type=positive_int, default=32, help="width of each head (even, >= 6 for 3D RoPE)")
+    p.add_argument("--ffn", type=positive_int, default=512, help="feed-forward hidden width")
+    p.add_argument("--freq-dim", type=positive_int, default=64, help="sinusoidal timestep embedding size")
+    p.add_argument("--patch", type=positive_int, default=2, help="spatial patch size on the latent")
+    p.add_argument("--sink-frames", type=nonnegative_int, default=0,
+                   help="session sink frames (window = clip - 1 - sink)")
+    p.add_argument("--max-episodes", type=nonnegative_int, default=0,
+                   help="encode only the first N episodes (0: all)")
+    p.add_argument("--guidance", type=positive_float, default=1.5, help="CFG scale written into the bundle's sampler")
+    p.add_argument("--sample-steps", type=positive_int, default=50,
+                   help="Euler steps written into the bundle's sampler")
+    p.add_argument("--timestep-shift", type=positive_float, default=1.0,
                    help="train on noise levels shifted toward t = 1 by this factor (where only the action tells "
                         "where the view moves)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every-s", type=float, default=180.0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
+    p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
+    _threads_arg(p)
     p.add_argument("--save-rank-states", action="store_true", help="write rankN.pt (DDP consistency checks)")
 
     p = commands.add("probe", help="train the inverse-dynamics probe (frame pair -> action) on real pairs",
@@ -265,16 +296,16 @@ def register(commands) -> None:
     p.add_argument("--data", required=True, help="training data dir")
     p.add_argument("--heldout", default=None, help="held-out data dir for the reported accuracy")
     p.add_argument("--out", required=True, help="run dir: probe.pt, probe.json, ckpt.pt")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--steps", type=positive_int, default=2000, help="total optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=64, help="frame pairs per step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
+    _threads_arg(p)
 
     p = commands.add("world", help="world model vs the real engine: per-horizon PSNR/SSIM and probe accuracy "
                      "on held-out episodes", func=_eval_world, group="eval")
     _add_heldout_args(p, episodes=4)
-    p.add_argument("--horizon", type=int, default=64, help="frames generated after the context")
+    p.add_argument("--horizon", type=positive_int, default=64, help="frames generated after the context")
     p.add_argument("--probe", default=None, help="probe dir (forcekit train probe) for action accuracy")
     p.add_argument("--mode", default="session", choices=["session", "bidirectional", "copy"],
                    help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new "
@@ -287,7 +318,7 @@ def register(commands) -> None:
     p = commands.add("controls", help="does the model follow the keys? engine and model from one held-out state, "
                      "each key held: response vs the engine's (JSON)", func=_eval_controls, group="eval")
     _add_heldout_args(p, episodes=8)
-    p.add_argument("--hold", type=int, default=8, help="frames each key is held")
+    p.add_argument("--hold", type=positive_int, default=8, help="frames each key is held")
     _add_result_args(p)
 
     from training.students.commands import register as register_students

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from forcekit.cli import CommandError, UsageError, fraction, nonnegative_int, positive_float, positive_int, seed_int
+
 
 def _inputs(args: argparse.Namespace):
     """The input bundle and the latent clips (encoded once with the bundle's codec, cached)."""
@@ -21,7 +23,7 @@ def _inputs(args: argparse.Namespace):
     bundle = Bundle.load(args.bundle)
     data = args.data or bundle.extra.get("data")
     if not data:
-        raise SystemExit(f"{args.bundle} records no training data: pass --data")
+        raise CommandError(f"{args.bundle} records no training data: pass --data")
     cache = args.latents_cache or args.out
     clips = encode_latents(data, bundle.codec, args.max_episodes, cache_dir=cache)
     held = encode_latents(args.heldout, bundle.codec, args.heldout_episodes, cache_dir=cache) if args.heldout else None
@@ -89,6 +91,9 @@ def _guidance(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from training.students.plot import plot_runs
 
+    bad = [item for item in args.runs if "=" not in item]
+    if bad:
+        raise UsageError(f"expected LABEL=RUN_DIR, got {bad[0]!r}")
     runs = dict(item.split("=", 1) for item in args.runs)
     print(json.dumps(plot_runs(runs, args.out), indent=2))
     return 0
@@ -99,17 +104,22 @@ def _add_common(p: argparse.ArgumentParser, bundle_help: str) -> None:
     p.add_argument("--out", required=True, help="run dir: ckpt.pt, metrics.json, tb/, bundle/")
     p.add_argument("--data", default=None, help="training data dir (default: the one the bundle records)")
     p.add_argument("--heldout", default=None, help="held-out data dir for the evaluation batch")
-    p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
-    p.add_argument("--heldout-episodes", type=int, default=8, help="held-out episodes to encode")
+    p.add_argument("--max-episodes", type=nonnegative_int, default=0,
+                   help="encode only the first N episodes (0: all)")
+    p.add_argument("--heldout-episodes", type=positive_int, default=8, help="held-out episodes to encode")
     p.add_argument("--latents-cache", default=None, help="dir with cached latents (default: --out)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None, help="clips per step")
-    p.add_argument("--clip-frames", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ckpt-every-s", type=float, default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    # Left out, these take the stage's own defaults (its config class in training/students/).
+    p.add_argument("--steps", type=positive_int, default=None, help="total optimizer steps (default: the stage's)")
+    p.add_argument("--batch", type=positive_int, default=None, help="clips per step (default: the stage's)")
+    p.add_argument("--clip-frames", type=positive_int, default=None,
+                   help="frames per training clip (default: the stage's)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the stage's)")
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help="steps between held-out evaluations (default: the stage's)")
+    p.add_argument("--seed", type=seed_int, default=None, help="seed of batches and noise (default: the stage's)")
+    p.add_argument("--ckpt-every-s", type=positive_float, default=None,
+                   help="checkpoint every N seconds (default: the stage's)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: 0, torch's choice)")
 
 
 def register(commands) -> None:
@@ -121,17 +131,20 @@ def register(commands) -> None:
     p = commands.add("dcm", help="TF-CM discrete: consistency distillation of the causal teacher (resumable)",
                      func=_dcm, group="train")
     _add_common(p, "causal teacher bundle (forcekit train causal)")
-    p.add_argument("--intervals", type=int, default=16, help="teacher ODE steps that split [0, 1]")
-    p.add_argument("--guidance", type=float, default=None, help="CFG of the teacher step (default: bundle's)")
-    p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the target network")
-    p.add_argument("--sample-steps", type=int, default=2, help="student steps written into the bundle")
+    p.add_argument("--intervals", type=positive_int, default=16, help="teacher ODE steps that split [0, 1]")
+    p.add_argument("--guidance", type=positive_float, default=None,
+                   help="CFG of the teacher step (default: bundle's)")
+    p.add_argument("--ema", type=fraction, default=0.99, help="EMA decay of the target network, in [0, 1)")
+    p.add_argument("--sample-steps", type=positive_int, default=2, help="student steps written into the bundle")
 
     p = commands.add("scm", help="TF-CM continuous (sCM, flow-matching form): tangent by forward-mode JVP "
                      "through the whole model (resumable)", func=_scm, group="train")
     _add_common(p, "causal teacher bundle (forcekit train causal)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG of the teacher velocity (default: bundle's)")
-    p.add_argument("--tangent-warmup", type=int, default=100, help="steps over which the JVP term ramps 0 -> 1")
-    p.add_argument("--sample-steps", type=int, default=2, help="student steps written into the bundle")
+    p.add_argument("--guidance", type=positive_float, default=None,
+                   help="CFG of the teacher velocity (default: bundle's)")
+    p.add_argument("--tangent-warmup", type=nonnegative_int, default=100,
+                   help="steps over which the JVP term ramps 0 -> 1")
+    p.add_argument("--sample-steps", type=positive_int, default=2, help="student steps written into the bundle")
 
     p = commands.add("dmd", help="SF-DMD: self-forcing rollouts through runtime.rollout, DMD against the "
                      "bidirectional teacher (resumable)", func=_dmd, group="train")
@@ -140,20 +153,25 @@ def register(commands) -> None:
     p.add_argument("--real-score", choices=("bidirectional", "causal"), default="bidirectional",
                    help="how the teacher scores the rollout: over the whole clip, or causally under teacher "
                         "forcing (pass a causal teacher bundle)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG of the real score (default: teacher's)")
-    p.add_argument("--critic-steps", type=int, default=2, help="fake-score updates per generator step")
-    p.add_argument("--critic-lr", type=float, default=None)
-    p.add_argument("--rollout-chunks", type=int, default=None, help="chunks generated per rollout")
-    p.add_argument("--context-frames", type=int, default=None, help="real clean frames before the rollout")
+    p.add_argument("--guidance", type=positive_float, default=None,
+                   help="CFG of the real score (default: teacher's)")
+    p.add_argument("--critic-steps", type=positive_int, default=2, help="fake-score updates per generator step")
+    p.add_argument("--critic-lr", type=positive_float, default=None,
+                   help="learning rate of the fake score (default: the stage's)")
+    p.add_argument("--rollout-chunks", type=positive_int, default=None,
+                   help="chunks generated per rollout (default: the stage's)")
+    p.add_argument("--context-frames", type=positive_int, default=None,
+                   help="real clean frames before the rollout (default: the first chunk)")
     p.add_argument("--cache-from", choices=("clean", "last_step"), default="clean",
                    help="KV-cache recipe used in training, written into the bundle for inference")
-    p.add_argument("--sample-steps", type=int, default=2, help="student steps (the exit step is drawn among them)")
+    p.add_argument("--sample-steps", type=positive_int, default=2,
+                   help="student steps (the exit step is drawn among them)")
 
     p = commands.add("guidance", help="guidance distillation: one conditional pass gives what the student gives "
                      "under action CFG (resumable)", func=_guidance, group="train")
     _add_common(p, "few-step student bundle (forcekit train dmd/dcm)")
-    p.add_argument("--guidance", type=float, default=5.0, help="action CFG scale to fold in")
-    p.add_argument("--sample-steps", type=int, default=None, help="student steps written into the bundle "
+    p.add_argument("--guidance", type=positive_float, default=5.0, help="action CFG scale to fold in")
+    p.add_argument("--sample-steps", type=positive_int, default=None, help="student steps written into the bundle "
                    "(default: the input bundle's)")
 
     p = commands.add("students", help="plot student runs' objectives and few-step evals side by side (PNG)",
