@@ -129,8 +129,8 @@ class Bundle:
         try:
             config = ModelConfig.from_dict(raw["model"])
             sampler = SamplerConfig.from_dict(raw.get("sampler", {}))
-            codec = build_codec(raw.get("codec", {"type": "pixel"}))
-            fps, name, extra = _fps(raw.get("fps", 15.0)), str(raw.get("name", path.name)), dict(raw.get("extra", {}))
+            codec = build_codec(_section(raw, "codec", {"type": "pixel"}))
+            fps, name, extra = _fps(raw.get("fps", 15.0)), str(raw.get("name", path.name)), _section(raw, "extra", {})
         except KeyError as e:
             raise BundleError(f"{cfg_file}: invalid config: no {e} section") from e
         except (TypeError, ValueError) as e:
@@ -185,6 +185,13 @@ def resolve_bundle(arg: str | os.PathLike | None, models_dir: Path = MODELS_DIR,
     if not Path(arg).exists():
         raise FileNotFoundError(f"bundle {arg!r}: no such directory (or use {RANDOM_TINY!r} / {AUTO!r})")
     return Bundle.load(arg, device=device)
+
+
+def _section(raw: dict[str, Any], key: str, default: dict[str, Any]) -> dict[str, Any]:
+    value = raw.get(key, default)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key!r} must be a JSON object, got {value!r}")
+    return value
 
 
 def _fps(value: Any) -> float:

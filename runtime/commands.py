@@ -114,7 +114,10 @@ def _generate(args) -> int:
     for action in tqdm(actions, desc="generate", unit="chunk", file=sys.stderr):
         frames.append(session.step(action))
     video = np.concatenate(frames)[: args.frames]
-    write_video(args.out, video, session.fps)
+    try:
+        write_video(args.out, video, session.fps)
+    except OSError as e:  # PyAV's messages do not always name the file
+        raise CommandError(f"--out {args.out}: cannot write the video ({e})") from e
     stats = session.stats()
     print(f"wrote {args.out}: {len(video)} frames {video.shape[2]}x{video.shape[1]}; "
           f"{stats['fps']:.1f} fps steady state, first frame {stats['first_frame_ms']:.1f} ms "

@@ -97,6 +97,7 @@ class ModelConfig:
         if self.window_frames < 0 or self.sink_frames < 0:
             raise ValueError("window_frames and sink_frames must be >= 0")
         ActionSpace.from_dict(self.action_space)  # fails early on a malformed action space
+        ChunkPattern(self.frames_per_chunk, self.first_chunk_frames, self.tokens_per_frame)  # checks chunk sizes
 
     @property
     def inner_dim(self) -> int:

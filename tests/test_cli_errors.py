@@ -66,12 +66,15 @@ def bundles(tmp_path_factory) -> dict[str, str]:
         "layers": broken("layers", edit_config(model__num_layers="six")),
         "fps": broken("fps", edit_config(fps=-5)),
         "not-a-dict": broken("not-a-dict", lambda p: (p / "config.json").write_text("[1, 2]")),
+        "codec": broken("codec", edit_config(codec="pixel")),
+        "chunk": broken("chunk", edit_config(model__first_chunk_frames=0)),
     }
 
 
 # What each broken bundle's error line must name.
 BUNDLE_DEFECTS = {"missing": "no-such-bundle", "empty": "config.json", "truncated": "weights.safetensors",
-                  "garbage": "config.json", "layers": "num_layers", "fps": "fps", "not-a-dict": "config.json"}
+                  "garbage": "config.json", "layers": "num_layers", "fps": "fps", "not-a-dict": "config.json",
+                  "codec": "'codec' must be a JSON object", "chunk": "chunk pattern"}
 
 
 def _write_data(root, shards: int = 2, frames: int = 9) -> ShardStore:
@@ -259,6 +262,7 @@ USAGE = [
     (["train", "dcm", "--bundle", "b", "--out", "o", "--ema", "1.5"], "--ema"),
     (["train", "causal", "--bundle", "b", "--out", "o", "--batch", "0"], "--batch"),
     (["eval", "world", "--bundle", "b", "--env", "doom:basic", "--episodes", "0"], "--episodes"),
+    (["eval", "world", "--bundle", "b", "--env", "doom:basic", "--video", "side.gif"], "--video"),
     (["eval", "longplay", "--frames", "0", "--bundle", "no-such-bundle"], "--frames"),
     (["bench", "kernels", "--iters", "0"], "--iters"),
     (["ship", "--bundle", "b", "--out", "o", "--scenes", "0"], "--scenes"),

@@ -14,6 +14,7 @@ from forcekit.cli import (
     positive_int,
     seed_int,
 )
+from runtime.commands import video_path
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -312,7 +313,7 @@ def register(commands) -> None:
                    "frame jointly with its context window, as it was trained; copy: baseline repeating the "
                    "last context frame")
     p.add_argument("--plot", default=None, help="write PSNR/SSIM vs horizon to this PNG")
-    p.add_argument("--video", default=None, help="write a real | generated side-by-side mp4")
+    p.add_argument("--video", type=video_path, default=None, help="write a real | generated side-by-side mp4")
     _add_result_args(p)
 
     p = commands.add("controls", help="does the model follow the keys? engine and model from one held-out state, "
