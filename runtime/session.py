@@ -138,6 +138,8 @@ class StreamSession:
             aud = torch.as_tensor(np.asarray(audio), dtype=torch.float32)
             if aud.shape != (n, cfg.audio_dim):
                 raise ValueError(f"audio must have shape [{n}, {cfg.audio_dim}], got {list(aud.shape)}")
+            if not torch.isfinite(aud).all():
+                raise ValueError("audio features must be finite (no NaN or infinity)")
             aud = aud.to(self.device)[None]
         elif audio is not None:
             raise ValueError("this bundle takes no audio")

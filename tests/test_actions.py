@@ -41,3 +41,12 @@ def test_a_session_refuses_a_nan_action_and_keeps_going():
         session.step([math.nan] + [0.0] * (dim - 1))
     frames = session.step(["forward"])
     assert frames.dtype == np.uint8 and session.stats()["chunks"] == 1
+
+
+def test_a_session_refuses_non_finite_audio_features():
+    from runtime import Bundle, ModelConfig
+
+    session = open_session(Bundle.random(ModelConfig.tiny(audio_dim=4)))
+    with pytest.raises(ValueError, match="finite"):
+        session.step(None, audio=np.full((1, 4), np.inf, np.float32))
+    assert session.step(None, audio=np.zeros((1, 4), np.float32)).dtype == np.uint8
