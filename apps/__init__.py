@@ -1,1 +1,1 @@
-"""Apps: the pygame player, the WebRTC server and the lip-sync loop, all over runtime sessions."""
+"""Apps over runtime sessions: the pygame player and the WebRTC server (no lip-sync loop yet)."""

@@ -22,7 +22,7 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
 def _open_fn(args: argparse.Namespace):
     """A function opening a fresh session on the bundle (loaded once) with the CLI's settings."""
     from runtime import open_session
-    from runtime.bundle import resolve_bundle
+    from runtime.session import resolve_bundle
 
     bundle = resolve_bundle(args.bundle)
     return lambda: open_session(bundle, device=args.device, steps=args.steps, guidance=args.guidance)

@@ -8,7 +8,8 @@ Errors: a bad argument is refused while parsing (the validated types below) with
 exit status 2. A failure the user can fix (a missing or corrupt file, a bad config) ends with
 one line naming the problem and exit status 1: commands signal it with `CommandError`, and the
 library with `ValueError` (its validation error; `BundleError`, `ShardError` and the others
-derive from it) or `OSError`. Anything else is a bug: one line saying so, exit status 1.
+derive from it), `OSError`, or `ImportError` (an optional extra that is not installed).
+Anything else is a bug: one line saying so, exit status 1.
 `FORCEKIT_DEBUG=1` lets every exception through with its traceback.
 """
 
@@ -51,7 +52,7 @@ class UsageError(CommandError):
     exit_code = USAGE_EXIT
 
 
-USER_ERRORS = (CommandError, ValueError, OSError)
+USER_ERRORS = (CommandError, ValueError, OSError, ImportError)  # ImportError: an optional extra not installed
 
 
 # -- validated argument types ------------------------------------------------------------------------

@@ -38,6 +38,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: KeyIntervals
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, heads or head dim")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask is not None and not isinstance(mask, KeyIntervals):
+        raise TypeError(f"mask must be a kernels.KeyIntervals or None, got {type(mask).__name__}; build one "
+                        "with kernels.masks (block_causal, teacher_forcing, window_sink, cache_decode) or "
+                        "KeyIntervals(int32 [Nq, 4] rows of (a_lo, a_hi, b_lo, b_hi), num_keys)")
     if mask is not None and (mask.num_queries != q.shape[1] or mask.num_keys != k.shape[1]):
         raise ValueError(f"mask is {mask.num_queries}x{mask.num_keys} (queries x keys) but q has "
                          f"{q.shape[1]} queries and k has {k.shape[1]} keys")

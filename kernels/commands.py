@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from forcekit.cli import nonnegative_int, positive_int
@@ -37,12 +38,19 @@ def register(commands) -> None:
     p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed calls before timing")
     p.add_argument("--iters", type=positive_int, default=10, help="timed calls per measurement")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--device", default="cuda",
+                   help="cuda (default), or cpu for a dry run of the benchmark's code (kernels interpreted: "
+                        "needs TRITON_INTERPRET=1; its timings mean nothing)")
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("forcekit bench kernels --device cpu needs TRITON_INTERPRET=1 (the kernels run interpreted)",
+              file=sys.stderr)
+        return 2
+    if args.device != "cpu" and not torch.cuda.is_available():
         print("forcekit bench kernels needs a CUDA GPU (the Triton kernels only run interpreted on CPU, "
               "which says nothing about speed); no CUDA device found.", file=sys.stderr)
         return 2
@@ -53,7 +61,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
                       frames_per_chunk=args.frames_per_chunk, first_chunk_frames=args.first_chunk_frames,
                       batch=args.batch, dtype=args.dtype, masks=args.masks, passes=args.passes,
                       baselines=args.baselines, warmup=args.warmup, iters=args.iters)
-    report = run_benchmark(cfg, "cuda")
+    report = run_benchmark(cfg, args.device)
     if not args.json:
         print(format_table(report), file=sys.stderr)
     print(json.dumps(report, indent=2))

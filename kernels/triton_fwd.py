@@ -54,10 +54,14 @@ def _fwd_tile(acc, acc_t, m_i, l_i, r_i, q, tq, k_ptrs, v_ptrs, tk_ptrs, tv_ptrs
         vis = visible(offs_k[None, :], a_lo[:, None], a_hi[:, None], b_lo[:, None], b_hi[:, None], NK)
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:  # a row may still have seen nothing: keep the shift finite
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    shift = m_new
+    if MASKED:
+        # A row may still have seen nothing: shift by a finite 0 in this tile (its p and alpha
+        # are 0 either way) but carry -inf on, so the first tile it does see sets the true max.
+        # Carrying the 0 would leave fp16 p = exp2(s - 0) to underflow for low scores.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - shift)
+    p = tl.math.exp2(s - shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=PRECISION)
     if JVP:

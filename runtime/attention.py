@@ -5,11 +5,15 @@ Backends (all take ``q, k, v`` as ``[B, N, H, D]`` and an optional interval mask
   sdpa       ``scaled_dot_product_attention`` with a dense boolean mask
   flex       FlexAttention with a block mask from the same description (compiled on CUDA)
   flash      flash-attn, when installed, for masks it can express (no mask); else SDPA
-  kernels    forcekit's Triton kernels (`kernels.attention`), fused JVP included
+  kernels    forcekit's Triton kernels (`kernels.attention`), fused JVP included; on CPU
+             interpreted when ``TRITON_INTERPRET=1``, else the kernels package's reference
 
 Choice, first match wins: the ``backend`` argument, `use_backend(...)`, the
-``FORCEKIT_ATTENTION`` environment variable, then ``auto`` (kernels on CUDA when available,
-else SDPA; the reference whenever forward-mode AD is active on CPU, which SDPA lacks).
+``FORCEKIT_ATTENTION`` environment variable, then ``auto``: SDPA, or the reference whenever
+forward-mode AD is active (SDPA and FlexAttention have no JVP). On CUDA ``auto`` only picks a
+backend listed in `CUDA_VERIFIED`, the ones that have passed their tests on a GPU; the Triton
+kernels have not run on one yet, so they are opt-in (``FORCEKIT_ATTENTION=kernels``) until
+``scripts/gpu_check.sh`` has run them green and they are added there.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from kernels.masks import KeyIntervals
 from runtime.masks import covers_all_keys, dense_bias, dense_mask, flex_block_mask
 
 BACKENDS = ("auto", "reference", "sdpa", "flex", "flash", "kernels")
+# Backends `auto` may choose on CUDA, best first: only those whose tests passed on a GPU (SDPA is
+# PyTorch's own). Add "kernels" in front once tests/test_kernels.py's gpu tests pass on one.
+CUDA_VERIFIED: tuple[str, ...] = ("sdpa",)
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("forcekit_attention", default=None)
 
 
@@ -67,12 +74,22 @@ def _kernels_attention():
     return getattr(kernels, "attention", None)
 
 
+def auto_backend(is_cuda: bool, forward_ad: bool, verified: tuple[str, ...] = CUDA_VERIFIED) -> str:
+    """What ``auto`` runs: a GPU-verified backend on CUDA, SDPA elsewhere; under forward-mode AD
+    the fused-JVP kernels if verified on this GPU, else the reference (the others have no JVP)."""
+    if is_cuda:
+        if forward_ad:
+            return "kernels" if "kernels" in verified and _kernels_attention() is not None else "reference"
+        for name in verified:
+            if name != "kernels" or _kernels_attention() is not None:
+                return name
+    return "reference" if forward_ad else "sdpa"
+
+
 def _resolve(name: str, q: torch.Tensor) -> str:
     if name != "auto":
         return name
-    if q.is_cuda and _kernels_attention() is not None:
-        return "kernels"
-    return "reference" if _forward_ad_active(q) else "sdpa"
+    return auto_backend(q.is_cuda, _forward_ad_active(q))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: KeyIntervals | None = None,
@@ -138,10 +155,14 @@ def _flash(q, k, v, mask: KeyIntervals | None, scale: float | None) -> torch.Ten
 
 
 def _kernels(q, k, v, mask: KeyIntervals | None, scale: float | None) -> torch.Tensor:
+    """The Triton kernels on CUDA, and on CPU when ``TRITON_INTERPRET=1`` (the tests' setting);
+    elsewhere on CPU the kernels package's pure-torch reference (the interpreter is no speed path)."""
     fn = _kernels_attention()
     if fn is None:
         raise RuntimeError("attention backend 'kernels' requested but kernels.attention is not available")
-    return fn(q, k, v, mask=mask, scale=scale)
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    triton = importlib.util.find_spec("triton") is not None and (q.is_cuda or interpreted)
+    return fn(q, k, v, mask=mask, scale=scale, backend="triton" if triton else "auto")
 
 
 _BACKEND_FNS = {"reference": reference_attention, "sdpa": _sdpa, "flex": _flex, "flash": _flash,

@@ -5,10 +5,11 @@ checks every tensor's name and shape and fails with a message that names the fil
 tensor; saving writes to a temporary directory and renames it, so a bundle on disk is
 always whole.
 
-A ``--bundle`` argument names a bundle directory, ``random-tiny`` (an untrained tiny model that
-exercises every moving part without claiming to show a world) or ``auto``: the bundle shipped
-under ``models/`` (``models/default`` first, else the first by name), else ``random-tiny``.
-Every command resolves it with `resolve_bundle`, so they all mean the same by it.
+A ``--bundle`` argument names a bundle directory, a random bundle (``random-tiny``: an untrained
+tiny model that exercises every moving part without claiming to show a world) or ``auto``: the
+bundle shipped under ``models/`` (``models/default`` first, else the first by name), else
+``random-tiny``. Every command resolves it with `runtime.session.resolve_bundle`, so they all
+mean the same by it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,24 +167,6 @@ def shipped_bundles(models_dir: Path = MODELS_DIR) -> list[Path]:
     if not models_dir.is_dir():
         return []
     return sorted(p for p in models_dir.iterdir() if (p / "config.json").is_file())
-
-
-def resolve_bundle(arg: str | os.PathLike | None, models_dir: Path = MODELS_DIR,
-                   device: torch.device | str = "cpu") -> Bundle:
-    """Load the bundle a ``--bundle`` argument names: a directory, ``random-tiny`` or ``auto`` (None)."""
-    arg = str(arg) if arg is not None else AUTO
-    if arg == AUTO:
-        shipped = shipped_bundles(models_dir)
-        if not shipped:
-            print(f"note: no bundle under {models_dir}; using an untrained {RANDOM_TINY} bundle", file=sys.stderr)
-            arg = RANDOM_TINY
-        else:
-            arg = str(([p for p in shipped if p.name == DEFAULT_NAME] or shipped)[0])
-    if arg == RANDOM_TINY:
-        return Bundle.random(ModelConfig.tiny(), seed=0, name=RANDOM_TINY).to(device)
-    if not Path(arg).exists():
-        raise FileNotFoundError(f"bundle {arg!r}: no such directory (or use {RANDOM_TINY!r} / {AUTO!r})")
-    return Bundle.load(arg, device=device)
 
 
 def _section(raw: dict[str, Any], key: str, default: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,14 @@
-"""Per-frame latent codecs: frames (uint8) <-> latents (float), plus a registry by name.
+"""Latent codecs: frames (uint8) <-> latents (float), plus a registry by name.
 
 A bundle's ``config.json`` names its codec (``{"type": "pixel"}``) and stores the codec's
 weights in ``weights.safetensors`` under the ``codec.`` prefix. The identity ``pixel`` codec
 lets untrained bundles decode end to end before a trained codec exists.
+
+Most codecs are per-frame: one latent frame decodes to one video frame, independently. A
+temporal codec (``temporal = True``, e.g. the Wan VAE in `runtime.wan_vae`) decodes a latent
+frame together with what came before it, so a stream decodes through a `StreamingDecoder`:
+``decode_chunk`` keeps the state that links one chunk to the next, ``reset`` starts a new
+stream. Every codec has one (`Codec.streaming_decoder`); a per-frame codec's is stateless.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ class Codec(nn.Module, ABC):
     """
 
     type_name = "abstract"
+    temporal = False  # True: latent frames decode with their past (use `streaming_decoder`)
 
     @property
     @abstractmethod
@@ -48,6 +55,44 @@ class Codec(nn.Module, ABC):
     @abstractmethod
     def from_config(cls, cfg: dict[str, Any]) -> Codec:
         """The codec a ``config()`` dict describes (weights loaded separately)."""
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        """A decoder for one stream, chunk after chunk (per-frame codecs: stateless ``decode``)."""
+        return FrameDecoder(self)
+
+
+class StreamingDecoder(ABC):
+    """Decodes one stream's latent chunks in order; holds whatever links a chunk to the next.
+
+    Why a separate object: a session's codec is shared (one set of weights), the stream state
+    is not; two sessions on one bundle each hold their own decoder.
+    """
+
+    @abstractmethod
+    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        """The next latent frames ``[n, C, h, w]`` -> the video frames they complete, uint8 ``[m, H, W, 3]``."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget the stream: the next chunk is decoded as the first of a new one."""
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of tensors held between chunks (bounded: it must not grow with the stream)."""
+        return 0
+
+
+class FrameDecoder(StreamingDecoder):
+    """A per-frame codec's streaming decoder: each chunk decodes on its own."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+
+    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
+
+    def reset(self) -> None:
+        """Nothing to forget: per-frame decoding has no state."""
 
 
 def frames_to_float(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -114,3 +159,4 @@ def build_codec(cfg: dict[str, Any]) -> Codec:
 
 register_codec("pixel", PixelCodec)
 import runtime.autoencoder  # noqa: E402,F401  (registers "conv_ae": the trained latent codec)
+import runtime.wan_vae  # noqa: E402,F401  (registers "wan_vae"; diffusers is imported only when one is built)

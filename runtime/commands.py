@@ -39,6 +39,17 @@ def register(commands) -> None:
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise and of the random actions")
     p.add_argument("--no-uncached", action="store_true", help="skip the kv_cache=False comparison run")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="weights and KV cache dtype (the sampler stays fp32); bf16 is the GPU setting")
+    p.add_argument("--capture", default="none", choices=("none", "graphs", "compile"),
+                   help="run each cached pass as a captured CUDA graph, or through torch.compile (GPU)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode with --capture compile")
+    p.add_argument("--overlap", action="store_true",
+                   help="also measure decode overlapped with the next chunk's denoising on a second CUDA stream")
+    p.add_argument("--warmup", action="store_true",
+                   help="run the measured rollout once before measuring (captures graphs, compiles, warms caches)")
+    p.add_argument("--baseline", default=None, choices=("diffusers",),
+                   help="also measure diffusers' WanTransformer3DModel recomputing the context with no cache")
 
 
 def _bundle_args(p: argparse.ArgumentParser) -> None:
@@ -55,14 +66,33 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's; 1 is faster for tiny models on a busy machine)")
 
 
-def _open(args):
+def _open(args, runner_options=None):
     import torch
 
-    from runtime import open_session
+    from runtime.session import StreamSession, resolve_bundle
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return open_session(args.bundle, device=args.device, steps=args.steps, guidance=args.guidance)
+    bundle = resolve_bundle(args.bundle, args.device)
+    runner = None
+    if runner_options is not None:
+        from runtime.cuda_step import CudaStepModel
+
+        runner = CudaStepModel(bundle.model, runner_options)
+    return StreamSession(bundle, device=args.device, steps=args.steps, guidance=args.guidance, runner=runner,
+                         text=random_text(bundle.config, getattr(args, "seed", 0)))
+
+
+def random_text(config, seed: int):
+    """A fixed random prompt embedding ``[512, text_dim]`` for a text-conditioned bundle run without a
+    prompt (a speed measurement: Wan attends to 512 T5 tokens whatever the prompt); None without text."""
+    import torch
+
+    from runtime.presets import WAN_TEXT_TOKENS
+
+    if not config.text_dim:
+        return None
+    return torch.randn(WAN_TEXT_TOKENS, config.text_dim, generator=torch.Generator().manual_seed(seed))
 
 
 def random_actions(action_space, chunks: int, seed: int) -> list:
@@ -134,15 +164,36 @@ def measure(session, frames: int, seed: int) -> dict:
     return session.stats()
 
 
+def measure_overlapped(stream, frames: int, seed: int) -> dict:
+    """`measure` through an `OverlappedStream` (decode of chunk n during the denoising of n + 1)."""
+    stream.reset(seed)
+    session = stream.session
+    chunks = session.config.chunk_pattern.num_chunks(frames)
+    for action in random_actions(session.action_space, chunks, seed):
+        stream.step(action)
+    stream.flush()
+    return {k: v for k, v in session.stats().items() if k in ("fps", "first_frame_ms", "chunk_ms_p50",
+                                                              "chunk_ms_p95", "frames")}
+
+
 def _bench_runtime(args) -> int:
     import platform
 
     import torch
 
-    from runtime import open_session
+    from runtime.cuda_step import StepOptions, peak_memory
+    from runtime.session import StreamSession
 
-    session = _open(args)
-    cached = measure(session, args.frames, args.seed)
+    if args.capture == "graphs" and not args.device.startswith("cuda"):
+        print(f"error: --capture graphs records CUDA graphs: it needs --device cuda, not {args.device}",
+              file=sys.stderr)
+        return 2
+    options = StepOptions(dtype=args.dtype, capture=args.capture, compile_mode=args.compile_mode)
+    session = _open(args, options if options != StepOptions() else None)
+    if args.warmup:
+        measure(session, args.frames, args.seed)
+    with peak_memory(session.device) as peak:
+        cached = measure(session, args.frames, args.seed)
     result = {
         "bundle": session.bundle.name, "device": args.device, "frames": args.frames,
         "frame_size": list(session.frame_size), "steps": cached["steps"], "guidance": cached["guidance"],
@@ -150,12 +201,36 @@ def _bench_runtime(args) -> int:
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "fps": cached["fps"], "first_frame_ms": cached["first_frame_ms"], "chunk_ms_p50": cached["chunk_ms_p50"],
         "chunk_ms_p95": cached["chunk_ms_p95"], "kv_cache_bytes": cached["kv_cache_bytes"],
+        "video_frames": cached["frames"], "dtype": args.dtype, "capture": args.capture,
+        "peak_memory_bytes": peak["bytes"],
     }
+    if session.device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(session.device)
+    if args.capture == "graphs":
+        result["graphs_captured"] = session._rollout.model.captures
+    if args.overlap:
+        from runtime.cuda_step import OverlappedStream
+
+        result["overlap"] = measure_overlapped(OverlappedStream(session), args.frames, args.seed)
     if not args.no_uncached:
-        uncached = measure(open_session(session.bundle, device=args.device, steps=args.steps, kv_cache=False,
-                                      guidance=args.guidance),
+        from dataclasses import replace
+
+        from runtime.cuda_step import CudaStepModel
+
+        plain = CudaStepModel(session.bundle.model, replace(options, capture="none")) if args.dtype != "fp32" else None
+        uncached = measure(StreamSession(session.bundle, device=args.device, steps=args.steps, kv_cache=False,
+                                         guidance=args.guidance, runner=plain,
+                                         text=None if session.text is None else session.text[0]),
                            args.frames, args.seed)
         result["uncached_fps"] = uncached["fps"]
         result["kv_cache_speedup"] = cached["fps"] / uncached["fps"]
+    if args.baseline == "diffusers":
+        from runtime.wan_baseline import measure_diffusers_baseline
+
+        base = measure_diffusers_baseline(session.bundle, session.device, args.frames, args.steps,
+                                          session.text, args.seed,
+                                          dtype=next(session.bundle.model.parameters()).dtype)
+        result["baseline"] = base
+        result["speedup_vs_baseline"] = cached["fps"] / base["fps"] if base["fps"] else None
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

@@ -69,6 +69,7 @@ class ModelConfig:
     action_space: dict[str, Any] = field(default_factory=dict)  # ActionSpace.to_dict()
     audio_dim: int = 0  # per-frame audio feature size; 0: none
     video_channels: int = 0  # channel-concatenated video conditioning latents; 0: none
+    stack_frames: int = 0  # clean latents of this many previous frames on the channel axis (runtime.stacking)
     # Chunks and the KV cache, in frames.
     frames_per_chunk: int = 1
     first_chunk_frames: int | None = None
@@ -94,6 +95,8 @@ class ModelConfig:
                              f"patch {ph}x{pw}")
         if self.attention_head_dim % 2 or self.attention_head_dim < 6:
             raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {self.attention_head_dim}")
+        if self.stack_frames < 0:
+            raise ValueError(f"stack_frames must be >= 0, got {self.stack_frames}")
         if self.window_frames < 0 or self.sink_frames < 0:
             raise ValueError("window_frames and sink_frames must be >= 0")
         ActionSpace.from_dict(self.action_space)  # fails early on a malformed action space
@@ -171,6 +174,16 @@ class SamplerConfig:
             raise ValueError("steps must be >= 1")
         if self.timesteps is not None and not all(0 < t <= 1 for t in self.timesteps):
             raise ValueError(f"timesteps must lie in (0, 1], got {self.timesteps}")
+        if self.cache_from == "last_step" and 1 in self.step_counts():
+            raise ValueError(f"cache_from='last_step' needs at least 2 denoising steps per chunk, got "
+                             f"{self.step_counts()}: with one step the keys kept are those of the pure-noise "
+                             f"input, never of the generated frame; use cache_from='clean'")
+
+    def step_counts(self) -> list[int]:
+        """The numbers of denoising steps a chunk can take (first chunk and later chunks)."""
+        if self.timesteps is not None:
+            return [len(self.timesteps)]
+        return [self.steps] + ([self.first_chunk_steps] if self.first_chunk_steps else [])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

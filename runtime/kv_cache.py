@@ -7,7 +7,9 @@ chunks so that one pass can commit a finished chunk and start denoising the next
 (``commit_frames``, below).
 Keys are stored with their rotary positions already applied and positions are computed on the
 fly from an ever-growing frame counter, so there is no table to run out and memory is flat
-from the first call: nothing is allocated after construction.
+from the first call: nothing is allocated after construction. Once the window has moved past
+the sink, the sink's keys are read re-rotated by `runtime.context.sink_shift` (as if the sink sat
+just before the window), so query-to-sink distances stay inside what training shows.
 
 Modes, per forward pass:
   transient  write the chunk's keys into the current region and attend; commit nothing
@@ -30,6 +32,8 @@ import torch
 
 from kernels.masks import KeyIntervals
 from runtime.chunks import cached_mask
+from runtime.context import sink_shift
+from runtime.rope import apply_rope, rope_angles, rope_cos_sin
 
 MODES = ("transient", "append", "readonly")
 
@@ -44,6 +48,7 @@ class CacheGeometry:
     sink_frames: int
     window_frames: int
     max_chunk_frames: int
+    rope_theta: float = 10000.0  # to re-rotate the sink's keys (`runtime.context.sink_shift`)
 
     @property
     def slots(self) -> int:
@@ -100,20 +105,44 @@ class KVCache:
         buf[0, :, cur:cur + k.shape[1]] = k.detach()
         buf[1, :, cur:cur + k.shape[1]] = v.detach()
         if commit_frames:
-            index, mask = self._fused_layout(commit_frames, n)
+            index, mask, sinks = self._fused_layout(commit_frames, n)
             kv = buf.index_select(2, index)
             self._pending = commit_frames
-            return kv[0], kv[1], mask
+            keys = kv[0]
+            for at, start in sinks:  # the committed chunk's sink, and the current chunk's when it shifts
+                keys = self._shifted_sink(keys, at, start)
+            return keys, kv[1], mask
         mask = cached_mask("cache_decode", n, t, g.sink_frames, g.window_frames, self.sink_valid, self.window_valid)
         if mode == "append":
             self._pending = n
-        return buf[0, :, :cur + n * t], buf[1, :, :cur + n * t], mask
+        return self._shifted_sink(buf[0, :, :cur + n * t], 0, self.next_frame), buf[1, :, :cur + n * t], mask
 
-    def _fused_layout(self, commit: int, n: int) -> tuple[torch.Tensor, KeyIntervals]:
-        """Token gather index ``[evicted | kept | committed | current]`` and its `commit_decode` mask."""
-        key = (self.sink_valid, self.window_valid, self.ring_next, commit, n)
+    def _shifted_sink(self, keys: torch.Tensor, at: int, start: int) -> torch.Tensor:
+        """``keys`` with the valid sink frames found at frame ``at`` re-rotated for a chunk starting at
+        ``start`` (a new tensor when they move; ``keys`` itself while the shift is 0)."""
+        g, t = self.geometry, self.geometry.tokens_per_frame
+        shift = sink_shift(start, g.window_frames, g.sink_frames)
+        if shift == 0 or self.sink_valid == 0:
+            return keys
+        angles = rope_angles(torch.tensor([shift], device=keys.device), 1, 1, g.head_dim, g.rope_theta)
+        lo, hi = at * t, (at + self.sink_valid) * t
+        sink = apply_rope(keys[:, lo:hi], *rope_cos_sin(angles))  # frame axis only: rows/columns turn by 0
+        return torch.cat([keys[:, :lo], sink, keys[:, hi:]], dim=1)
+
+    def _fused_layout(self, commit: int, n: int) -> tuple[torch.Tensor, KeyIntervals, list[tuple[int, int]]]:
+        """Token gather index ``[evicted | kept | committed | current]``, its `commit_decode` mask, and
+        where sink frames sit in it with the chunk start each is read for (`_shifted_sink`).
+
+        When the two chunks see the sink at different shifts, the sink is gathered a second time
+        after the current chunk, for the current chunk's queries only (still one interval per row).
+        """
+        g = self.geometry
+        start = self.next_frame
+        twice = self.sink_valid > 0 and (sink_shift(start, g.window_frames, g.sink_frames)
+                                         != sink_shift(start + commit, g.window_frames, g.sink_frames))
+        key = (self.sink_valid, self.window_valid, self.ring_next, commit, n, twice)
         if key not in self._fused_layouts:
-            g, t = self.geometry, self.geometry.tokens_per_frame
+            t = g.tokens_per_frame
             to_ring = commit - min(commit, g.sink_frames - self.sink_valid)
             if to_ring > g.window_frames:
                 raise ValueError(f"a window of {g.window_frames} frames cannot keep a committed chunk of "
@@ -122,12 +151,20 @@ class KVCache:
             oldest = (self.ring_next - self.window_valid) % g.window_frames if g.window_frames else 0
             ring = [g.sink_frames + (oldest + i) % g.window_frames for i in range(self.window_valid)]
             current = g.sink_frames + g.window_frames
-            frames = ring[:evicted] + list(range(self.sink_valid)) + ring[evicted:] + list(
-                range(current, current + commit + n))
-            index = (torch.tensor(frames)[:, None] * t + torch.arange(t)).flatten().to(self._buf.device)
+            sink = list(range(self.sink_valid))
+            frames = ring[:evicted] + sink + ring[evicted:] + list(range(current, current + commit + n))
             mask = cached_mask("commit_decode", commit, n, t, self.frames_held, evicted)
-            self._fused_layouts[key] = (index, mask)
-        return self._fused_layouts[key]
+            if twice:
+                frames += sink
+                iv = mask.intervals.clone()
+                iv[commit * t:, 0] += self.sink_valid * t  # the current chunk skips the first sink copy ...
+                iv[commit * t:, 1] += self.sink_valid * t  # ... and reads the one after it instead
+                mask = KeyIntervals(iv, mask.num_keys + self.sink_valid * t)
+            index = (torch.tensor(frames)[:, None] * t + torch.arange(t)).flatten().to(self._buf.device)
+            self._fused_layouts[key] = (index, mask, evicted, len(frames) - self.sink_valid)
+        index, mask, evicted, second = self._fused_layouts[key]
+        sinks = [(evicted, start)] + ([(second, start + commit)] if twice else [])
+        return index, mask, sinks
 
     def _held(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         g, t = self.geometry, self.geometry.tokens_per_frame
@@ -135,7 +172,7 @@ class KVCache:
         sink = buf[:, :, : self.sink_valid * t]
         ring = buf[:, :, g.sink_frames * t: (g.sink_frames + self.window_valid) * t]
         both = torch.cat([sink, ring], dim=2)
-        return both[0], both[1]
+        return self._shifted_sink(both[0], 0, self.next_frame), both[1]
 
     def commit(self) -> None:
         """Move the chunk written by the last `append` pass from the current region into sink/ring."""

@@ -86,3 +86,9 @@ def flex_block_mask(mask: KeyIntervals, device: torch.device | str):
         return create_block_mask(mask_mod, None, None, mask.num_queries, mask.num_keys, device=device)
 
     return _memo(_block_cache, _key(mask, device), mask, build)
+
+
+def memoised_tensors() -> list:
+    """Every lowered mask held in the memo right now. A captured CUDA graph reads these by address,
+    so it keeps them alive (`runtime.cuda_step`): an evicted entry must not free memory a graph uses."""
+    return [value for cache in (_dense_cache, _bias_cache, _block_cache) for _, value in cache.values()]

@@ -68,7 +68,8 @@ class ConditionEmbedder(nn.Module):
     def forward(self, t: torch.Tensor, action: torch.Tensor | None, audio: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` ``[B, F]`` (already scaled) -> temb ``[B, F, D]``, modulation ``[B, F, 6, D]``."""
-        temb = self.time_embedder(timestep_features(t, self.freq_dim))
+        # features in the embedder's dtype: a bf16 model takes fp32 timesteps (levels stay exact)
+        temb = self.time_embedder(timestep_features(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype))
         if self.action_embedder is not None and action is not None:
             temb = temb + self.action_embedder(action.to(temb.dtype))
         if self.audio_embedder is not None and audio is not None:
@@ -174,8 +175,8 @@ class CausalDiT(nn.Module):
         super().__init__()
         self.config = cfg
         d = cfg.inner_dim
-        self.patch_embedding = nn.Conv3d(cfg.in_channels + cfg.video_channels, d, kernel_size=cfg.patch_size,
-                                         stride=cfg.patch_size)
+        channels = cfg.in_channels + cfg.video_channels + cfg.stack_frames * cfg.in_channels
+        self.patch_embedding = nn.Conv3d(channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.condition_embedder = ConditionEmbedder(cfg)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.proj_out = nn.Linear(d, cfg.out_channels * math.prod(cfg.patch_size))
@@ -189,11 +190,12 @@ class CausalDiT(nn.Module):
         p = next(self.parameters())
         geometry = CacheGeometry(cfg.num_layers, batch, cfg.num_attention_heads, cfg.attention_head_dim,
                                  cfg.tokens_per_frame, cfg.sink_frames, cfg.window_frames,
-                                 cfg.chunk_pattern.max_chunk_frames)
+                                 cfg.chunk_pattern.max_chunk_frames, cfg.rope_theta)
         return KVCache(geometry, device=device or p.device, dtype=dtype or p.dtype)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, *, action: torch.Tensor | None = None,
                 audio: torch.Tensor | None = None, video: torch.Tensor | None = None,
+                previous: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, mask: KeyIntervals | None = None,
                 frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 cache_mode: str = "transient", cache_only: bool = False, commit_frames: int = 0
@@ -201,8 +203,9 @@ class CausalDiT(nn.Module):
         """Predict the flow velocity for latents ``x`` ``[B, F, C, H, W]`` at per-frame ``timestep`` ``[B, F]``.
 
         ``action`` ``[B, F, A]``, ``audio`` ``[B, F, audio_dim]``, ``video`` ``[B, F, Cv, H, W]``,
-        ``text`` ``[B, L, text_dim]``. ``frame_positions`` ``[F]`` are the frames' RoPE indices
-        (default: consecutive from the cache's next frame, or from 0). With a ``cache``, the
+        ``previous`` ``[B, F, stack_frames*C, H, W]`` (frame stacking: the clean latents each frame
+        may see, `runtime.stacking`), ``text`` ``[B, L, text_dim]``. ``frame_positions`` ``[F]`` are the
+        frames' RoPE indices (default: consecutive from the cache's next frame, or from 0). With a ``cache``, the
         chunk attends to the cache (``mask`` is then derived from it) and ``append`` commits it.
         ``cache_only`` (with ``append``): only fill the cache and return None, skipping the work
         whose result nobody reads (the last block after its keys and values, the output head):
@@ -228,6 +231,13 @@ class CausalDiT(nn.Module):
             if video is None:
                 raise ValueError(f"this model is video-conditioned: pass video [B, F, {cfg.video_channels}, H, W]")
             x = torch.cat([x, video.to(x.dtype)], dim=2)
+        if cfg.stack_frames:
+            want = (b, nf, cfg.stack_frames * cfg.in_channels, hgt, wid)
+            if previous is None or tuple(previous.shape) != want:
+                got = None if previous is None else list(previous.shape)
+                raise ValueError(f"this model stacks {cfg.stack_frames} previous frame(s): pass previous "
+                                 f"{list(want)} (runtime.stacking.previous_frames), got {got}")
+            x = torch.cat([x, previous.to(x.dtype)], dim=2)
         if cfg.text_dim and text is None:
             raise ValueError(f"this model has text cross-attention: pass text [B, L, {cfg.text_dim}]")
         _, ph, pw = cfg.patch_size

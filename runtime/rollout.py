@@ -1,9 +1,11 @@
 """`Rollout`: chunk-by-chunk generation in latent space, shared by inference and self-forcing training.
 
 A rollout owns the context the next chunk sees. With ``kv_cache=True`` that is a `KVCache`;
-with ``kv_cache=False`` it is the full history of context latents, their noise levels and
-conditions, re-run through the model under the window + sink mask for every call: slow, but
-exactly what the cache must reproduce, so it is the reference the tests compare against.
+with ``kv_cache=False`` it is the history of context latents, their noise levels and
+conditions, of which every call re-runs what the chunk depends on (the sink's chunks and the
+last ``num_layers`` windows, `runtime.context.recompute_plan`) under the window + sink mask and
+the cache's positions: slower, bounded per chunk, and exactly what the cache must reproduce, so
+it is the reference the tests compare against. Only that much history is kept.
 
 What enters the context follows the bundle's recipe (``SamplerConfig.cache_from``):
 ``clean`` re-runs the denoised chunk at t = 0 (teacher-forcing style); ``last_step`` keeps
@@ -13,39 +15,60 @@ the keys of the last denoising step, whose input is still noisy at that step's l
 denoising step of the next one, which then runs both in one model pass
 (``CausalDiT(..., commit_frames=)``): the same numbers, one pass per chunk fewer. Training
 leaves it off so that snapshots and replays see a committed context.
+
+Frame stacking (``ModelConfig.stack_frames``): the rollout also keeps the newest clean
+latents and hands each pass the previous frames its frames may see (`runtime.stacking`):
+a chunk being denoised sees the frames before it, a committed chunk each frame's own past.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from runtime import sampler as sampling
 from runtime.config import SamplerConfig
+from runtime.context import receptive_start, recompute_plan, sink_chunks_end
 from runtime.model import CausalDiT
+from runtime.stacking import next_previous, previous_frames
 
 
 @dataclass
 class ChunkCondition:
-    """Per-frame conditions of one chunk (``[B, n, ...]``) and the clip-level text (``[B, L, D]``)."""
+    """Per-frame conditions of one chunk (``[B, n, ...]``) and the clip-level text (``[B, L, D]``).
+
+    ``previous`` (frame stacking) is filled in by the `Rollout`, which owns the context.
+    """
 
     action: torch.Tensor | None = None
     audio: torch.Tensor | None = None
     video: torch.Tensor | None = None
     text: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
 
     def unconditional(self) -> ChunkCondition:
         """The same chunk with actions dropped (zeros), as in action-dropout training for CFG."""
         action = None if self.action is None else torch.zeros_like(self.action)
-        return ChunkCondition(action, self.audio, self.video, self.text)
+        return ChunkCondition(action, self.audio, self.video, self.text, self.previous)
+
+    def per_frame(self) -> tuple[torch.Tensor | None, ...]:
+        """The fields with a frame axis, in constructor order (text is per clip)."""
+        return self.action, self.audio, self.video, self.previous
 
 
 def _doubled(cond: ChunkCondition) -> ChunkCondition:
     """``[conditional; unconditional]`` along the batch, as guided model calls take it."""
     unc = cond.unconditional()
-    return ChunkCondition(*(_cat([c, u], 0) for c, u in zip(
-        (cond.action, cond.audio, cond.video, cond.text), (unc.action, unc.audio, unc.video, unc.text))))
+    a, u = cond.per_frame() + (cond.text,), unc.per_frame() + (unc.text,)
+    action, audio, video, previous, text = (_cat([c, d], 0) for c, d in zip(a, u))
+    return ChunkCondition(action, audio, video, text, previous)
+
+
+def _cat_frames(conds: list[ChunkCondition], text: torch.Tensor | None) -> ChunkCondition:
+    """Consecutive chunks' conditions as one (frame axis 1)."""
+    action, audio, video, previous = (_cat(list(parts), 1) for parts in zip(*(c.per_frame() for c in conds)))
+    return ChunkCondition(action, audio, video, text, previous)
 
 
 def _cat(parts: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
@@ -73,9 +96,14 @@ class Rollout:
     def reset(self) -> None:
         self.chunk = 0
         self.frames = 0
+        cfg = self.model.config
+        p = next(self.model.parameters())
+        # the newest clean latents, oldest first (frame stacking; None without it)
+        self._recent = torch.zeros((self.batch, cfg.stack_frames, cfg.in_channels, cfg.latent_height,
+                                    cfg.latent_width), dtype=p.dtype, device=p.device) if cfg.stack_frames else None
         if self.cache is not None:
             self.cache.reset()
-        self._history: list[tuple[torch.Tensor, torch.Tensor, ChunkCondition]] = []
+        self._history: list[tuple[int, torch.Tensor, torch.Tensor, ChunkCondition]] = []  # (first frame, ...)
         self.exit_input: tuple[torch.Tensor, float] | None = None  # last denoising step's (input, level)
         self._deferred: tuple[torch.Tensor, ChunkCondition] | None = None  # finished chunk not yet in the cache
 
@@ -91,7 +119,26 @@ class Rollout:
                  ) -> torch.Tensor:
         """Velocity for the current chunk ``x`` ``[B, n, C, H, W]`` at level ``t``, given the context."""
         self.flush()
-        return self._velocity(x, t, cond, cache_mode)
+        return self._velocity(x, t, self._denoising(cond, x.shape[1]), cache_mode)
+
+    # -- frame stacking ------------------------------------------------------------------------------
+    def _denoising(self, cond: ChunkCondition, n: int) -> ChunkCondition:
+        """``cond`` with the previous frames that the ``n`` frames of the chunk being denoised see."""
+        if self._recent is None:
+            return cond
+        newest = next_previous(self._recent, self.model.config.stack_frames)
+        return replace(cond, previous=newest.expand(-1, n, *newest.shape[2:]))
+
+    def _committing(self, cond: ChunkCondition, latents: torch.Tensor) -> ChunkCondition:
+        """``cond`` with each frame's own previous frames, for clean ``latents`` entering the context."""
+        if self._recent is None:
+            return cond
+        return replace(cond, previous=previous_frames(latents, self.model.config.stack_frames, self._recent))
+
+    def _push_recent(self, latents: torch.Tensor) -> None:
+        """Keep the newest ``stack_frames`` clean latents (zeros before the first frame)."""
+        if self._recent is not None:
+            self._recent = torch.cat([self._recent, latents.detach()], 1)[:, -self.model.config.stack_frames:]
 
     def _velocity(self, x: torch.Tensor, t: float | torch.Tensor, cond: ChunkCondition, cache_mode: str,
                   commit_frames: int = 0) -> torch.Tensor:
@@ -99,59 +146,76 @@ class Rollout:
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         tt = tt.expand(b, n) if tt.ndim == 0 else tt
         if commit_frames:  # a finished chunk at level 0 in front, committed in the same pass
-            ctx, ctx_cond = self._deferred
-            self._deferred = None
+            ctx, ctx_cond = self._deferred  # cleared only once the pass succeeded: a retry still commits it
             x = torch.cat([ctx, x], dim=1)
             tt = torch.cat([torch.zeros(ctx.shape[:2], dtype=x.dtype, device=x.device), tt], dim=1)
-            cond = ChunkCondition(*(_cat([c, d], 1) for c, d in zip(
-                (ctx_cond.action, ctx_cond.audio, ctx_cond.video), (cond.action, cond.audio, cond.video))),
-                text=cond.text)
+            cond = _cat_frames([ctx_cond, cond], cond.text)
         if self.guided:
             v = self._run(torch.cat([x, x]), torch.cat([tt, tt]), _doubled(cond), cache_mode,
                           commit_frames=commit_frames)
             v_cond, v_uncond = v.chunk(2)
-            return v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
-        return self._run(x, tt, cond, cache_mode, commit_frames=commit_frames)
+            v = v_uncond + self.sampler.guidance_scale * (v_cond - v_uncond)
+        else:
+            v = self._run(x, tt, cond, cache_mode, commit_frames=commit_frames)
+        if commit_frames:
+            self._deferred = None
+        return v
 
     def _run(self, x, t, cond: ChunkCondition, cache_mode: str, cache_only: bool = False,
              commit_frames: int = 0) -> torch.Tensor | None:
         if self.cache is not None:
-            return self.model(x, t, action=cond.action, audio=cond.audio, video=cond.video, text=cond.text,
-                              cache=self.cache, cache_mode=cache_mode, cache_only=cache_only,
-                              commit_frames=commit_frames)
+            return self.model(x, t, action=cond.action, audio=cond.audio, video=cond.video,
+                              previous=cond.previous, text=cond.text, cache=self.cache, cache_mode=cache_mode,
+                              cache_only=cache_only, commit_frames=commit_frames)
         return self._recompute(x, t, cond)
 
     def _recompute(self, x, t, cond: ChunkCondition) -> torch.Tensor:
-        """No cache: run the whole history plus this chunk under the same window + sink mask."""
+        """No cache: re-run what this chunk depends on, from the kept history, under the window + sink
+        mask at the cache's positions (`runtime.context.recompute_plan`)."""
         cfg = self.model.config
         history = self._history
         if self.guided:  # x holds [conditional; unconditional]: replay the history for both branches
-            history = [(torch.cat([h, h]), torch.cat([lv, lv]), _doubled(c)) for h, lv, c in history]
-        parts = history + [(x, t, cond)]
-        latents = torch.cat([p[0] for p in parts], dim=1)
-        levels = torch.cat([p[1] for p in parts], dim=1)
-        conds = [p[2] for p in parts]
-        full = ChunkCondition(_cat([c.action for c in conds], 1), _cat([c.audio for c in conds], 1),
-                              _cat([c.video for c in conds], 1), cond.text)
-        total = latents.shape[1]
-        mask = self.pattern.window_sink(total, cfg.window_frames, cfg.sink_frames)
-        out = self.model(latents, levels, action=full.action, audio=full.audio, video=full.video, text=full.text,
-                         mask=mask)
-        return out[:, total - x.shape[1]:]
+            history = [(f, torch.cat([h, h]), torch.cat([lv, lv]), _doubled(c)) for f, h, lv, c in history]
+        parts = history + [(self.frames, x, t, cond)]
+        column, at = {}, 0  # absolute frame -> its column in the concatenation of parts
+        for f, h, _, _ in parts:
+            column.update({f + i: at + i for i in range(h.shape[1])})
+            at += h.shape[1]
+        order, positions, mask = recompute_plan(self.pattern, self.frames, x.shape[1], cfg.window_frames,
+                                                cfg.sink_frames, cfg.num_layers)
+        index = torch.tensor([column[f] for f in order], device=x.device)
+
+        def gather(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat(ts, dim=1).index_select(1, index)
+
+        conds = [p[3] for p in parts]
+        out = self.model(gather([p[1] for p in parts]), gather([p[2] for p in parts]),
+                         action=gather([c.action for c in conds]), audio=gather([c.audio for c in conds]),
+                         video=gather([c.video for c in conds]), previous=gather([c.previous for c in conds]),
+                         text=cond.text, mask=mask,
+                         frame_positions=torch.tensor(positions, device=x.device))
+        return out[:, len(order) - x.shape[1]:]
 
     def _commit(self, x: torch.Tensor, t: torch.Tensor, cond: ChunkCondition) -> None:
         """Record what enters the context for the no-cache path (the cache commits inside the model)."""
         if self.cache is None:
-            self._history.append((x.detach(), t.detach(), cond))
+            self._history.append((self.frames, x.detach(), t.detach(), cond))
         self.frames += x.shape[1]
         self.chunk += 1
+        if self.cache is None:  # keep what the next chunk depends on: the sink's chunks and the last windows
+            cfg = self.model.config
+            lo = receptive_start(self.pattern, self.frames, cfg.window_frames, cfg.num_layers)
+            sink_end = sink_chunks_end(self.pattern, cfg.sink_frames)
+            self._history = [h for h in self._history if h[0] < sink_end or h[0] + h[1].shape[1] > lo]
 
     # -- whole chunks -------------------------------------------------------------------------------
     def add_context(self, latents: torch.Tensor, cond: ChunkCondition) -> None:
         """Commit known clean latents (e.g. real frames) as the next chunk, at level 0."""
         self.flush()
+        cond = self._committing(cond, latents)
         self._append(latents, cond)
         self._commit(latents, torch.zeros(latents.shape[:2], dtype=latents.dtype, device=latents.device), cond)
+        self._push_recent(latents)
 
     def _append(self, latents: torch.Tensor, cond: ChunkCondition) -> None:
         """Write clean latents into the cache; only the keys and values matter, so skip the velocity."""
@@ -167,8 +231,8 @@ class Rollout:
         """Commit a finished chunk whose commit was deferred (``fuse_commit``) with its own pass."""
         if self._deferred is not None:
             latents, cond = self._deferred
-            self._deferred = None
             self._append(latents, cond)
+            self._deferred = None  # only now: a pass that raised leaves the chunk to commit for the retry
 
     def generate_chunk(self, noise: torch.Tensor, cond: ChunkCondition, steps: int | None = None,
                        exit_step: int | None = None) -> torch.Tensor:
@@ -185,6 +249,10 @@ class Rollout:
                                  f"got {exit_step}")
             levels = levels[:exit_step + 1] + [0.0]
         last_step = self.sampler.cache_from == "last_step"
+        if last_step and len(levels) == 2:  # the one step that writes the cache would write the noise input
+            raise ValueError("cache_from='last_step' needs the chunk to stop after step >= 1 (exit_step >= 1 "
+                             "and steps >= 2): at step 0 the keys kept would be those of pure noise")
+        given, cond = cond, self._denoising(cond, noise.shape[1])
         x = noise
         for i, (t, t_next) in enumerate(zip(levels[:-1], levels[1:])):
             writes = last_step and i == len(levels) - 2
@@ -196,23 +264,27 @@ class Rollout:
             if writes:
                 ctx_latent, ctx_level = x, torch.full(x.shape[:2], t, dtype=x.dtype, device=x.device)
             x = sampling.step(self.sampler.kind, x, v, t, t_next, self.generator)
-        if last_step:
+        if last_step:  # the cache holds the last step's keys: its input saw the denoising-time previous frames
             self._commit(ctx_latent, ctx_level, cond)
+            self._push_recent(x)
         elif self.fuse_commit:
-            self._deferred = (x, cond)
-            self._commit(x, torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device), cond)
+            committed = self._committing(given, x)
+            self._deferred = (x, committed)
+            self._commit(x, torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device), committed)
+            self._push_recent(x)
         else:
-            self.add_context(x, cond)
+            self.add_context(x, given)
         return x
 
     # -- training support ---------------------------------------------------------------------------
     def snapshot(self) -> dict:
         """The context as it stands (cache contents or history, and counters), for `restore`."""
         return {"chunk": self.chunk, "frames": self.frames, "history": list(self._history),
-                "deferred": self._deferred, "cache": self.cache.snapshot() if self.cache is not None else None}
+                "deferred": self._deferred, "recent": self._recent,
+                "cache": self.cache.snapshot() if self.cache is not None else None}
 
     def restore(self, snap: dict) -> None:
         self.chunk, self.frames, self._history = snap["chunk"], snap["frames"], list(snap["history"])
-        self._deferred = snap["deferred"]
+        self._deferred, self._recent = snap["deferred"], snap["recent"]
         if self.cache is not None:
             self.cache.restore(snap["cache"])

@@ -8,17 +8,20 @@ percentiles, steady-state fps with decoding included).
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 import time
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from runtime.actions import ActionSpace
-from runtime.bundle import Bundle, resolve_bundle
+from runtime.bundle import AUTO, DEFAULT_NAME, MODELS_DIR, RANDOM_TINY, Bundle, shipped_bundles
 from runtime.rollout import ChunkCondition, Rollout
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
@@ -43,7 +46,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 class StreamSession:
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", steps: int | None = None,
-                 kv_cache: bool = True, seed: int = 0, guidance: float | None = None) -> None:
+                 kv_cache: bool = True, seed: int = 0, guidance: float | None = None,
+                 runner: torch.nn.Module | None = None, text: torch.Tensor | None = None) -> None:
+        """``runner``: what runs the model in the rollout (default: the bundle's model), e.g. a
+        `runtime.cuda_step.CudaStepModel` holding it in bf16 with captured CUDA graphs.
+        ``text``: the prompt embedding ``[L, text_dim]`` of a text-conditioned bundle (Wan's T5
+        features), the same for every chunk of the stream."""
         self.device = resolve_device(device)
         self.bundle = bundle.to(self.device)
         self.config = bundle.config
@@ -55,11 +63,15 @@ class StreamSession:
         self.action_space: ActionSpace = bundle.config.actions
         self.frames_per_chunk = self.config.frames_per_chunk
         self.frame_size = bundle.frame_size
+        self.text = self._check_text(text)
         self.fps = bundle.fps
         self._generator = torch.Generator(self.device)
-        self._rollout = Rollout(bundle.model, self.sampler, batch=1, kv_cache=kv_cache, generator=self._generator,
-                                fuse_commit=True)
+        self._rollout = Rollout(runner if runner is not None else bundle.model, self.sampler, batch=1,
+                                kv_cache=kv_cache, generator=self._generator, fuse_commit=True)
+        # Temporal codecs (the Wan VAE) decode a chunk with the state the previous chunks left.
+        self.decoder = bundle.codec.streaming_decoder()
         self._chunk_ms: deque[float] = deque(maxlen=2048)
+        self._chunk_frames: deque[int] = deque(maxlen=2048)  # video frames each chunk gave
         self.reset(seed)
 
     # -- public API -----------------------------------------------------------------------------------
@@ -73,7 +85,9 @@ class StreamSession:
         self.seed = seed
         self._generator.manual_seed(seed)
         self._rollout.reset()
+        self.decoder.reset()
         self._chunk_ms.clear()
+        self._chunk_frames.clear()
         self._frames_out = 0
         self._first_frame_ms: float | None = None
         start = time.perf_counter()
@@ -86,21 +100,34 @@ class StreamSession:
 
     @torch.no_grad()
     def step(self, action: Any = None, audio: Any = None, video: Any = None) -> np.ndarray:
-        """Generate and decode the next chunk under ``action``; returns uint8 ``[n, H, W, 3]``."""
+        """Generate and decode the next chunk under ``action``; returns uint8 ``[n, H, W, 3]``.
+
+        A temporal codec gives a different number of video frames than latent frames (the Wan
+        VAE: 1 for the stream's first latent frame, 4 for each later one)."""
         start = time.perf_counter()
+        x0 = self.generate_latents(action, audio, video)
+        frames = self.decoder.decode_chunk(x0).cpu().numpy()
+        self.record_chunk((time.perf_counter() - start) * 1000, len(frames))
+        return frames
+
+    @torch.no_grad()
+    def generate_latents(self, action: Any = None, audio: Any = None, video: Any = None) -> torch.Tensor:
+        """The next chunk's clean latents ``[n, C, h, w]``, not decoded and not timed (`step` does both;
+        a caller that decodes elsewhere, e.g. on another CUDA stream, times with `record_chunk`)."""
         n = self._rollout.next_chunk_frames()
         cond = self._condition(n, [action] * n, audio, video)
         cfg = self.config
         noise = torch.randn((1, n, cfg.in_channels, cfg.latent_height, cfg.latent_width),
                             generator=self._generator, device=self.device)
-        x0 = self._rollout.generate_chunk(noise, cond, steps=self.steps)
-        frames = self.bundle.codec.decode(x0[0]).cpu().numpy()
-        elapsed = (time.perf_counter() - start) * 1000
-        self._chunk_ms.append(elapsed)
+        return self._rollout.generate_chunk(noise, cond, steps=self.steps)[0]
+
+    def record_chunk(self, elapsed_ms: float, frames: int) -> None:
+        """Count one delivered chunk of ``frames`` video frames that took ``elapsed_ms`` into `stats`."""
+        self._chunk_ms.append(elapsed_ms)
+        self._chunk_frames.append(frames)
         if self._first_frame_ms is None:
-            self._first_frame_ms = self._setup_ms + elapsed
-        self._frames_out += n
-        return frames
+            self._first_frame_ms = self._setup_ms + elapsed_ms
+        self._frames_out += frames
 
     def stats(self) -> dict[str, float | int | None]:
         """Timing since the last reset. ``fps`` is steady state: the first chunk (warm-up) is left out
@@ -109,7 +136,7 @@ class StreamSession:
         chunk. Decoding is included in every figure."""
         times = list(self._chunk_ms)
         steady = times[1:] if len(times) > 1 else times
-        frames_steady = len(steady) * self.frames_per_chunk if len(times) > 1 else self._frames_out
+        frames_steady = sum(list(self._chunk_frames)[1:]) if len(times) > 1 else self._frames_out
         total_s = sum(steady) / 1000
         cache = self._rollout.cache
         return {
@@ -118,6 +145,7 @@ class StreamSession:
             "chunk_ms_p50": float(np.percentile(times, 50)) if times else None,
             "chunk_ms_p95": float(np.percentile(times, 95)) if times else None,
             "kv_cache_bytes": cache.nbytes if cache is not None else 0,
+            "decoder_state_bytes": self.decoder.state_bytes,
             "frames": self._frames_out,
             "chunks": len(times),
             "cache_frames_held": cache.frames_held if cache is not None else None,
@@ -145,6 +173,9 @@ class StreamSession:
             raise ValueError("this bundle takes no audio")
         vid = None
         if cfg.video_channels:
+            if self.bundle.codec.temporal:
+                raise ValueError(f"video conditioning needs a per-frame codec; this bundle's codec "
+                                 f"{self.bundle.codec.type_name!r} is temporal")
             if video is None:
                 raise ValueError(f"this bundle is video-conditioned: pass {n} frames uint8 [{n}, H, W, 3]")
             vid = self.bundle.codec.encode(torch.as_tensor(np.asarray(video)).to(self.device))
@@ -153,9 +184,25 @@ class StreamSession:
             vid = vid[None]
         elif video is not None:
             raise ValueError("this bundle takes no video")
-        return ChunkCondition(act, aud, vid)
+        return ChunkCondition(act, aud, vid, self.text)
+
+    def _check_text(self, text: torch.Tensor | None) -> torch.Tensor | None:
+        dim = self.config.text_dim
+        if not dim:
+            if text is not None:
+                raise ValueError("this bundle takes no text")
+            return None
+        if text is None:
+            raise ValueError(f"this bundle has text cross-attention: pass text, a prompt embedding [L, {dim}]")
+        text = torch.as_tensor(text)
+        if text.ndim != 2 or text.shape[1] != dim:
+            raise ValueError(f"text must have shape [L, {dim}], got {list(text.shape)}")
+        return text.to(self.device, torch.float32)[None]
 
     def _add_context(self, context: np.ndarray, context_actions: Any) -> None:
+        if self.bundle.codec.temporal:
+            raise ValueError(f"context frames need a per-frame codec; this bundle's codec "
+                             f"{self.bundle.codec.type_name!r} is temporal (start from noise instead)")
         frames = np.asarray(context)
         pattern = self.config.chunk_pattern
         n = frames.shape[0] if frames.ndim == 4 else 0
@@ -181,16 +228,48 @@ class StreamSession:
             done += k
 
 
+def resolve_bundle(bundle_or_path: Bundle | str | os.PathLike | None, device: str | torch.device = "cpu",
+                   models_dir: Path = MODELS_DIR) -> Bundle:
+    """What a ``--bundle`` argument names, the same for every command: a bundle, a bundle directory,
+    the name of a random bundle (`runtime.presets.RANDOM_BUNDLES`, built directly on ``device``: the
+    1.3B one initialises far faster on a GPU), or ``auto`` (None): the bundle shipped under
+    ``models_dir`` (``default`` first, else the first by name), else ``random-tiny`` with a note."""
+    from runtime.presets import RANDOM_BUNDLES, random_bundle
+
+    if isinstance(bundle_or_path, Bundle):
+        return bundle_or_path
+    arg = AUTO if bundle_or_path is None else str(bundle_or_path)
+    if arg == AUTO:
+        shipped = shipped_bundles(models_dir)
+        if not shipped:
+            print(f"note: no bundle under {models_dir}; using an untrained {RANDOM_TINY} bundle", file=sys.stderr)
+            arg = RANDOM_TINY
+        else:
+            arg = str(([p for p in shipped if p.name == DEFAULT_NAME] or shipped)[0])
+    if arg in RANDOM_BUNDLES:
+        return random_bundle(arg, device=resolve_device(device))
+    if not Path(arg).exists():
+        raise FileNotFoundError(f"bundle {arg!r}: no such directory (or use {AUTO!r} or a random bundle: "
+                                f"{', '.join(sorted(RANDOM_BUNDLES))})")
+    return Bundle.load(arg)
+
+
 def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int | None = None,
-                 kv_cache: bool = True, seed: int = 0, guidance: float | None = None) -> StreamSession:
-    """Open a stream on a bundle, or on what a ``--bundle`` argument names (a bundle directory,
-    ``random-tiny`` or ``auto``: see `resolve_bundle`).
+                 kv_cache: bool = True, seed: int = 0, guidance: float | None = None,
+                 text: torch.Tensor | None = None) -> StreamSession:
+    """Open a stream on a bundle, or on what a ``--bundle`` argument names (see `resolve_bundle`: a
+    bundle directory, ``auto``, or a random bundle: ``random-tiny``, ``random-wan1.3b``,
+    ``random-wan1.3b-reduced``).
 
     ``guidance``: classifier-free guidance scale on the actions (default: the bundle's).
+    ``text``: the prompt embedding ``[L, text_dim]`` a text-conditioned bundle needs.
     """
-    bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else resolve_bundle(bundle_or_path)
+    bundle = resolve_bundle(bundle_or_path, device)
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps is not None:  # every chunk then takes `steps` steps: validate that recipe as the bundle's own
+        replace(bundle.sampler, steps=steps, first_chunk_steps=None, timesteps=None)
     if guidance is not None and not (math.isfinite(guidance) and guidance > 0):
         raise ValueError(f"guidance must be a positive number, got {guidance}")
-    return StreamSession(bundle, device=device, steps=steps, kv_cache=kv_cache, seed=seed, guidance=guidance)
+    return StreamSession(bundle, device=device, steps=steps, kv_cache=kv_cache, seed=seed, guidance=guidance,
+                         text=text)

@@ -1,5 +1,7 @@
 """Every attention backend agrees with the reference on every mask kind."""
 
+import os
+
 import pytest
 import torch
 
@@ -51,12 +53,36 @@ def test_backend_matches_reference(backend, mask_name):
     assert (out.double() - _dense_reference(q, k, v, mask)).abs().max() < 1e-4
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the CPU case runs the Triton kernels interpreted (conftest sets TRITON_INTERPRET)")
 @pytest.mark.parametrize("mask_name", ["block_causal", "teacher_forcing"])
-def test_kernels_backend_matches_reference(mask_name):
+def test_kernels_backend_runs_triton_interpreted_and_matches_reference(mask_name, monkeypatch):
+    from kernels import triton_bwd, triton_fwd
+
+    calls = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, recorded)
+
+    spy(triton_fwd, "forward")
+    spy(triton_bwd, "backward")
     mask = MASKS[mask_name]()
-    q, k, v = _qkv(mask)
+    q, k, v = (x.requires_grad_() for x in _qkv(mask))
     out = attention(q, k, v, mask, backend="kernels")
-    assert (out.double() - _dense_reference(q, k, v, mask)).abs().max() < 1e-3
+    assert calls == ["forward"], "the kernels backend did not run the Triton forward"
+    assert (out.double() - _dense_reference(q, k, v, mask)).abs().max() < 1e-4
+    do = torch.randn_like(out)
+    out.backward(do)
+    assert calls == ["forward", "backward"]
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    _dense_reference(q64, k64, v64, mask).backward(do.double())
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert (got.double() - want).abs().max() < 1e-4
 
 
 def test_env_variable_and_context_select_backend(monkeypatch):
@@ -114,3 +140,30 @@ def test_covers_all_keys_sees_unions():
     filling = masks.cache_decode(1, T, 1, 2, 1, 1)
     assert not covers_all_keys(filling) and not filling.to_dense().all()
     assert not covers_all_keys(masks.block_causal(3, T, 1))
+
+
+def test_auto_uses_only_gpu_verified_backends_on_cuda(monkeypatch):
+    """On CUDA, ``auto`` never runs a backend that has not passed its tests on a GPU (the kernels
+    are opt-in until then); under forward-mode AD it falls back to the reference."""
+    from runtime import attention as attn
+
+    assert "kernels" not in attn.CUDA_VERIFIED
+    assert attn.auto_backend(is_cuda=True, forward_ad=False) == "sdpa"
+    assert attn.auto_backend(is_cuda=True, forward_ad=True) == "reference"
+    assert attn.auto_backend(is_cuda=False, forward_ad=False) == "sdpa"
+    assert attn.auto_backend(is_cuda=False, forward_ad=True) == "reference"
+    # once the kernels are verified they lead, JVP included
+    assert attn.auto_backend(True, False, verified=("kernels", "sdpa")) == "kernels"
+    assert attn.auto_backend(True, True, verified=("kernels", "sdpa")) == "kernels"
+    assert attn.auto_backend(True, False, verified=("flex", "sdpa")) == "flex"
+    monkeypatch.setenv("FORCEKIT_ATTENTION", "kernels")
+    assert attn.selected_backend() == "kernels"  # opt-in still works
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_matches_reference():
+    mask = MASKS["commit_decode"]().to("cuda")
+    q, k, v = _qkv(mask, device="cuda", dtype=torch.bfloat16)
+    out = attention(q, k, v, mask)
+    ref = _dense_reference(q.cpu().float(), k.cpu().float(), v.cpu().float(), MASKS["commit_decode"]())
+    assert (out.cpu().double() - ref).abs().max() < 5e-2

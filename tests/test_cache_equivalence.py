@@ -204,3 +204,108 @@ def test_fused_commit_falls_back_when_the_window_cannot_hold_a_chunk():
     assert not Rollout(model, SamplerConfig(), fuse_commit=True).fuse_commit
     assert not Rollout(model, SamplerConfig(cache_from="last_step"), fuse_commit=True).fuse_commit
     assert Rollout(tiny_model(frames_per_chunk=2, window_frames=2), SamplerConfig(), fuse_commit=True).fuse_commit
+
+
+def test_last_step_cache_never_keeps_the_noise_input():
+    """cache_from='last_step' keeps the keys of the last step's input: at step 0 that input is pure noise,
+    so a one-step chunk (steps=1, a per-call override, or an exit at step 0) is refused."""
+    model = tiny_model()
+    cfg = model.config
+    ro = Rollout(model, SamplerConfig(steps=3, cache_from="last_step"))
+    noise = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    with torch.no_grad():
+        for kwargs in (dict(exit_step=0), dict(steps=1)):
+            with pytest.raises(ValueError, match="last_step.*step >= 1"):
+                ro.generate_chunk(noise, ChunkCondition(), **kwargs)
+        assert ro.frames == 0 and ro.cache.frames_held == 0
+        ro.generate_chunk(noise, ChunkCondition(), exit_step=1)
+    assert ro.frames == 1
+
+
+def test_fused_commit_survives_a_pass_that_raises():
+    """The finished chunk waiting for the next pass is not lost when that pass raises half-way (after
+    the first block wrote its keys): retrying the chunk gives what an uninterrupted rollout gives."""
+    model = tiny_model(frames_per_chunk=1, window_frames=2, sink_frames=1)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    noises = [torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+              for _ in range(5)]
+    cond = ChunkCondition(action=torch.ones(1, 1, cfg.actions.dim))
+
+    def run(fail_at: int | None) -> torch.Tensor:
+        ro = Rollout(model, SamplerConfig(steps=2), generator=torch.Generator().manual_seed(1), fuse_commit=True)
+        block = model.blocks[1]
+        out = []
+        with torch.no_grad():
+            for i, noise in enumerate(noises):
+                if i == fail_at:
+                    def broken(*args, **kwargs):
+                        del block.forward  # raise once, then work again
+                        raise RuntimeError("injected failure")
+                    block.forward = broken
+                    with pytest.raises(RuntimeError, match="injected"):
+                        ro.generate_chunk(noise, cond)
+                    assert ro._deferred is not None and ro.frames == i
+                out.append(ro.generate_chunk(noise, cond))
+        return torch.cat(out, 1)
+
+    clean_run = run(None)
+    assert (run(3) - clean_run).abs().max().item() <= 1e-6
+
+
+def test_recompute_reference_keeps_bounded_history_and_work():
+    """kv_cache=False keeps only what the next chunk depends on (the sink's chunk and the last
+    num_layers windows) and runs a bounded number of frames per call, however long the rollout,
+    while still equal to the cache long past eviction and past the point where the sink shifts."""
+    model = tiny_model(frames_per_chunk=1, window_frames=2, sink_frames=1)  # 2 layers
+    sampler = SamplerConfig(steps=2)
+    frames_run, history = [], []
+    hook = model.register_forward_pre_hook(lambda _m, args: frames_run.append(args[0].shape[1]))
+    gen = torch.Generator().manual_seed(0)
+    ro = Rollout(model, sampler, kv_cache=False, generator=gen)
+    cfg = model.config
+    with torch.no_grad():
+        for _ in range(40):
+            noise = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+            ro.generate_chunk(noise, ChunkCondition(action=torch.ones(1, 1, cfg.actions.dim)))
+            history.append(sum(h[1].shape[1] for h in ro._history))
+    hook.remove()
+    # sink frame 0, then frames from receptive_start = start - 2 windows: 1 + 4 frames kept
+    assert max(history) == history[-1] == 5
+    # sink copies (one per shift in the tail) + tail: bounded, the same from frame 10 to frame 40
+    assert max(frames_run) == frames_run[-1] == frames_run[20] <= 1 + 5 + 5
+    cached = rollout_latents(model, sampler, 40, kv_cache=True)
+    recomputed = rollout_latents(model, sampler, 40, kv_cache=False)
+    assert (cached - recomputed).abs().max().item() <= 1e-4
+
+
+def test_sink_is_seen_at_trained_distances_at_frame_10000():
+    """A stream 10,000 frames in sees its sink at the same RoPE distance as one just after the window
+    filled (the sink reads as if it sat just before the window), so with the same context contents the
+    output is the same; before, the query-to-sink distance grew with the frame counter."""
+    from runtime.context import sink_shift
+
+    window, sink, late = 2, 1, 10_000
+    assert sink_shift(6, window, sink) == 3 and sink_shift(late + 6, window, sink) == late + 3
+    assert sink_shift(3, window, sink) == 0  # the window still touches the sink: true positions
+    model = tiny_model(num_layers=1, frames_per_chunk=1, window_frames=window, sink_frames=sink)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 7, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    action = (torch.rand(1, 7, cfg.actions.dim, generator=gen) > 0.5).float()
+
+    def frame6(skip: int) -> torch.Tensor:
+        """Commit frame 0 (the sink), let ``skip`` frames pass, commit frames 1-5, denoise frame 6."""
+        cache = model.new_cache()
+        with torch.no_grad():
+            for f in range(6):
+                model(x[:, f:f + 1], torch.zeros(1, 1), action=action[:, f:f + 1], cache=cache, cache_mode="append")
+                if f == 0:
+                    cache.next_frame += skip  # frames evicted long ago: only the sink and the ring remain
+            assert cache.next_frame == 6 + skip and cache.frames_held == sink + window
+            return model(x[:, 6:], torch.full((1, 1), 0.7), action=action[:, 6:], cache=cache)
+
+    short, long = frame6(0), frame6(late)
+    # one layer: keys depend on their own frame and position only, so the contexts hold the same keys
+    assert (short - long).abs().max().item() <= 1e-5
+    assert (short - frame6(1)).abs().max().item() <= 1e-5  # any gap: the same distances

@@ -65,6 +65,42 @@ def test_oracle_matches_the_engine_and_a_deaf_model_scores_zero():
     assert deaf["response_ratio"] == 0 and deaf["keys"]["left"]["engine"] == oracle["keys"]["left"]["engine"]
 
 
+class MirroredSession(OracleSession):
+    """Reacts as strongly as the engine, but turns the wrong way."""
+
+    def step(self, action):
+        return ShiftEnv.step(self, np.asarray(action)[[1, 0, 2]])[0][None]
+
+
+class ShimmeringSession(OracleSession):
+    """Follows the keys, but adds fresh noise to every frame: nothing stands still."""
+
+    calls = 0
+
+    def step(self, action):
+        frame = super().step(action)[0].astype(np.int16)
+        ShimmeringSession.calls += 1
+        noise = np.random.default_rng(ShimmeringSession.calls).integers(-20, 21, frame.shape)
+        return np.clip(frame + noise, 0, 255).astype(np.uint8)[None]
+
+
+def test_pan_direction_and_stillness():
+    cfg = ControlEvalConfig(bundle="", env="", episodes=2, hold=4, context=2, start_max=4, still=6)
+    oracle = control_response(ShiftEnv(), OracleSession(), cfg)
+    left, right = oracle["keys"]["left"], oracle["keys"]["right"]
+    assert left["pan_engine"] == -1 and left["pan_model"] == -1 and right["pan_model"] == 1
+    assert left["pan_same_way"] == 1 and oracle["keys"]["fire"]["pan_same_way"] is None
+    assert oracle["still"]["engine_change"] == 0 and oracle["still"]["model_change"] == 0
+    assert oracle["still"]["model_min_psnr"] == 100 and oracle["still"]["starts"] == 2
+    mirrored = control_response(ShiftEnv(), MirroredSession(), cfg)
+    assert mirrored["response_ratio"] == pytest.approx(1.0)      # the response ratio cannot tell ...
+    assert mirrored["keys"]["left"]["pan_same_way"] == 0          # ... but the pan can
+    assert mirrored["keys"]["left"]["pan_model"] == 1
+    shimmer = control_response(ShiftEnv(), ShimmeringSession(), cfg)
+    assert shimmer["still"]["model_change"] > 5 and shimmer["still"]["model_min_psnr"] < 30
+    assert shimmer["keys"]["left"]["pan_same_way"] == 1
+
+
 def test_a_nondeterministic_engine_is_refused():
     class Drifting(ShiftEnv):
         resets = 0
@@ -92,3 +128,21 @@ def test_eval_controls_cli_on_a_real_engine(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result["keys"]) == {"left", "right", "fire"} and result["guidance"] == 2.0
     assert result["engine_response"] > 0 and result["model_response"] > 0   # a random model still reacts
+
+
+def test_eval_controls_plays_a_teacher_bidirectionally(tmp_path):
+    from runtime import Bundle, ModelConfig
+    from runtime.codec import PixelCodec
+    from training.controls import evaluate_controls
+
+    cfg = ModelConfig.tiny(in_channels=3, latent_height=8, latent_width=8, window_frames=3, sink_frames=0,
+                           stack_frames=1, action_space={"keys": ["left", "right", "fire"], "values": [],
+                                                         "bindings": {}})
+    Bundle.random(cfg, codec=PixelCodec(2)).save(tmp_path / "b")
+    result = evaluate_controls(ControlEvalConfig(bundle=str(tmp_path / "b"), env="atari:breakout", episodes=1,
+                                                 hold=2, context=2, steps=2, still=3, mode="bidirectional"),
+                               progress=False)
+    assert result["steps"] == 2 and result["still"]["frames"] == 3 and result["model_response"] > 0
+    with pytest.raises(ValueError, match="unknown controls mode"):
+        evaluate_controls(ControlEvalConfig(bundle=str(tmp_path / "b"), env="atari:breakout", episodes=1,
+                                            mode="bogus"), progress=False)

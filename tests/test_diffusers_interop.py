@@ -31,6 +31,29 @@ def test_wan_weights_load_and_outputs_match(cross_attn_norm):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+def test_outputs_match_at_wan_1_3b_width():
+    """The reduced Wan2.1-1.3B preset (width 1536, 12x128 heads, ffn 8960, text 4096, one layer)."""
+    from runtime.presets import wan21_1_3b_reduced
+
+    cfg = wan21_1_3b_reduced(latent_height=4, latent_width=6)
+    torch.manual_seed(0)
+    wan = diffusers.WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+    ).eval()
+    model = from_diffusers_wan(wan, latent_height=4, latent_width=6).eval()
+    assert model.config.inner_dim == 1536 and model.config.ffn_dim == 8960
+    x = torch.randn(1, 3, 16, 4, 6)
+    text = torch.randn(1, 5, 4096)
+    t = torch.tensor([[0.8, 0.4, 0.0]])
+    with torch.no_grad():
+        ours = model(x, t, text=text)
+        theirs = wan(x.transpose(1, 2), (t * 1000).repeat_interleave(6, dim=1), encoder_hidden_states=text,
+                     return_dict=False)[0].transpose(1, 2)
+    assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
+
+
 def test_unsupported_wan_variants_are_refused():
     from runtime.interop import config_from_wan
 

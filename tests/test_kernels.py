@@ -315,6 +315,48 @@ def test_gradcheck_style_tiny(device):
     assert (fd - ju).abs().max().item() <= 2e-3 * max(1.0, ju.abs().max().item())
 
 
+# ---------------------------------------------------------------- tiles a row cannot see
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_seeing_only_a_late_tile_with_very_negative_scores_fp16(device):
+    """A row that sees nothing in the partial tiles it meets first, then only low scores.
+
+    Row 0 sees keys 40..47 only (the last tile), with scores near -20 nats; the other rows make
+    tiles 0 and 1 partial for this query tile, so row 0 walks through two tiles it cannot see.
+    The running max must stay -inf there (not a finite 0), or the fp16 probabilities of the
+    last tile underflow to zero and the output, and the backward built on it, come back wrong.
+    """
+    nq, nk = 16, 48
+    rows = torch.zeros(nq, 4, dtype=torch.int32)
+    rows[0] = torch.tensor([40, 48, 0, 0], dtype=torch.int32)
+    rows[1:] = torch.tensor([0, 20, 0, 0], dtype=torch.int32)
+    mask = KeyIntervals(rows, nk)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, nq, 1, DIM, generator=g) * 0.3
+    k = torch.randn(1, nk, 1, DIM, generator=g) * 0.3
+    v = torch.randn(1, nk, 1, DIM, generator=g)
+    q[0, 0, 0, 0], k[0, 40:, 0, 0] = 8.0, -10.0  # row 0's scores: about -20 nats
+    q, k, v = (x.to(device=device, dtype=torch.float16).requires_grad_() for x in (q, k, v))
+    visible = mask.to_dense(device)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s0 = (q64[0, 0, 0] @ k64[0, 40:, 0].T) * DIM ** -0.5
+    assert s0.max() < -15, s0
+    want = _naive(q64, k64, v64, visible, DIM ** -0.5)
+    out = attention(q, k, v, mask.to(device), backend="triton")
+    _close(out, want, torch.float16, "out")
+    assert (out[0, 0].double() - want[0, 0]).abs().max() <= 4e-3 * want[0, 0].abs().max()
+    do = torch.randn(out.shape, generator=g).to(device=device, dtype=torch.float16)
+    out.backward(do)
+    want.backward(do.double())
+    for name, got, exp in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        _close(got, exp, torch.float16, name)
+    t = [torch.randn(x.shape, generator=g).to(device=device, dtype=torch.float16) for x in (q, k, v)]
+    _, t_out, _ = attention_jvp(q.detach(), k.detach(), v.detach(), *t, mask.to(device), backend="triton",
+                                tangent_fp32=True)
+    _close(t_out, _jvp_oracle(mask, device, q.detach(), k.detach(), v.detach(), *t)[1], torch.float16, "tangent")
+
+
 # ---------------------------------------------------------------- empty rows, API
 
 
@@ -358,6 +400,11 @@ def test_bad_inputs_are_named():
         attention(q[0], k, v, mask)
     with pytest.raises(ValueError, match="dtypes differ"):
         attention(q.half(), k, v, mask)
+    for bad in (mask.intervals, mask.to_dense()):
+        with pytest.raises(TypeError, match="mask must be a kernels.KeyIntervals.*KeyIntervals\\("):
+            attention(q, k, v, bad)
+        with pytest.raises(TypeError, match="mask must be a kernels.KeyIntervals"):
+            attention_jvp(q, k, v, q, k, v, bad)
 
 
 def test_import_kernels_does_not_import_triton():
@@ -390,7 +437,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_geometry():
         (m, d, p, impl) for m in cfg.masks for d in (32, 16) for p in ("fwd", "bwd", "jvp")
         for impl in ("forcekit", "sdpa_dense_mask") if not (p == "jvp" and impl != "forcekit")}
     assert all("ms" in r and r["tflops"] >= 0 for r in rows), [r for r in rows if "error" in r]
-    assert {g["goal"] for g in report["goals"]} == {"fwd+jvp within 3.5x of fwd"}
+    assert {g["goal"] for g in report["goals"]} == {"fwd+jvp within 3x of fwd"}
     assert "forcekit" in format_table(report)
 
 

@@ -14,7 +14,7 @@ def _rss_bytes() -> int:
 
 def test_5000_frame_rollout_has_flat_memory():
     cfg = ModelConfig.tiny(num_layers=1, latent_height=4, latent_width=4, window_frames=8, sink_frames=2)
-    bundle = Bundle.random(cfg, seed=0, sampler=SamplerConfig(steps=1, cache_from="last_step"))
+    bundle = Bundle.random(cfg, seed=0, sampler=SamplerConfig(steps=1))
     session = open_session(bundle)
     keys = list(session.action_space.keys)
     cache_bytes, rss = [], {}

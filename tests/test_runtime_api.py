@@ -174,6 +174,12 @@ def test_config_json_round_trip_and_validation():
         ModelConfig.tiny(latent_height=7)
     with pytest.raises(ValueError, match="cache_from"):
         SamplerConfig(cache_from="sometimes")
+    for one_step in (dict(steps=1), dict(steps=2, first_chunk_steps=1), dict(timesteps=[0.5])):
+        with pytest.raises(ValueError, match="last_step.*at least 2 denoising steps"):
+            SamplerConfig(cache_from="last_step", **one_step)
+        SamplerConfig(cache_from="clean", **one_step)
+    with pytest.raises(ValueError, match="last_step.*at least 2"):
+        open_session(Bundle.random(sampler=SamplerConfig(steps=2, cache_from="last_step")), steps=1)
 
 
 def test_chunk_pattern_bookkeeping():

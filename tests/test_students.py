@@ -12,7 +12,7 @@ from runtime import Bundle, ChunkCondition, ModelConfig, open_session
 from runtime.chunks import ChunkPattern
 from training.latents import synthetic_latents
 from training.students.causal import CausalConfig, train_causal
-from training.students.common import tf_velocity
+from training.students.common import check_clip, tf_velocity
 from training.students.dcm import DCMConfig, dcm_loss, train_dcm
 from training.students.dmd import (
     DMDConfig,
@@ -69,6 +69,26 @@ def dcm(tmp_path_factory, causal, clips):
     summary = train_dcm(causal[2], clips, DCMConfig(out=str(out), steps=30, lr=1e-3, intervals=8, **FAST),
                         progress=False)
     return out, summary, Bundle.load(summary["bundle"])
+
+
+def test_check_clip_rejects_teacher_forcing_contexts_a_session_never_shows():
+    """Noisy chunk c sees every clean frame before it; a session shows it sink + window of them."""
+    from runtime.model import CausalDiT
+
+    # first chunk 3, then 1, window 2, no sink: the last noisy frame (4) would see clean 0..3, a session
+    # shows it frames 2..3 only (the old bound, sink + window + longest chunk = 5, let it pass)
+    model = CausalDiT(tiny_config(frames_per_chunk=1, first_chunk_frames=3, window_frames=2, sink_frames=0))
+    with pytest.raises(ValueError, match="clip_frames 5: its last chunk .* sees 4 clean frames"):
+        check_clip(model, 5)
+    with pytest.raises(ValueError, match="clip_frames 4: its last chunk .* sees 3 clean frames"):
+        check_clip(model, 4)
+    check_clip(model, 3)  # the first chunk alone sees no context
+    model = CausalDiT(tiny_config(frames_per_chunk=2, window_frames=2, sink_frames=1))
+    check_clip(model, 4)  # chunk 1 starts at frame 2: 2 clean frames <= sink 1 + window 2
+    with pytest.raises(ValueError, match="clip_frames 6"):
+        check_clip(model, 6)  # chunk 2 starts at frame 4: 4 clean frames, a session holds 3
+    with pytest.raises(ValueError, match="chunk boundary"):
+        check_clip(model, 3)
 
 
 # -- stage 1 ----------------------------------------------------------------------------------------
@@ -296,10 +316,19 @@ def test_long_rollouts_are_scored_in_chunk_aligned_windows(tmp_path, monkeypatch
         return original(rollout, record)
 
     monkeypatch.setattr(dmd, "replay_exit_step", recording)
+    snapshots, snapshot = [], runtime.rollout.Rollout.snapshot
+
+    def counting_snapshot(self):
+        snapshots.append(1)
+        return snapshot(self)
+
+    monkeypatch.setattr(runtime.rollout.Rollout, "snapshot", counting_snapshot)
     steps, chunks = 6, 2 * CLIP - 1     # 2 * CLIP frames per rollout, windows of CLIP frames
     cfg = DMDConfig(out=str(tmp_path), steps=steps, lr=1e-4, critic_steps=1, rollout_chunks=chunks,
                     **{**FAST, "eval_every": 100})
     train_dmd(dcm[2], teacher, clips, cfg, progress=False)
+    # a copy of the context is kept for the scored window's chunks only, not for every rollout chunk
+    assert len(snapshots) == len(replayed) == steps * (CLIP - 1) < steps * chunks
     per_step = [replayed[i:i + CLIP - 1] for i in range(0, len(replayed), CLIP - 1)]
     assert len(per_step) == steps and all(len(s) == CLIP - 1 for s in per_step)
     firsts = set()
@@ -413,3 +442,15 @@ def test_guidance_distillation_moves_the_conditional_pass_toward_the_guided_one(
 
     assert gap(bundle.model) < 0.5 * gap(dcm[2].model)
     assert open_session(bundle).step(["forward"]).shape == (1, 8, 8, 3)
+
+
+def test_dmd_with_last_step_never_exits_at_step_0(dcm, clips):
+    """Random exits under cache_from='last_step' start at step 1 (step 0 would keep pure noise as context),
+    and a one-step last_step recipe is refused up front."""
+    sampler = __import__("runtime").SamplerConfig(kind="consistency", steps=2, cache_from="last_step")
+    ro = runtime.rollout.Rollout(dcm[2].model, sampler, batch=1)
+    x, action = clips.sample(1, 9, torch.Generator().manual_seed(3))
+    _, records = self_forcing_rollout(ro, x[:, :1], action, 8, torch.Generator().manual_seed(4))
+    assert {rec.exit_input[1] for rec in records} == {0.5}  # always the second of the two levels (1.0, 0.5)
+    with pytest.raises(ValueError, match="sample_steps >= 2"):
+        train_dmd(dcm[2], dcm[2], clips, DMDConfig(out="unused", sample_steps=1, cache_from="last_step"))

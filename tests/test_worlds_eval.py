@@ -91,6 +91,7 @@ def test_eval_world_cli_end_to_end(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert list(result["psnr_by_horizon"]) == ["1", "2", "4", "8"] and result["episodes"] == 2
     assert all(0 < v < 100 for v in result["psnr_by_horizon"].values())
+    assert result["sharpness_ratio"] > 0
     assert 0 <= result["probe"]["generated_exact"] <= 1 and result["seeds"][0] >= 100000
     assert (tmp_path / "w.png").stat().st_size > 0 and (tmp_path / "w.mp4").stat().st_size > 0
     bi = subprocess.run(cmd[:cmd.index("--probe")] + ["--mode", "bidirectional"], capture_output=True, text=True)
@@ -126,3 +127,22 @@ def test_eval_world_refuses_training_seeds(tmp_path):
 
     with pytest.raises(ValueError, match="used to train"):
         evaluate_world(WorldEvalConfig(bundle=str(tmp_path / "b"), env="atari:breakout", episodes=1), progress=False)
+
+
+def test_horizontal_pan_finds_the_shift_and_its_sign():
+    from training.metrics import horizontal_pan
+
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 16, 32, 3), dtype=np.uint8))
+    moved = torch.stack([torch.roll(f, s, dims=1) for f, s in zip(frames, (4, -2, 0))])
+    assert horizontal_pan(frames, moved).tolist() == [4, -2, 0]
+    with pytest.raises(ValueError, match="max_shift"):
+        horizontal_pan(frames, moved, max_shift=32)
+
+
+def test_laplacian_variance_is_lower_for_a_blurred_frame():
+    from training.metrics import laplacian_variance
+
+    frames = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)).float()
+    blurred = torch.nn.functional.avg_pool2d(frames.permute(0, 3, 1, 2), 3, 1, 1).permute(0, 2, 3, 1)
+    sharp, soft = laplacian_variance(frames), laplacian_variance(blurred)
+    assert sharp.shape == (2,) and (soft < 0.2 * sharp).all()

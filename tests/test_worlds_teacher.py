@@ -62,7 +62,7 @@ class KnowsTheTruth(torch.nn.Module):
         self.x0, self.cond = x0, cond
         self.noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed))
 
-    def forward(self, x_t, t, action):
+    def forward(self, x_t, t, action, previous=None):
         v = self.noise - self.x0
         return v if torch.equal(action, self.cond) else torch.zeros_like(v)
 
@@ -70,10 +70,27 @@ class KnowsTheTruth(torch.nn.Module):
 def test_action_gap_is_zero_for_a_model_that_ignores_the_keys():
     clips = synthetic_latents(4, 8, (3, 4, 4), 3)
     x0, cond = clips.sample(8, 4, torch.Generator().manual_seed(0))
-    deaf = lambda x_t, t, action: torch.zeros_like(x_t)      # noqa: E731
+    deaf = lambda x_t, t, action, previous=None: torch.zeros_like(x_t)      # noqa: E731
     assert action_gap(deaf, x0, cond, 0.9, torch.Generator().manual_seed(1)) == 0
     knowing = KnowsTheTruth(x0, cond, noise_seed=1)
     assert action_gap(knowing, x0, cond, 0.9, torch.Generator().manual_seed(1)) > 0.5
+
+
+def test_action_gap_report_over_seeds_tells_a_deaf_model_from_one_that_reads_the_keys():
+    from training.teacher import action_gap_report
+
+    clips = synthetic_latents(4, 8, (3, 4, 4), 3)
+    deaf = lambda x_t, t, action, previous=None: torch.zeros_like(x_t)      # noqa: E731
+    rep = action_gap_report(deaf, clips, 4, count=12, seeds=2, levels=(0.9,), batch=5)
+    assert rep["levels"]["t0.9"] == {"gap": 0.0, "gap_seed_std": 0.0, "relative": 0.0}
+
+    class Reader(torch.nn.Module):   # predicts the velocity's mean better when the actions are known
+        def forward(self, x_t, t, action, previous=None):
+            return x_t * (0.5 + 0.5 * (action.abs().sum() > 0).float())
+
+    rep = action_gap_report(Reader(), clips, 4, count=12, seeds=2, levels=(0.5, 0.9), batch=5)
+    assert rep["clips"] == 12 and set(rep["levels"]) == {"t0.5", "t0.9"}
+    assert rep["levels"]["t0.9"]["gap"] > 0 and rep["levels"]["t0.9"]["relative"] > 0
 
 
 def test_teacher_training_reduces_loss_on_a_tiny_batch():

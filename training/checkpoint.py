@@ -1,12 +1,14 @@
 """Atomic checkpoints shared by every training stage: kill a run, restart it, it continues.
 
 A checkpoint is one `torch.save` dict written to a temp file, fsynced and renamed over
-`ckpt.pt`, so a run killed mid-write still has its previous complete checkpoint.
+`ckpt.pt`, so a run killed mid-write still has its previous complete checkpoint. Checkpoints
+hold tensors and plain types only and load with ``weights_only=True``: nothing runs code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -15,8 +17,10 @@ import numpy as np
 import torch
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint); names the file."""
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint file that cannot or must not be read (truncated, corrupt, holding code); names the file.
+
+    A ValueError, the CLI's bad-input error (reported as one line), and a RuntimeError, as it was."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -35,19 +39,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        # Tensors and plain containers only: a downloaded or tampered file must not run code when loaded.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused, the checkpoint holds Python objects other than tensors and "
+                              f"plain containers (loading it could run code): {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - any other reading failure means the same thing here
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to start "
                               f"over") from e
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every global RNG as tensors and plain types (numpy's key array as a tensor): loadable with
+    ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
 
 

@@ -13,6 +13,7 @@ latents a world model produces. Output directory:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def lr_at(cfg: CodecTrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + np.cos(np.pi * t))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))  # a float: checkpoints are plain
 
 
 def random_crops(frames: torch.Tensor, idx: torch.Tensor, crop: int, factor: int,

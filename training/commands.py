@@ -9,6 +9,7 @@ import sys
 from forcekit.cli import (
     CommandError,
     UsageError,
+    nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -28,6 +29,17 @@ def _size(text: str) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: height and width must be positive")
     return h, w
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    """Comma-separated noise levels, each in (0, 1]."""
+    try:
+        levels = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 < v <= 1 for v in levels):
+        raise argparse.ArgumentTypeError(f"noise levels must lie in (0, 1], got {text!r}")
+    return levels
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -112,13 +124,14 @@ def _train_teacher(args: argparse.Namespace) -> int:
     model_cfg = ModelConfig(in_channels=c, latent_height=h, latent_width=w, patch_size=(1, args.patch, args.patch),
                             num_attention_heads=args.heads, attention_head_dim=args.head_dim,
                             num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
-                            action_space=space, frames_per_chunk=1,
+                            action_space=space, frames_per_chunk=1, stack_frames=args.stack_frames,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
     extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
                              lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
                              guidance_scale=args.guidance, sample_steps=args.sample_steps,
-                             timestep_shift=args.timestep_shift, save_rank_states=args.save_rank_states, extra=extra)
+                             timestep_shift=args.timestep_shift, stack_noise=args.stack_noise,
+                             save_rank_states=args.save_rank_states, extra=extra)
     clips = encode_latents(args.data, codec, args.max_episodes, cache_dir=args.out)
     result = train_teacher(cfg, model_cfg, clips, codec, fps=float(meta.get("fps", 15.0)))
     if result["rank"] == 0:
@@ -167,12 +180,32 @@ def _eval_controls(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ControlEvalConfig(bundle=args.bundle, env=args.env, episodes=args.episodes, hold=args.hold,
-                            context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance)
+                            context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                            still=args.still, mode=args.mode)
     result = evaluate_controls(cfg)
     if args.out:
         with open(args.out, "w") as f:
             f.write(dump(result, False))
     print(dump(result, args.json))
+    return 0
+
+
+def _eval_gap(args: argparse.Namespace) -> int:
+    import torch
+
+    from runtime import Bundle
+    from training.latents import encode_latents
+    from training.teacher import action_gap_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = Bundle.load(args.bundle)
+    clips = encode_latents(args.data, bundle.codec, args.max_episodes, cache_dir=args.latents_cache)
+    levels = args.levels
+    frames = args.clip_frames or bundle.config.window_frames + bundle.config.sink_frames + 1
+    result = {"bundle": args.bundle, "data": args.data,
+              **action_gap_report(bundle.model.eval(), clips, frames, args.clips, args.seeds, levels)}
+    print(json.dumps(result))
     return 0
 
 
@@ -287,6 +320,11 @@ def register(commands) -> None:
     p.add_argument("--timestep-shift", type=positive_float, default=1.0,
                    help="train on noise levels shifted toward t = 1 by this factor (where only the action tells "
                         "where the view moves)")
+    p.add_argument("--stack-frames", type=nonnegative_int, default=0,
+                   help="frame stacking: each frame sees the clean latents of this many previous frames on its "
+                        "channel axis (DIAMOND/GameNGen), so copying the last view, moved by the key, is local")
+    p.add_argument("--stack-noise", type=nonnegative_float, default=0.0,
+                   help="noise augmentation of the stacked frames during training, a random level up to this")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
@@ -320,7 +358,27 @@ def register(commands) -> None:
                      "each key held: response vs the engine's (JSON)", func=_eval_controls, group="eval")
     _add_heldout_args(p, episodes=8)
     p.add_argument("--hold", type=positive_int, default=8, help="frames each key is held")
+    p.add_argument("--still", type=nonnegative_int, default=64,
+                   help="frames with no key held for the stillness check (0: skip it)")
+    p.add_argument("--mode", default="session", choices=["session", "bidirectional"],
+                   help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new frame "
+                        "jointly with its context window (as eval world --mode bidirectional)")
     _add_result_args(p)
+
+    p = commands.add("gap", help="does a teacher use the keys? its loss with zeroed vs true actions on held-out "
+                     "clips, the newest frame at high noise (several seeds)", func=_eval_gap, group="eval")
+    p.add_argument("--bundle", required=True, help="bundle dir (a bidirectional teacher)")
+    p.add_argument("--data", required=True, help="held-out data dir (forcekit record)")
+    p.add_argument("--clips", type=positive_int, default=256, help="clips per seed")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds (clip choice and noise)")
+    p.add_argument("--levels", type=_levels, default=(0.5, 0.9),
+                   help="noise levels of the newest frame, comma separated, each in (0, 1]")
+    p.add_argument("--clip-frames", type=nonnegative_int, default=0,
+                   help="frames per clip (0: the session context + 1)")
+    p.add_argument("--max-episodes", type=nonnegative_int, default=0,
+                   help="encode only the first N episodes (0: all)")
+    p.add_argument("--latents-cache", default=None, help="dir for the encoded latents (default: none)")
+    _threads_arg(p)
 
     from training.students.commands import register as register_students
 

@@ -10,6 +10,13 @@ no-key rollout (mean absolute pixel difference, 0-255). The model's response ove
 engine's is its *response ratio*: 1 reacts as strongly as the game, 0 ignores the key. The
 *sampling spread* (the no-key rollout under another noise seed) says how much of a model's
 response could be noise rather than control.
+
+A response says "something moved", not "the right thing moved". Two more checks a player
+makes at once: the *pan* (per key, the horizontal shift of the view in pixels per frame,
+`training.metrics.horizontal_pan`, in engine and model: a turn must pan the same way), and
+*stillness* (no key held for ``still`` frames: the engine's frame does not change, so the
+model's must not drift either; reported as the mean absolute frame-to-frame change and the
+lowest PSNR of any generated frame against the last real one).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ class ControlEvalConfig:
     steps: int | None = None
     guidance: float | None = None
     max_hold: int = 12             # the random policy's longest hold before the context
+    still: int = 64                # frames with no key held for the stillness check (0: skip it)
+    pan_threshold: float = 1.0     # engine pans under this (pixels per frame) have no direction to match
+    mode: str = "session"          # or "bidirectional": a teacher, as eval world plays it (BidirectionalSession)
 
 
 def _start(env, seed: int, cfg: ControlEvalConfig) -> tuple[list, np.ndarray, list] | None:
@@ -86,6 +96,30 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
+def mean_pan(last_context: np.ndarray, rollout: np.ndarray) -> float:
+    """Mean horizontal pan in pixels per frame over a rollout that follows ``last_context``."""
+    import torch
+
+    from training.metrics import horizontal_pan
+
+    seq = torch.from_numpy(np.concatenate([last_context[None], rollout]))
+    return float(horizontal_pan(seq[:-1], seq[1:]).float().mean())
+
+
+def stillness(last_context: np.ndarray, rollout: np.ndarray) -> dict[str, float]:
+    """How still a no-key rollout stays: mean |frame-to-frame change| (0-255) and the lowest PSNR of a
+    frame against the last real one (dB)."""
+    import torch
+
+    from training.metrics import PSNR_CAP, psnr
+
+    seq = np.concatenate([last_context[None], rollout]).astype(np.float32)
+    change = float(np.abs(np.diff(seq, axis=0)).mean())
+    last = torch.from_numpy(last_context).expand(len(rollout), *last_context.shape)
+    floor = float(psnr(torch.from_numpy(rollout), last).clamp(max=PSNR_CAP).min())
+    return {"change": change, "min_psnr": floor}
+
+
 def control_response(env, session, cfg: ControlEvalConfig, progress: bool = False) -> dict:
     """Per-key response of engine and model from ``cfg.episodes`` held-out starts (see the module doc)."""
     from tqdm import tqdm
@@ -95,7 +129,9 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
     options = {None: spec.vector([]), **{k: spec.vector([k]) for k in keys}}
     engine: dict[str, list[float]] = {k: [] for k in keys}
     model: dict[str, list[float]] = {k: [] for k in keys}
-    spread, seeds = [], []
+    pan_engine: dict[str, list[float]] = {k: [] for k in keys}
+    pan_model: dict[str, list[float]] = {k: [] for k in keys}
+    still_engine, still_model, spread, seeds = [], [], [], []
     bar = tqdm(total=cfg.episodes, desc="eval controls", disable=not progress)
     for seed in range(cfg.seed, cfg.seed + 10 * cfg.episodes):
         if len(seeds) == cfg.episodes:
@@ -111,6 +147,14 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
         for k in keys:
             engine[k].append(_diff(real[k], real[None]))
             model[k].append(_diff(gen[k], gen[None]))
+            pan_engine[k].append(mean_pan(context[-1], real[k]))
+            pan_model[k].append(mean_pan(context[-1], gen[k]))
+        if cfg.still:
+            still_real = _engine_hold(env, seed, prefix, options[None], cfg.still, context[-1])
+            if still_real is not None:
+                still_engine.append(stillness(context[-1], still_real))
+                still_model.append(stillness(context[-1], _model_hold(session, seed, context, context_actions,
+                                                                      options[None], cfg.still)))
         other_noise = _model_hold(session, seed + OTHER_NOISE, context, context_actions, options[None], cfg.hold)
         spread.append(_diff(other_noise, gen[None]))
         seeds.append(seed)
@@ -119,13 +163,35 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
     if not seeds:
         raise RuntimeError(f"no held-out episode lasted {cfg.context + cfg.hold} frames from its start")
     per_key = {k: {"engine": round(float(np.mean(engine[k])), 3), "model": round(float(np.mean(model[k])), 3),
-                   "ratio": _ratio(model[k], engine[k])} for k in keys}
+                   "ratio": _ratio(model[k], engine[k]), **_pan(pan_engine[k], pan_model[k], cfg.pan_threshold)}
+               for k in keys}
     every_engine, every_model = sum(engine.values(), []), sum(model.values(), [])
     return {"env": cfg.env, "bundle": cfg.bundle, "episodes": len(seeds), "seeds": seeds, "hold": cfg.hold,
             "context_frames": cfg.context, "keys": per_key, "response_ratio": _ratio(every_model, every_engine),
             "engine_response": round(float(np.mean(every_engine)), 3),
             "model_response": round(float(np.mean(every_model)), 3),
-            "sampling_spread": round(float(np.mean(spread)), 3)}
+            "sampling_spread": round(float(np.mean(spread)), 3),
+            "still": _still(still_engine, still_model, cfg.still)}
+
+
+def _pan(engine: list[float], model: list[float], threshold: float) -> dict:
+    """Mean pan of engine and model for one key, and on the starts where the engine pans at least
+    ``threshold`` pixels per frame, the share where the model pans the same way."""
+    turning = [(e, m) for e, m in zip(engine, model) if abs(e) >= threshold]
+    agree = sum(np.sign(e) == np.sign(m) for e, m in turning)
+    return {"pan_engine": round(float(np.mean(engine)), 3), "pan_model": round(float(np.mean(model)), 3),
+            "pan_same_way": round(agree / len(turning), 3) if turning else None}
+
+
+def _still(engine: list[dict], model: list[dict], frames: int) -> dict | None:
+    if not engine:
+        return None
+    return {"frames": frames, "starts": len(engine),
+            "engine_change": round(float(np.mean([e["change"] for e in engine])), 3),
+            "model_change": round(float(np.mean([m["change"] for m in model])), 3),
+            "model_change_max": round(float(np.max([m["change"] for m in model])), 3),
+            "model_min_psnr": round(float(np.min([m["min_psnr"] for m in model])), 2),
+            "model_min_psnr_mean": round(float(np.mean([m["min_psnr"] for m in model])), 2)}
 
 
 def _ratio(model: list[float], engine: list[float]) -> float | None:
@@ -137,13 +203,16 @@ def evaluate_controls(cfg: ControlEvalConfig, progress: bool = True) -> dict:
     """`control_response` of a bundle against its engine (held-out seeds only)."""
     from runtime import Bundle, open_session
     from training.envs import make_env
-    from training.evaluate import check_heldout
+    from training.evaluate import BidirectionalSession, check_heldout
 
     bundle = Bundle.load(cfg.bundle)
     check_heldout(bundle, cfg.seed, cfg.episodes)
     env = make_env(cfg.env, size=bundle.frame_size)
     try:
-        session = open_session(bundle, steps=cfg.steps, guidance=cfg.guidance)
+        if cfg.mode not in ("session", "bidirectional"):
+            raise ValueError(f"unknown controls mode {cfg.mode!r}: expected 'session' or 'bidirectional'")
+        session = (open_session(bundle, steps=cfg.steps, guidance=cfg.guidance) if cfg.mode == "session"
+                   else BidirectionalSession(bundle, cfg.steps, cfg.guidance))
         result = control_response(env, session, cfg, progress=progress)
     finally:
         env.close()

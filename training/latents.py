@@ -58,7 +58,7 @@ def encode_latents(data: str, codec: Codec, max_episodes: int = 0, batch: int = 
     key = hashlib.sha256(json.dumps([codec.config(), str(Path(data).resolve()), rows]).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"latents-{key}.pt" if cache_dir else None
     if cache is not None and cache.exists():
-        d = torch.load(cache, weights_only=False)
+        d = torch.load(cache, weights_only=True)  # tensors and tuples of ints only
         return LatentClips(d["latents"], d["cond"], d["episodes"])
     lat, cond, episodes, row = [], [], [], 0
     codec.eval()

@@ -66,3 +66,34 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
 def horizons(max_horizon: int) -> list[int]:
     """1, 2, 4, ... up to max_horizon (inclusive when it is a power of two)."""
     return [2**i for i in range(int(math.log2(max_horizon)) + 1)] if max_horizon >= 1 else []
+
+
+def laplacian_variance(frames: torch.Tensor) -> torch.Tensor:
+    """Per-frame variance of the 3x3 Laplacian of the grey image: high for sharp edges and texture,
+    low for a blurred average (the sharpness the world-model goals compare, generated over real)."""
+    x = _float(frames)
+    lead, (h, w) = x.shape[:-3], x.shape[-3:-1]
+    grey = x.reshape(-1, h, w, 3).mean(-1, keepdim=True).permute(0, 3, 1, 2)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    return F.conv2d(grey, kernel).flatten(1).var(1).reshape(lead)
+
+
+def horizontal_pan(before: torch.Tensor, after: torch.Tensor, max_shift: int = 8) -> torch.Tensor:
+    """Per frame pair, the horizontal shift in pixels (positive: the content moved right) that best maps
+    ``before`` onto ``after`` (mean absolute difference of the grey images over their overlap, integer
+    shifts in [-max_shift, max_shift]). Turning left in a first-person view moves the content right."""
+    a, b = _float(before), _float(after)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
+    w = a.shape[-2]
+    if not 0 < max_shift < w:
+        raise ValueError(f"max_shift must be in [1, {w - 1}] for frames {w} wide, got {max_shift}")
+    a, b = a.mean(-1), b.mean(-1)   # [..., H, W]
+    errors = []
+    for s in range(-max_shift, max_shift + 1):
+        # content moved right by s: after[:, x] == before[:, x - s]
+        if s >= 0:
+            errors.append((b[..., s:] - a[..., :w - s]).abs().mean((-2, -1)))
+        else:
+            errors.append((b[..., :w + s] - a[..., -s:]).abs().mean((-2, -1)))
+    return torch.stack(errors, -1).argmin(-1) - max_shift

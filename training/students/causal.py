@@ -29,6 +29,7 @@ from training.students.common import (
     tf_velocity,
     trainable_copy,
 )
+from training.teacher import stacked
 
 
 @dataclass
@@ -38,6 +39,7 @@ class CausalConfig(StageConfig):
     action_dropout: float = 0.1
     ema: float = 0.99
     sample_steps: int = 50  # Euler steps written into the bundle's sampler
+    stack_noise: float = 0.0  # frame stacking: noise augmentation of the stacked frames, a level up to this
     eval_steps: tuple[int, ...] = (4, 16)  # Euler steps of the teacher-forcing eval
 
 
@@ -49,7 +51,7 @@ def causal_loss(model, x0: torch.Tensor, action: torch.Tensor, cfg: CausalConfig
     drop = torch.rand(b, 1, 1, generator=generator) < cfg.action_dropout
     action = torch.where(drop, torch.zeros_like(action), action)
     tt = t[:, :, None, None, None]
-    v = tf_velocity(model, x0, (1 - tt) * x0 + tt * noise, t, action)
+    v = tf_velocity(model, x0, (1 - tt) * x0 + tt * noise, t, action, stacked(model, x0, generator, cfg.stack_noise))
     return (v.float() - (noise - x0)).pow(2).mean()
 
 

@@ -41,7 +41,7 @@ def _causal(args: argparse.Namespace) -> int:
     from training.students.causal import CausalConfig, train_causal
 
     teacher, clips, held = _inputs(args)
-    cfg = _common(CausalConfig, args, diffusion_forcing=not args.no_diffusion_forcing)
+    cfg = _common(CausalConfig, args, diffusion_forcing=not args.no_diffusion_forcing, stack_noise=args.stack_noise)
     print(json.dumps(train_causal(teacher, clips, cfg, held)))
     return 0
 
@@ -134,6 +134,8 @@ def register(commands) -> None:
                      "teacher (resumable)", func=_causal, group="train")
     _add_common(p, "bidirectional teacher bundle (forcekit train teacher)", CausalConfig)
     p.add_argument("--no-diffusion-forcing", action="store_true", help="one noise level per clip, not per chunk")
+    p.add_argument("--stack-noise", type=float, default=0.0,
+                   help="frame-stacking models: noise augmentation of the stacked frames, a level up to this")
 
     p = commands.add("dcm", help="TF-CM discrete: consistency distillation of the causal teacher (resumable)",
                      func=_dcm, group="train")

@@ -22,6 +22,7 @@ import torch
 
 from runtime import Bundle, CausalDiT, SamplerConfig
 from runtime.sampler import chunk_levels
+from runtime.stacking import chunk_previous, previous_frames
 from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
 from training.latents import LatentClips
 
@@ -47,19 +48,22 @@ class StageConfig:
 
 
 def check_clip(model: CausalDiT, clip_frames: int) -> None:
-    """Teacher forcing sees the whole clean prefix; a session sees only sink + window frames."""
+    """Teacher forcing shows a noisy chunk every clean frame before it; a session shows it only its sink +
+    window. The last chunk of the clip sees the most, so it must fit: its first frame <= sink + window."""
     cfg = model.config
-    if clip_frames > cfg.window_frames + cfg.sink_frames + cfg.chunk_pattern.max_chunk_frames:
-        raise ValueError(f"clip_frames {clip_frames} is longer than the context a session keeps "
-                         f"(sink {cfg.sink_frames} + window {cfg.window_frames} + one chunk): training would "
-                         f"teach the model contexts inference never shows it")
-    if not cfg.chunk_pattern.is_whole(clip_frames):
-        raise ValueError(f"clip_frames {clip_frames} does not end on a chunk boundary of {cfg.chunk_pattern}")
+    pattern = cfg.chunk_pattern
+    if not pattern.is_whole(clip_frames):
+        raise ValueError(f"clip_frames {clip_frames} does not end on a chunk boundary of {pattern}")
+    context = pattern.chunk_start(pattern.num_chunks(clip_frames) - 1)
+    if context > cfg.window_frames + cfg.sink_frames:
+        raise ValueError(f"clip_frames {clip_frames}: its last chunk (from frame {context}) sees {context} clean "
+                         f"frames under teacher forcing, but a session keeps sink {cfg.sink_frames} + window "
+                         f"{cfg.window_frames}: training would teach the model contexts inference never shows it")
 
 
 # -- the teacher-forcing forward --------------------------------------------------------------------
 def tf_velocity(model: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
-                action: torch.Tensor | None) -> torch.Tensor:
+                action: torch.Tensor | None, previous: torch.Tensor | None = None) -> torch.Tensor:
     """Velocity of every noisy frame ``[B, F, C, h, w]`` at levels ``t`` ``[B, F]``, each chunk
     conditioned on the clean chunks before it (one pass over ``[clean | noisy]``)."""
     b, f = clean.shape[:2]
@@ -67,8 +71,20 @@ def tf_velocity(model: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, t: t
     positions = torch.arange(f, device=clean.device).repeat(2)
     seq_action = None if action is None else torch.cat([action, action], 1)
     v = model(torch.cat([clean, noisy], 1), torch.cat([torch.zeros_like(t), t], 1), action=seq_action,
-              mask=pattern.teacher_forcing(f), frame_positions=positions)
+              previous=tf_previous(model, clean, previous), mask=pattern.teacher_forcing(f),
+              frame_positions=positions)
     return v[:, f:]
+
+
+def tf_previous(model: CausalDiT, clean: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Frame stacking under teacher forcing: ``[clean | noisy]``'s previous frames, the clean half each
+    frame's own past, the noisy half what its chunk sees while denoised (`runtime.stacking`).
+    ``previous`` (e.g. noise-augmented) replaces ``previous_frames(clean)`` as the source of both."""
+    k = model.config.stack_frames
+    if not k:
+        return None
+    own = previous_frames(clean, k) if previous is None else previous
+    return torch.cat([own, chunk_previous(own, model.config.chunk_pattern)], 1)
 
 
 def guided_tf_velocity(model: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,

@@ -5,10 +5,11 @@ Self forcing. The student generates clips the way a session does: `runtime.rollo
 ``cache_from`` recipe) starting from real clean context frames, one chunk at a time, each
 chunk conditioned on the student's own previous chunks. Each chunk draws a random exit step:
 its output is the x0 prediction of that step. The rollout runs without gradients; before every
-chunk the rollout's context is snapshotted, and after the scores are known each chunk's exit
-step is replayed with gradients against its snapshot in ``cache_mode="readonly"`` (the cache is
-detached, as in Self-Forcing) and back-propagated at once. Peak memory is one chunk's graph,
-whatever the rollout length.
+chunk of the window that will be scored (drawn first) the rollout's context is snapshotted, and
+after the scores are known each such chunk's exit step is replayed with gradients against its
+snapshot in ``cache_mode="readonly"`` (the cache is detached, as in Self-Forcing) and
+back-propagated at once. Peak memory is one chunk's graph plus one context copy per scored
+chunk, whatever the rollout length.
 
 Distribution matching (DMD/DMD2). The rollout x0 is re-noised to a random level t; the real
 score is the frozen bidirectional teacher with classifier-free guidance on the actions (or,
@@ -39,6 +40,7 @@ from training.students.common import (
     save_bundle,
     trainable_copy,
 )
+from training.teacher import stacked
 
 
 @dataclass
@@ -78,12 +80,14 @@ class ChunkRecord:
 
 
 def self_forcing_rollout(rollout: Rollout, context: torch.Tensor, action: torch.Tensor, chunks: int,
-                         generator: torch.Generator, random_exit: bool = True
+                         generator: torch.Generator, random_exit: bool = True, keep: slice | None = None
                          ) -> tuple[torch.Tensor, list[ChunkRecord]]:
     """Real ``context`` then ``chunks`` generated chunks, each ending at a random exit step (no gradients;
     ``random_exit=False``: the full schedule, as inference runs it).
 
-    Returns the whole clip ``[B, F, ...]`` (context + generated x0) and what the replay needs.
+    Returns the whole clip ``[B, F, ...]`` (context + generated x0) and what the replay needs, for the
+    chunks inside the frames ``keep`` only (default: all): each record holds a copy of the context, so a
+    long rollout scored on one window keeps the window's records, not one per chunk.
     """
     pattern = rollout.pattern
     rollout.reset()
@@ -96,12 +100,16 @@ def self_forcing_rollout(rollout: Rollout, context: torch.Tensor, action: torch.
         for _ in range(chunks):
             s, n = rollout.frames, rollout.next_chunk_frames()
             steps = len(_levels(rollout)) - 1
-            exit_step = int(torch.randint(steps, (1,), generator=generator)) if random_exit else None
+            # last_step keeps the exit step's input as context: step 0's input is pure noise, so never exit there
+            lowest = 1 if rollout.sampler.cache_from == "last_step" else 0
+            exit_step = int(torch.randint(lowest, steps, (1,), generator=generator)) if random_exit else None
             cond = ChunkCondition(action=action[:, s:s + n])
-            snap = rollout.snapshot()
+            kept = keep is None or (keep.start <= s and s + n <= keep.stop)
+            snap = rollout.snapshot() if kept else None
             noise = torch.randn((context.shape[0], n, *context.shape[2:]), generator=generator).to(context)
             parts.append(rollout.generate_chunk(noise, cond, exit_step=exit_step))
-            records.append(ChunkRecord(snap, cond, rollout.exit_input, slice(s, s + n)))
+            if kept:
+                records.append(ChunkRecord(snap, cond, rollout.exit_input, slice(s, s + n)))
     assert pattern.is_whole(rollout.frames)
     return torch.cat(parts, 1), records
 
@@ -133,15 +141,18 @@ def score_window_start(pattern, frames: int, window: int, context: int, generato
 
 
 # -- scores -------------------------------------------------------------------------------------------
-def bidirectional_x0(model, clip: torch.Tensor, t: torch.Tensor, action: torch.Tensor, guidance: float
-                     ) -> torch.Tensor:
-    """x0 prediction of a bidirectional model on a clip whose frames sit at levels ``t`` ``[B, F]``."""
+def bidirectional_x0(model, clip: torch.Tensor, t: torch.Tensor, action: torch.Tensor, guidance: float,
+                     previous: torch.Tensor | None = None) -> torch.Tensor:
+    """x0 prediction of a bidirectional model on a clip whose frames sit at levels ``t`` ``[B, F]``
+    (``previous``: the stacked clean frames of a frame-stacking model, `training.teacher.stacked`)."""
     if guidance != 1.0:
-        v = model(torch.cat([clip, clip]), torch.cat([t, t]), action=torch.cat([action, torch.zeros_like(action)]))
+        both = None if previous is None else torch.cat([previous, previous])
+        v = model(torch.cat([clip, clip]), torch.cat([t, t]), action=torch.cat([action, torch.zeros_like(action)]),
+                  previous=both)
         v_cond, v_uncond = v.chunk(2)
         v = v_uncond + guidance * (v_cond - v_uncond)
     else:
-        v = model(clip, t, action=action)
+        v = model(clip, t, action=action, previous=previous)
     return clip - t[:, :, None, None, None] * v
 
 
@@ -155,7 +166,7 @@ def score_x0(model, clip: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, acti
     past, the factorisation the student samples from.
     """
     if kind == "bidirectional":
-        return bidirectional_x0(model, x_t, t, action, guidance)
+        return bidirectional_x0(model, x_t, t, action, guidance, stacked(model, clip))
     if kind == "causal":
         return x_t - t[:, :, None, None, None] * guided_tf_velocity(model, clip, x_t, t, action, guidance)
     raise ValueError(f"real_score must be 'bidirectional' or 'causal', got {kind!r}")
@@ -176,8 +187,10 @@ def critic_loss(critic, clip: torch.Tensor, k: int, action: torch.Tensor, cfg: D
                 generator: torch.Generator) -> torch.Tensor:
     """Flow matching of the critic on the student's (detached) rollouts: it learns the fake score."""
     x_t, t, noise = renoise(clip, k, cfg.t_min, cfg.t_max, generator)
-    v = critic(x_t, t, action=action) if cfg.real_score == "bidirectional" else guided_tf_velocity(
-        critic, clip, x_t, t, action, 1.0)
+    if cfg.real_score == "bidirectional":
+        v = critic(x_t, t, action=action, previous=stacked(critic, clip))
+    else:
+        v = guided_tf_velocity(critic, clip, x_t, t, action, 1.0)
     return (v[:, k:].float() - (noise - clip)[:, k:].float()).pow(2).mean()
 
 
@@ -187,7 +200,8 @@ def rollout_mse(model, sampler: SamplerConfig, clean: torch.Tensor, action: torc
     """Latent MSE to the real frames of a session-style rollout (kv cache, own outputs as context)."""
     ro = Rollout(model, sampler, batch=clean.shape[0], kv_cache=True, generator=torch.Generator().manual_seed(3))
     chunks = ro.pattern.num_chunks(clean.shape[1]) - ro.pattern.num_chunks(k)
-    clip, _ = self_forcing_rollout(ro, clean[:, :k], action, chunks, torch.Generator().manual_seed(4), False)
+    clip, _ = self_forcing_rollout(ro, clean[:, :k], action, chunks, torch.Generator().manual_seed(4), False,
+                                   keep=slice(0, 0))  # nothing is replayed: keep no context copies
     return float((clip[:, k:] - clean[:, k:clip.shape[1]]).pow(2).mean())
 
 
@@ -196,6 +210,9 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
     """Train (or resume) the few-step ``student`` in ``cfg.out``; writes ``out/bundle``."""
     if cfg.cache_from not in ("clean", "last_step"):
         raise ValueError(f"cache_from must be 'clean' or 'last_step', got {cfg.cache_from!r}")
+    if cfg.cache_from == "last_step" and cfg.sample_steps < 2:
+        raise ValueError(f"cache_from='last_step' needs sample_steps >= 2 (got {cfg.sample_steps}): with one step "
+                         "the context would hold the pure-noise input of every chunk")
     if cfg.real_score not in ("bidirectional", "causal"):
         raise ValueError(f"real_score must be 'bidirectional' or 'causal', got {cfg.real_score!r}")
     torch.manual_seed(cfg.seed)
@@ -226,8 +243,9 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
 
     def step_fn(step: int) -> dict[str, float]:
         real_clip, action = clips.sample(cfg.batch, frames, gen, starts)
-        clip, records = self_forcing_rollout(rollout, real_clip[:, :k], action, chunks, gen)
-        w = score_window_start(pattern, frames, window, k, gen)
+        w = score_window_start(pattern, frames, window, k, gen)  # first: only its chunks keep a snapshot
+        clip, records = self_forcing_rollout(rollout, real_clip[:, :k], action, chunks, gen,
+                                             keep=slice(w + k, w + window))
         clip, action = clip[:, w:w + window], action[:, w:w + window]
         for _ in range(cfg.critic_steps):
             c_loss = critic_loss(critic, clip, k, action, cfg, gen)
@@ -242,9 +260,7 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
             grad = dmd_gradient(clip[:, k:], x0_real[:, k:], x0_fake[:, k:])
         opt_g.zero_grad(set_to_none=True)
         count, surrogate, first = grad.numel(), 0.0, w + k
-        for rec in records:  # one chunk's graph at a time, for the chunks the window scores
-            if rec.frames.start < first or rec.frames.stop > w + window:
-                continue
+        for rec in records:  # one chunk's graph at a time, for the chunks the window scores (all it kept)
             x0 = replay_exit_step(rollout, rec)
             loss = dmd_surrogate(x0, grad[:, rec.frames.start - first:rec.frames.stop - first], count)
             loss.backward()

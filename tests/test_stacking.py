@@ -1,0 +1,122 @@
+"""Frame stacking: previous clean latents on the channel axis, the same in training and in a session."""
+
+import pytest
+import torch
+
+from runtime import ChunkCondition, SamplerConfig
+from runtime.rollout import Rollout
+from runtime.stacking import chunk_previous, next_previous, noised, previous_frames
+from tests.helpers import rollout_latents, tiny_model
+from training.students.common import tf_velocity
+from training.teacher import sample_clip
+
+
+def _frames(n: int, c: int = 1) -> torch.Tensor:
+    """[1, n, c, 1, 1] whose frame f holds the value f + 1 (0 is the zero padding)."""
+    return (torch.arange(n, dtype=torch.float32) + 1).view(1, n, 1, 1, 1).expand(1, n, c, 1, 1).contiguous()
+
+
+def test_previous_frames_are_the_frames_before_newest_first_zeros_before_the_first():
+    prev = previous_frames(_frames(4), 2)  # [1, 4, 2, 1, 1]
+    assert prev[0, :, :, 0, 0].tolist() == [[0, 0], [1, 0], [2, 1], [3, 2]]
+    before = torch.full((1, 1, 1, 1, 1), 9.0)
+    assert previous_frames(_frames(2), 2, before)[0, :, :, 0, 0].tolist() == [[9, 0], [1, 9]]
+    assert next_previous(_frames(3), 2)[0, 0, :, 0, 0].tolist() == [3, 2]
+
+
+def test_chunk_previous_gives_every_frame_of_a_chunk_the_frames_before_the_chunk():
+    model = tiny_model(frames_per_chunk=2, first_chunk_frames=1)
+    prev = chunk_previous(previous_frames(_frames(5), 1), model.config.chunk_pattern)
+    assert prev[0, :, 0, 0, 0].tolist() == [0, 1, 1, 3, 3]  # chunks [0] [1 2] [3 4]
+
+
+def test_noised_mixes_each_clip_with_noise_up_to_the_level():
+    prev = torch.ones(64, 2, 3, 4, 4)
+    out = noised(prev, 0.5, torch.Generator().manual_seed(0))
+    levels = 1 - out.mean(dim=(1, 2, 3, 4))   # noise has mean ~0: the clean share is 1 - level
+    assert levels.min() > -0.1 and levels.max() < 0.6 and levels.std() > 0.05
+    assert noised(prev, 0.0, torch.Generator()) is prev
+
+
+PATTERNS = [dict(frames_per_chunk=1, window_frames=3, sink_frames=1),
+            dict(frames_per_chunk=3, window_frames=6, sink_frames=3),
+            dict(frames_per_chunk=2, first_chunk_frames=1, window_frames=4, sink_frames=1)]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=["framewise", "chunkwise", "first1"])
+@pytest.mark.parametrize("cache_from", ["clean", "last_step"])
+@pytest.mark.parametrize("stack", [1, 2])
+def test_stacking_rollout_cached_fused_and_recomputed_agree(pattern, cache_from, stack):
+    model = tiny_model(stack_frames=stack, **pattern)
+    sampler = SamplerConfig(kind="consistency", steps=2, cache_from=cache_from)
+    cached = rollout_latents(model, sampler, 6, kv_cache=True)
+    assert (cached - rollout_latents(model, sampler, 6, kv_cache=False)).abs().max() <= 1e-4
+    assert (cached - rollout_latents(model, sampler, 6, kv_cache=True, fuse_commit=True)).abs().max() <= 1e-4
+
+
+def test_stacked_frames_change_what_the_model_generates():
+    """The stacked channels are read: a rollout differs when only its previous frames differ."""
+    model = tiny_model(stack_frames=1, frames_per_chunk=1, window_frames=3, sink_frames=0)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    noise = torch.randn_like(ctx)
+    act = ChunkCondition(action=torch.zeros(1, 1, cfg.actions.dim))
+    outs = []
+    for last in (ctx, -ctx):
+        ro = Rollout(model, SamplerConfig(steps=1), kv_cache=True)
+        with torch.no_grad():
+            ro.add_context(last, act)
+            outs.append(ro.velocity(noise, 1.0, act))
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pattern", [dict(frames_per_chunk=1), dict(frames_per_chunk=2, first_chunk_frames=1)],
+                         ids=["framewise", "first1"])
+def test_teacher_forcing_with_stacking_equals_the_session_context(pattern):
+    """Training's [clean | noisy] pass gives each noisy chunk what a rollout shows it after the clean
+    chunks before it were committed: the same keys and the same stacked previous frames."""
+    model = tiny_model(stack_frames=2, window_frames=16, sink_frames=0, **pattern)
+    cfg, pat = model.config, model.config.chunk_pattern
+    frames = 5
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.randn(1, frames, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    noisy = torch.randn(clean.shape, generator=gen)
+    t = torch.rand(1, frames, generator=gen)
+    action = torch.rand(1, frames, cfg.actions.dim, generator=gen)
+    with torch.no_grad():
+        tf = tf_velocity(model, clean, noisy, t, action)
+        for c in range(pat.num_chunks(frames)):
+            s, n = pat.chunk_start(c), pat.chunk_frames(c)
+            ro = Rollout(model, SamplerConfig(steps=1), kv_cache=True)
+            for p in range(c):
+                ps = slice(pat.chunk_start(p), pat.chunk_start(p) + pat.chunk_frames(p))
+                ro.add_context(clean[:, ps], ChunkCondition(action=action[:, ps]))
+            sl = slice(s, s + n)
+            ref = ro.velocity(noisy[:, sl], t[:, sl], ChunkCondition(action=action[:, sl]))
+            assert (tf[:, sl] - ref).abs().max() <= 1e-4
+
+
+def test_model_refuses_a_missing_or_misshapen_previous():
+    model = tiny_model(stack_frames=1)
+    cfg = model.config
+    x = torch.randn(1, 2, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    with pytest.raises(ValueError, match="stacks 1 previous frame"):
+        model(x, torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="stacks 1 previous frame"):
+        model(x, torch.zeros(1, 2), previous=torch.zeros(1, 2, 2 * cfg.in_channels, cfg.latent_height,
+                                                          cfg.latent_width))
+
+
+def test_stacking_teacher_samples_frame_by_frame():
+    """A frame's past must exist before it is generated: the first new frame does not depend on how
+    many frames come after it (whole-clip bidirectional sampling would mix them)."""
+    model = tiny_model(stack_frames=1, window_frames=8, sink_frames=0).eval()
+    cfg = model.config
+    ctx = torch.randn(1, 2, cfg.in_channels, cfg.latent_height, cfg.latent_width,
+                      generator=torch.Generator().manual_seed(0))
+    cond = torch.rand(1, 5, cfg.actions.dim, generator=torch.Generator().manual_seed(1))
+    one = sample_clip(model, ctx, cond[:, :3], steps=3, generator=torch.Generator().manual_seed(2))
+    three = sample_clip(model, ctx, cond, steps=3, generator=torch.Generator().manual_seed(2))
+    assert one.shape[1] == 1 and three.shape[1] == 3
+    assert (one[:, 0] - three[:, 0]).abs().max() <= 1e-5
