@@ -174,8 +174,8 @@ class PipelineConfig:
     fps: float | None = None
     stats_window: int = 512  # how many recent samples each statistic keeps
     action_log: int = 256  # how many recent chunks' actions are kept for inspection
-    lead_steps: float = 1.5
-    lead_frames: float = 0.25
+    lead_steps: float = 1.2
+    lead_frames: float = 0.1
     max_controls: int = 64  # control calls waiting for the next chunk boundary; more are refused
 
     def __post_init__(self) -> None:
