@@ -759,10 +759,10 @@ class Server:
         peer.close_reason = reason
         log.info("peer %s closed: %s", peer.id, reason)
         try:
-            current = asyncio.current_task()
-            for task in peer.tasks:
-                if task is not current:
-                    task.cancel()
+            others = [t for t in peer.tasks if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)  # gone before the loop may close
             loop = asyncio.get_running_loop()
             if peer.pipeline is not None:
                 stop = peer.pipeline.stop
