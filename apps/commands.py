@@ -142,8 +142,8 @@ def register(commands) -> None:
                    help="close a peer silent on its data channel for this many seconds")
     p.add_argument("--ice-server", type=_ice_server, action="append", default=[], metavar="URL",
                    help="STUN/TURN server for NAT traversal, repeatable: stun:HOST[:PORT] or "
-                        "turn:HOST[:PORT][?transport=udp|tcp],USERNAME,CREDENTIAL (default: none; "
-                        "loopback and LAN need none, and none is contacted unasked)")
+                        "turn:HOST[:PORT],USERNAME,CREDENTIAL with an optional ?transport=udp or tcp after the "
+                        "port (default: none; loopback and LAN need none, and none is contacted unasked)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept offers from pages at ORIGIN (scheme://host[:port]; '*' for any), "
                         "repeatable (default: only the server's own page on localhost or an IP address)")

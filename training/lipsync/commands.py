@@ -56,7 +56,7 @@ def _common(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--heldout", default=None, help="held-out data (--env lipsync:heldout) for the reported numbers")
     p.add_argument("--out", required=True, help="run dir (a rerun continues from its ckpt.pt)")
     p.add_argument("--steps", type=int, default=steps, help="total optimizer steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches and the initial weights")
     p.add_argument("--max-clips", type=int, default=0, help="train on the first N clips only (0: all)")
     p.add_argument("--ckpt-every-s", type=float, default=120.0, help="checkpoint every N seconds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -66,15 +66,15 @@ def register(commands) -> None:
     p = commands.add("mouth-probe", help="train the mouth-parameter regressor (open, width, round) on rendered "
                      "faces (resumable)", func=_train_mouth_probe, group="train")
     _common(p, steps=3000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=64, help="frames per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
 
     p = commands.add("syncnet", help="train the SyncNet-style audio-visual embedding on rendered clips "
                      "(contrastive; resumable)", func=_train_syncnet, group="train")
     _common(p, steps=3000)
-    p.add_argument("--clips-per-batch", type=int, default=16)
+    p.add_argument("--clips-per-batch", type=int, default=16, help="clips per step")
     p.add_argument("--windows-per-clip", type=int, default=4, help="windows per clip in a batch (timing negatives)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
 
     p = commands.add("lipsync", help="lip-sync of clips (frames + audio): mouth agreement and offset, LSE-C / "
                      "LSE-D real vs shuffled audio, PSNR/SSIM outside the mouth (JSON)", func=_eval_lipsync,
