@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from forcekit.cli import nonnegative_int, positive_float, positive_int
+
 
 def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default="auto",
                    help="bundle directory, 'random-tiny' (untrained tiny model) or 'auto' (the bundle shipped "
                         "under models/, else random-tiny)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps per chunk (default: the bundle's)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="sampling steps per chunk (default: the bundle's)")
+    p.add_argument("--guidance", type=positive_float, default=None,
                    help="classifier-free guidance scale on the actions (default: the bundle's)")
-    p.add_argument("--fps", type=float, default=None, help="playback rate (default: the bundle's)")
+    p.add_argument("--fps", type=positive_float, default=None, help="playback rate (default: the bundle's)")
 
 
 def _open_fn(args: argparse.Namespace):
     """A function opening a fresh session on the bundle (loaded once) with the CLI's settings."""
-    from apps.bundles import resolve_bundle
     from runtime import open_session
+    from runtime.session import resolve_bundle
 
     bundle = resolve_bundle(args.bundle)
     return lambda: open_session(bundle, device=args.device, steps=args.steps, guidance=args.guidance)
@@ -84,27 +87,30 @@ def bench_latency(args: argparse.Namespace) -> int:
 def register(commands) -> None:
     p = commands.add("play", help="play a bundle in a local pygame window (held keys -> actions)", func=play)
     _bundle_args(p)
-    p.add_argument("--window", type=int, default=512, help="scale frames so the shorter side is this many pixels")
+    p.add_argument("--window", type=positive_int, default=512,
+                   help="scale frames so the shorter side is this many pixels")
     p.add_argument("--no-hud", action="store_true", help="hide the fps/latency overlay")
     p.add_argument("--record-dir", default="recordings", help="where F5 writes mp4 files")
-    p.add_argument("--max-frames", type=int, default=None, help="quit after this many frames (for scripts)")
-    p.add_argument("--warmup", type=int, default=16, help="chunks generated (and discarded) before playing")
+    p.add_argument("--max-frames", type=positive_int, default=None,
+                   help="quit after this many frames (for scripts; default: play until the window closes)")
+    p.add_argument("--warmup", type=nonnegative_int, default=16, help="chunks generated (and discarded) before playing")
 
     p = commands.add("serve", help="serve a bundle to browsers over WebRTC (page at /)", func=serve)
     _bundle_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port of the page and the offer endpoint")
     p.add_argument("--max-sessions", type=int, default=2, help="concurrent peers; more get 503")
-    p.add_argument("--codec", choices=["vp8", "h264"], default="vp8")
-    p.add_argument("--bitrate", type=int, default=800_000, help="video bitrate cap, bits/s")
+    p.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="video codec sent to the browser")
+    p.add_argument("--bitrate", type=positive_int, default=800_000, help="video bitrate cap, bits/s")
     p.add_argument("--idle-timeout", type=float, default=20.0,
                    help="close a peer silent on its data channel for this many seconds")
-    p.add_argument("--warmup", type=int, default=16, help="chunks generated at start-up to warm the runtime")
+    p.add_argument("--warmup", type=nonnegative_int, default=16,
+                   help="chunks generated at start-up to warm the runtime")
 
     p = commands.add("latency", help="time to first frame, input-to-frame latency and frame jitter (JSON)",
                      func=bench_latency, group="bench")
     _bundle_args(p)
-    p.add_argument("--seconds", type=float, default=8.0, help="measured time per path")
-    p.add_argument("--toggle", type=float, default=0.5, help="seconds between input changes")
+    p.add_argument("--seconds", type=positive_float, default=8.0, help="measured time per path")
+    p.add_argument("--toggle", type=positive_float, default=0.5, help="seconds between input changes")
     p.add_argument("--local-only", action="store_true", help="skip the WebRTC loopback path")
     p.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")

@@ -1,11 +1,13 @@
 """What an action is, for one bundle: named held keys (multi-hot) plus named continuous values.
 
 Sessions, apps and data recording all go through `ActionSpace.encode`, so a wrong key name,
-shape or dtype fails in one place with a message that says what was expected.
+shape or dtype, or a value that is not finite (NaN or infinite: the model would turn it into
+NaN frames), fails in one place with a message that says what was expected.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +79,10 @@ class ActionSpace:
                     value = action[name]
                     if isinstance(value, bool) or not isinstance(value, int | float):
                         raise ValueError(f"action value {name!r} must be a number, got {value!r}")
-                    vec[len(self.keys) + i] = float(value)
+                    number = float(value) if isinstance(value, float) or abs(value) < 2**64 else math.inf
+                    if not math.isfinite(number) or abs(number) > torch.finfo(torch.float32).max:
+                        raise ValueError(f"action value {name!r} must be a finite float32, got {value!r}")
+                    vec[len(self.keys) + i] = number
             return vec
         if isinstance(action, str):
             self._set_keys(vec, [action])
@@ -87,7 +92,13 @@ class ActionSpace:
             if all(isinstance(a, str) for a in items):
                 self._set_keys(vec, items)
                 return vec
-            return self._encode_vector(np.asarray(items))
+            try:
+                arr = np.asarray(items)
+            except (TypeError, ValueError) as e:  # ragged nesting
+                raise ValueError(f"cannot read {items!r} as an action ({e}); expected {self.describe()}") from e
+            if arr.dtype.kind not in "biuf":  # mixed strings and numbers, or ints too large for any dtype
+                raise ValueError(f"cannot read {items!r} as an action; expected {self.describe()}")
+            return self._encode_vector(arr)
         raise ValueError(f"cannot read {type(action).__name__} as an action; expected {self.describe()}")
 
     def encode_many(self, actions: Iterable[Any]) -> torch.Tensor:
@@ -108,4 +119,7 @@ class ActionSpace:
         if t.shape != (self.dim,):
             raise ValueError(f"action vector must have shape ({self.dim},), got {tuple(t.shape)}; "
                              f"expected {self.describe()}")
-        return t.to(torch.float32)
+        t = t.to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"action vector must be finite (no NaN or infinity), got {t.tolist()}")
+        return t

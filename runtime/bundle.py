@@ -4,11 +4,18 @@ Every stage of the recipe writes one and the next stage (or a session) reads it.
 checks every tensor's name and shape and fails with a message that names the file and the
 tensor; saving writes to a temporary directory and renames it, so a bundle on disk is
 always whole.
+
+A ``--bundle`` argument names a bundle directory, a random bundle (``random-tiny``: an untrained
+tiny model that exercises every moving part without claiming to show a world) or ``auto``: the
+bundle shipped under ``models/`` (``models/default`` first, else the first by name), else
+``random-tiny``. Every command resolves it with `runtime.session.resolve_bundle`, so they all
+mean the same by it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,6 +32,10 @@ from runtime.start_scenes import START_SCENES_FILE, StartScenes, StartScenesErro
 
 FORMAT = "forcekit.bundle/1"
 CODEC_PREFIX = "codec."
+RANDOM_TINY = "random-tiny"
+AUTO = "auto"
+DEFAULT_NAME = "default"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 class BundleError(ValueError):
@@ -118,18 +129,23 @@ class Bundle:
         try:
             config = ModelConfig.from_dict(raw["model"])
             sampler = SamplerConfig.from_dict(raw.get("sampler", {}))
-            codec = build_codec(raw.get("codec", {"type": "pixel"}))
-        except (KeyError, TypeError, ValueError) as e:
+            codec = build_codec(_section(raw, "codec", {"type": "pixel"}))
+            fps, name, extra = _fps(raw.get("fps", 15.0)), str(raw.get("name", path.name)), _section(raw, "extra", {})
+        except KeyError as e:
+            raise BundleError(f"{cfg_file}: invalid config: no {e} section") from e
+        except (TypeError, ValueError) as e:
             raise BundleError(f"{cfg_file}: invalid config: {e}") from e
         tensors = _read_safetensors(weights_file)
-        model = CausalDiT(config)
+        try:
+            model = CausalDiT(config)
+        except (TypeError, ValueError, RuntimeError) as e:  # a geometry the checks above let through
+            raise BundleError(f"{cfg_file}: cannot build the model its config describes ({e})") from e
         _load_checked(model, {k: v for k, v in tensors.items() if not k.startswith(CODEC_PREFIX)}, weights_file)
         _load_checked(codec, {k[len(CODEC_PREFIX):]: v for k, v in tensors.items() if k.startswith(CODEC_PREFIX)},
                       weights_file, prefix=CODEC_PREFIX)
         card_file = path / "card.md"
-        card = card_file.read_text() if card_file.is_file() else ""
-        bundle = cls(config, model.eval(), codec.eval(), sampler, fps=float(raw.get("fps", 15.0)),
-                     name=str(raw.get("name", path.name)), card=card, extra=dict(raw.get("extra", {})))
+        card = card_file.read_text(errors="replace") if card_file.is_file() else ""
+        bundle = cls(config, model.eval(), codec.eval(), sampler, fps=fps, name=name, card=card, extra=extra)
         scenes_file = path / START_SCENES_FILE
         if scenes_file.is_file():
             try:
@@ -144,6 +160,26 @@ class Bundle:
         self.model.to(device)
         self.codec.to(device)
         return self
+
+
+def shipped_bundles(models_dir: Path = MODELS_DIR) -> list[Path]:
+    """Bundle directories under models/ (a bundle dir holds a config.json), sorted by name."""
+    if not models_dir.is_dir():
+        return []
+    return sorted(p for p in models_dir.iterdir() if (p / "config.json").is_file())
+
+
+def _section(raw: dict[str, Any], key: str, default: dict[str, Any]) -> dict[str, Any]:
+    value = raw.get(key, default)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key!r} must be a JSON object, got {value!r}")
+    return value
+
+
+def _fps(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"fps must be a number > 0, got {value!r}")
+    return float(value)
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:

@@ -7,23 +7,37 @@ import json
 import sys
 from pathlib import Path
 
+from forcekit.cli import CommandError, positive_float, positive_int, seed_int
+
+
+def video_path(text: str) -> str:
+    """An output video file name whose suffix is a container `write_video` writes."""
+    from runtime.video import check_video_path
+
+    try:
+        check_video_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
 
 def register(commands) -> None:
     p = commands.add("generate", help="generate a video from a bundle and print fps", func=_generate)
     _bundle_args(p)
-    p.add_argument("--frames", type=int, default=64, help="frames to generate")
+    p.add_argument("--frames", type=positive_int, default=64, help="frames to generate")
     p.add_argument("--actions", default="random",
                    help="'random' (held keys for random durations) or a JSON file: a list of actions, one per "
-                        "chunk (key-name lists, {'keys': [...], <value>: x} dicts or vectors); the last repeats")
-    p.add_argument("--out", default="video.mp4", help="output video file")
-    p.add_argument("--seed", type=int, default=0)
+                        "chunk (key-name lists, {'keys': [...], <value>: x} dicts or vectors of finite numbers); "
+                        "the last repeats")
+    p.add_argument("--out", type=video_path, default="video.mp4", help="output video file (.mp4, .mkv, .mov, .avi)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise and of the random actions")
 
     p = commands.add("runtime", group="bench", func=_bench_runtime,
                      help="session speed: fps, first-frame latency, chunk p50/p95, cache bytes, cache speedup (JSON)")
     _bundle_args(p)
-    p.add_argument("--frames", type=int, default=64, help="frames per measured run")
+    p.add_argument("--frames", type=positive_int, default=64, help="frames per measured run")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise and of the random actions")
     p.add_argument("--no-uncached", action="store_true", help="skip the kv_cache=False comparison run")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="weights and KV cache dtype (the sampler stays fp32); bf16 is the GPU setting")
@@ -39,13 +53,16 @@ def register(commands) -> None:
 
 
 def _bundle_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", default="random-tiny", help="bundle directory, or 'random-tiny'")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the bundle's)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--bundle", default="auto",
+                   help="bundle directory, 'random-tiny' (untrained tiny model) or 'auto' (the bundle shipped "
+                        "under models/, else random-tiny)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="denoising steps per chunk (default: the bundle's)")
+    p.add_argument("--guidance", type=positive_float, default=None,
                    help="classifier-free guidance scale on the actions (default: the bundle's; >1 follows keys "
                         "more strongly at about 1.5x the compute)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's; 1 is faster for tiny models on a busy machine)")
 
 
@@ -95,20 +112,21 @@ def random_actions(action_space, chunks: int, seed: int) -> list:
 
 
 def _load_actions(spec: str, session, chunks: int, seed: int) -> list:
+    """The actions of ``--actions``: random held keys, or a JSON file checked entry by entry up front
+    (a bad entry fails before any frame is generated, naming the file and the entry)."""
     if spec == "random":
         return random_actions(session.action_space, chunks, seed)
-    path = Path(spec)
     try:
-        actions = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"--actions {spec}: cannot read a JSON list of actions ({e})") from e
+        actions = json.loads(Path(spec).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CommandError(f"--actions {spec}: cannot read a JSON list of actions ({e})") from e
     if not isinstance(actions, list) or not actions:
-        raise SystemExit(f"--actions {spec}: expected a non-empty JSON list, one action per chunk")
+        raise CommandError(f"--actions {spec}: expected a non-empty JSON list, one action per chunk")
     for i, a in enumerate(actions):
         try:
             session.action_space.encode(a)
         except ValueError as e:
-            raise SystemExit(f"--actions {spec}: entry {i}: {e}") from e
+            raise CommandError(f"--actions {spec}: entry {i}: {e}") from e
     return [actions[min(i, len(actions) - 1)] for i in range(chunks)]
 
 
@@ -118,11 +136,7 @@ def _generate(args) -> int:
 
     from runtime.video import write_video
 
-    try:
-        session = _open(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    session = _open(args)
     session.reset(args.seed)
     chunks = session.config.chunk_pattern.num_chunks(args.frames)
     actions = _load_actions(args.actions, session, chunks, args.seed)
@@ -130,7 +144,10 @@ def _generate(args) -> int:
     for action in tqdm(actions, desc="generate", unit="chunk", file=sys.stderr):
         frames.append(session.step(action))
     video = np.concatenate(frames)[: args.frames]
-    write_video(args.out, video, session.fps)
+    try:
+        write_video(args.out, video, session.fps)
+    except OSError as e:  # PyAV's messages do not always name the file
+        raise CommandError(f"--out {args.out}: cannot write the video ({e})") from e
     stats = session.stats()
     print(f"wrote {args.out}: {len(video)} frames {video.shape[2]}x{video.shape[1]}; "
           f"{stats['fps']:.1f} fps steady state, first frame {stats['first_frame_ms']:.1f} ms "

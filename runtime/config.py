@@ -13,12 +13,34 @@ from typing import Any
 from runtime.actions import ActionSpace
 from runtime.chunks import ChunkPattern
 
+# What a JSON value may be for each annotation used by the config dataclasses below.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                            "tuple": (list, tuple), "list": (list, tuple), "dict": (dict,)}
+
+
+def _check_type(cls, name: str, annotation: str, value: Any) -> None:
+    """Refuse a JSON value of the wrong type for a field (e.g. ``"num_layers": "six"``), naming the field."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return
+    allowed = tuple(t for a in options for t in _JSON_TYPES.get(a.split("[")[0], ()))
+    if not allowed:  # an annotation this check does not know (Any): the constructor checks it
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        allowed = ()
+    if not isinstance(value, allowed):
+        raise ValueError(f"{cls.__name__} field {name} must be {annotation}, got {value!r}")
+
 
 def _from_dict(cls, d: dict[str, Any]):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(fields)}")
+    for name, value in d.items():
+        _check_type(cls, name, str(fields[name].type), value)
     return cls(**d)
 
 
@@ -58,6 +80,13 @@ class ModelConfig:
         self.patch_size = tuple(self.patch_size)
         if self.out_channels is None:
             self.out_channels = self.in_channels
+        sizes = ("in_channels", "out_channels", "latent_height", "latent_width", "num_attention_heads",
+                 "attention_head_dim", "num_layers", "ffn_dim", "freq_dim", "frames_per_chunk")
+        bad = {name: getattr(self, name) for name in sizes if getattr(self, name) < 1}
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            bad["patch_size"] = list(self.patch_size)
+        if bad:
+            raise ValueError(f"model sizes must be >= 1, got {bad}")
         pt, ph, pw = self.patch_size
         if pt != 1:
             raise ValueError(f"patch_size[0] must be 1 (frames are the unit of causality), got {pt}")
@@ -71,6 +100,7 @@ class ModelConfig:
         if self.window_frames < 0 or self.sink_frames < 0:
             raise ValueError("window_frames and sink_frames must be >= 0")
         ActionSpace.from_dict(self.action_space)  # fails early on a malformed action space
+        ChunkPattern(self.frames_per_chunk, self.first_chunk_frames, self.tokens_per_frame)  # checks chunk sizes
 
     @property
     def inner_dim(self) -> int:
@@ -95,7 +125,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, dict(d))
+        return _from_dict(cls, d)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> ModelConfig:
@@ -160,4 +190,4 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplerConfig:
-        return _from_dict(cls, dict(d))
+        return _from_dict(cls, d)

@@ -8,17 +8,20 @@ percentiles, steady-state fps with decoding included).
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 import time
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from runtime.actions import ActionSpace
-from runtime.bundle import Bundle
+from runtime.bundle import AUTO, DEFAULT_NAME, MODELS_DIR, RANDOM_TINY, Bundle, shipped_bundles
 from runtime.rollout import ChunkCondition, Rollout
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
@@ -163,6 +166,8 @@ class StreamSession:
             aud = torch.as_tensor(np.asarray(audio), dtype=torch.float32)
             if aud.shape != (n, cfg.audio_dim):
                 raise ValueError(f"audio must have shape [{n}, {cfg.audio_dim}], got {list(aud.shape)}")
+            if not torch.isfinite(aud).all():
+                raise ValueError("audio features must be finite (no NaN or infinity)")
             aud = aud.to(self.device)[None]
         elif audio is not None:
             raise ValueError("this bundle takes no audio")
@@ -223,23 +228,38 @@ class StreamSession:
             done += k
 
 
-def resolve_bundle(bundle_or_path: Bundle | str, device: str | torch.device = "cpu") -> Bundle:
-    """A bundle, a bundle directory, or the name of a random bundle (`runtime.presets.RANDOM_BUNDLES`,
-    built directly on ``device``: the 1.3B one initialises far faster on a GPU)."""
+def resolve_bundle(bundle_or_path: Bundle | str | os.PathLike | None, device: str | torch.device = "cpu",
+                   models_dir: Path = MODELS_DIR) -> Bundle:
+    """What a ``--bundle`` argument names, the same for every command: a bundle, a bundle directory,
+    the name of a random bundle (`runtime.presets.RANDOM_BUNDLES`, built directly on ``device``: the
+    1.3B one initialises far faster on a GPU), or ``auto`` (None): the bundle shipped under
+    ``models_dir`` (``default`` first, else the first by name), else ``random-tiny`` with a note."""
     from runtime.presets import RANDOM_BUNDLES, random_bundle
 
     if isinstance(bundle_or_path, Bundle):
         return bundle_or_path
-    if bundle_or_path in RANDOM_BUNDLES:
-        return random_bundle(bundle_or_path, device=resolve_device(device))
-    return Bundle.load(bundle_or_path)
+    arg = AUTO if bundle_or_path is None else str(bundle_or_path)
+    if arg == AUTO:
+        shipped = shipped_bundles(models_dir)
+        if not shipped:
+            print(f"note: no bundle under {models_dir}; using an untrained {RANDOM_TINY} bundle", file=sys.stderr)
+            arg = RANDOM_TINY
+        else:
+            arg = str(([p for p in shipped if p.name == DEFAULT_NAME] or shipped)[0])
+    if arg in RANDOM_BUNDLES:
+        return random_bundle(arg, device=resolve_device(device))
+    if not Path(arg).exists():
+        raise FileNotFoundError(f"bundle {arg!r}: no such directory (or use {AUTO!r} or a random bundle: "
+                                f"{', '.join(sorted(RANDOM_BUNDLES))})")
+    return Bundle.load(arg)
 
 
 def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int | None = None,
                  kv_cache: bool = True, seed: int = 0, guidance: float | None = None,
                  text: torch.Tensor | None = None) -> StreamSession:
-    """Open a stream on a bundle (or a bundle directory, or a random bundle: ``random-tiny``,
-    ``random-wan1.3b``, ``random-wan1.3b-reduced``; see `runtime.presets`).
+    """Open a stream on a bundle, or on what a ``--bundle`` argument names (see `resolve_bundle`: a
+    bundle directory, ``auto``, or a random bundle: ``random-tiny``, ``random-wan1.3b``,
+    ``random-wan1.3b-reduced``).
 
     ``guidance``: classifier-free guidance scale on the actions (default: the bundle's).
     ``text``: the prompt embedding ``[L, text_dim]`` a text-conditioned bundle needs.

@@ -7,10 +7,24 @@ from pathlib import Path
 
 import numpy as np
 
+# Containers that hold H.264 (PyAV) and mp4v (OpenCV) alike; the file name's suffix picks one.
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")
+
+
+def check_video_path(path: str | Path) -> Path:
+    """Refuse a file name whose suffix is no video container we write (before any frame is generated)."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: unknown video file type {path.suffix or '(none)'!r}; use one of "
+                         f"{', '.join(VIDEO_SUFFIXES)}")
+    return path
+
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float) -> Path:
     """Write uint8 ``[n, H, W, 3]`` RGB frames to ``path`` (H.264 via PyAV, else mp4v via OpenCV)."""
-    path = Path(path)
+    path = check_video_path(path)
+    if not fps > 0:
+        raise ValueError(f"video fps must be > 0, got {fps}")
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"frames must be non-empty uint8 [n, H, W, 3], got {frames.dtype} {list(frames.shape)}")

@@ -17,6 +17,12 @@ import numpy as np
 import torch
 
 
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint file that cannot or must not be read (truncated, corrupt, holding code); names the file.
+
+    A ValueError, the CLI's bad-input error (reported as one line), and a RuntimeError, as it was."""
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,10 +42,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict | None:
         # Tensors and plain containers only: a downloaded or tampered file must not run code when loaded.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise RuntimeError(f"{path}: refused, the checkpoint holds Python objects other than tensors and plain "
-                           f"containers (loading it could run code): {str(e).splitlines()[0]}") from e
+        raise CheckpointError(f"{path}: refused, the checkpoint holds Python objects other than tensors and "
+                              f"plain containers (loading it could run code): {str(e).splitlines()[0]}") from e
     except Exception as e:  # noqa: BLE001 - any other reading failure means the same thing here
-        raise RuntimeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to start "
+                              f"over") from e
 
 
 def rng_state() -> dict:

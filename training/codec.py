@@ -105,13 +105,22 @@ def save_codec(model: ConvAutoencoder, out: str | Path) -> None:
 
 
 def load_codec(path: str | Path) -> ConvAutoencoder:
+    """A trained codec dir; a missing, garbage or truncated file fails with a ValueError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "codec.json").exists():
+    cfg_file, weights_file = path / "codec.json", path / "codec.safetensors"
+    if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: no codec.json (train one with `forcekit train codec`)")
-    model = ConvAutoencoder.from_config(json.loads((path / "codec.json").read_text()))
-    model.load_state_dict(load_file(str(path / "codec.safetensors")))
+    try:
+        model = ConvAutoencoder.from_config(json.loads(cfg_file.read_text()))
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{cfg_file}: not a codec config ({e})") from e
+    try:
+        model.load_state_dict(load_file(str(weights_file)))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{weights_file}: unreadable, truncated or not this codec's weights ({e})") from e
     return model.eval()
 
 

@@ -6,6 +6,17 @@ import argparse
 import json
 import sys
 
+from forcekit.cli import (
+    CommandError,
+    UsageError,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
+from runtime.commands import video_path
+
 
 def _size(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
@@ -15,7 +26,20 @@ def _size(text: str) -> tuple[int, int]:
         h, w = (int(p) for p in parts)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 64 or 64x64") from e
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: height and width must be positive")
     return h, w
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    """Comma-separated noise levels, each in (0, 1]."""
+    try:
+        levels = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 < v <= 1 for v in levels):
+        raise argparse.ArgumentTypeError(f"noise levels must lie in (0, 1], got {text!r}")
+    return levels
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -35,6 +59,8 @@ def _data_check(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     for line in bad:
         print(f"BAD SHARD {line}", file=sys.stderr)
+    if not summary["shards"]:
+        raise CommandError(f"{args.dir}: no shards (shard_NNNNN.npz) in this data dir")
     return 1 if bad else 0
 
 
@@ -71,7 +97,10 @@ def load_codec_arg(spec: str):
     from training.codec import load_codec
 
     if spec == "pixel" or spec.startswith("pixel:"):
-        return PixelCodec(int(spec.split(":")[1]) if ":" in spec else 1)
+        factor = spec.partition(":")[2] or "1"
+        if not factor.isdigit() or int(factor) < 1:
+            raise UsageError(f"--codec {spec!r}: expected pixel, pixel:N with N a positive integer, or a codec dir")
+        return PixelCodec(int(factor))
     return load_codec(spec)
 
 
@@ -83,6 +112,9 @@ def _train_teacher(args: argparse.Namespace) -> int:
     from training.latents import encode_latents
     from training.teacher import TeacherTrainConfig, train_teacher
 
+    if args.clip_frames <= args.sink_frames:
+        raise UsageError(f"--clip-frames ({args.clip_frames}) must exceed --sink-frames ({args.sink_frames}): "
+                         "the session window is clip - 1 - sink frames")
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = ShardStore(args.data).read_meta()
@@ -169,7 +201,7 @@ def _eval_gap(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     bundle = Bundle.load(args.bundle)
     clips = encode_latents(args.data, bundle.codec, args.max_episodes, cache_dir=args.latents_cache)
-    levels = tuple(float(v) for v in args.levels.split(","))
+    levels = args.levels
     frames = args.clip_frames or bundle.config.window_frames + bundle.config.sink_frames + 1
     result = {"bundle": args.bundle, "data": args.data,
               **action_gap_report(bundle.model.eval(), clips, frames, args.clips, args.seeds, levels)}
@@ -190,17 +222,21 @@ def _add_heldout_args(p: argparse.ArgumentParser, episodes: int) -> None:
     """The options every comparison against the real engine on held-out episodes shares."""
     p.add_argument("--bundle", required=True, help="bundle dir")
     p.add_argument("--env", required=True, help="doom:<scenario> or atari:<game> (the bundle's game)")
-    p.add_argument("--episodes", type=int, default=episodes)
-    p.add_argument("--context", type=int, default=4, help="real context frames given to the model")
-    p.add_argument("--seed", type=int, default=100000, help="first held-out engine seed (never trained on)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bundle's)")
-    p.add_argument("--guidance", type=float, default=None, help="action CFG scale (default: the bundle's)")
+    p.add_argument("--episodes", type=positive_int, default=episodes, help="held-out episodes compared")
+    p.add_argument("--context", type=positive_int, default=4, help="real context frames given to the model")
+    p.add_argument("--seed", type=seed_int, default=100000, help="first held-out engine seed (never trained on)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the bundle's)")
+    p.add_argument("--guidance", type=positive_float, default=None, help="action CFG scale (default: the bundle's)")
 
 
 def _add_result_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the JSON result here")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    _threads_arg(p)
     p.add_argument("--json", action="store_true", help="one-line JSON")
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: 0, torch's choice)")
 
 
 def register(commands) -> None:
@@ -209,25 +245,29 @@ def register(commands) -> None:
     p.add_argument("--bundle", required=True, help="trained bundle dir")
     p.add_argument("--out", required=True, help="shipped bundle dir, e.g. models/default")
     p.add_argument("--start-data", default=None, help="recorded data dir to cut start scenes from (held-out)")
-    p.add_argument("--scenes", type=int, default=8, help="start scenes (a session starts from scene seed %% S)")
-    p.add_argument("--scene-frames", type=int, default=None, help="real frames per scene (default: first chunk)")
+    p.add_argument("--scenes", type=positive_int, default=8,
+                   help="start scenes (a session starts from scene seed %% S)")
+    p.add_argument("--scene-frames", type=positive_int, default=None,
+                   help="real frames per scene (default: first chunk)")
     p.add_argument("--card", default=None, help="markdown file to use as the bundle's card.md")
     p.add_argument("--name", default=None, help="bundle name (default: the source bundle's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes' random offsets")
-    p.add_argument("--steps", type=int, default=None, help="default sampler steps per chunk (default: as trained)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the scenes' random offsets")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="default sampler steps per chunk (default: as trained)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
     p.add_argument("--env", required=True, help="doom:<scenario>, atari:<game> or lipsync:train / lipsync:heldout")
-    p.add_argument("--episodes", type=int, required=True, help="total episodes wanted in --out")
+    p.add_argument("--episodes", type=positive_int, required=True, help="total episodes wanted in --out")
     p.add_argument("--policy", default="random-sticky", help="action policy (random-sticky)")
     p.add_argument("--out", required=True, help="data directory (created; a rerun continues it)")
-    p.add_argument("--seed", type=int, default=0, help="episode i uses engine seed SEED+i")
-    p.add_argument("--size", type=_size, default=None, help="frame size HxW (default 64x64; lipsync 96x96)")
-    p.add_argument("--frame-skip", type=int, default=None, help="engine frames per recorded frame")
-    p.add_argument("--episodes-per-shard", type=int, default=8)
-    p.add_argument("--max-frames", type=int, default=1000, help="cap on frames per episode")
-    p.add_argument("--max-hold", type=int, default=12, help="random-sticky: longest hold in frames")
+    p.add_argument("--seed", type=seed_int, default=0, help="episode i uses engine seed SEED+i")
+    p.add_argument("--size", type=_size, default=None, help="frame size HxW (default: 64x64; lipsync 96x96)")
+    p.add_argument("--frame-skip", type=positive_int, default=None,
+                   help="engine frames per recorded frame (default: the engine adapter's)")
+    p.add_argument("--episodes-per-shard", type=positive_int, default=8, help="episodes written per shard file")
+    p.add_argument("--max-frames", type=positive_int, default=1000, help="cap on frames per episode")
+    p.add_argument("--max-hold", type=positive_int, default=12, help="random-sticky: longest hold in frames")
 
     p = commands.add("check", help="verify every shard of a data dir and print a summary", func=_data_check,
                      group="data")
@@ -237,21 +277,22 @@ def register(commands) -> None:
                      func=_train_codec, group="train")
     p.add_argument("--data", required=True, help="training data dir (forcekit record)")
     p.add_argument("--out", required=True, help="run dir: ckpt.pt, codec.json, codec.safetensors, tb/")
-    p.add_argument("--steps", type=int, default=20000, help="total optimizer steps")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--crop", type=int, default=32, help="training crop size; 0 = full frames")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--latent-channels", type=int, default=8, help="(ignored when resuming)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every-s", type=float, default=180.0, help="checkpoint every N seconds")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--steps", type=positive_int, default=20000, help="total optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=32, help="frames (crops) per step")
+    p.add_argument("--crop", type=nonnegative_int, default=32, help="training crop size; 0 = full frames")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--latent-channels", type=positive_int, default=8,
+                   help="latent channels per position (ignored when resuming)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
+    p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
+    _threads_arg(p)
 
     p = commands.add("codec", help="codec reconstruction PSNR/SSIM on held-out frames and decode latency",
                      func=_eval_codec, group="eval")
     p.add_argument("--codec", required=True, help="codec dir (codec.json + codec.safetensors)")
     p.add_argument("--data", required=True, help="held-out data dir")
-    p.add_argument("--max-frames", type=int, default=4096, help="evaluate on at most N frames (0: all)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--max-frames", type=nonnegative_int, default=4096, help="evaluate on at most N frames (0: all)")
+    _threads_arg(p)
     p.add_argument("--json", action="store_true", help="one-line JSON")
 
     p = commands.add("teacher", help="train the bidirectional action-conditioned flow-matching teacher "
@@ -259,31 +300,34 @@ def register(commands) -> None:
     p.add_argument("--data", required=True, help="training data dir (forcekit record)")
     p.add_argument("--codec", required=True, help="codec dir (forcekit train codec), or pixel / pixel:N")
     p.add_argument("--out", required=True, help="run dir: ckpt.pt, tb/, bundle/")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=8, help="clips per step per rank")
-    p.add_argument("--clip-frames", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--freq-dim", type=int, default=64)
-    p.add_argument("--patch", type=int, default=2, help="spatial patch size on the latent")
-    p.add_argument("--sink-frames", type=int, default=0, help="session sink frames (window = clip - 1 - sink)")
-    p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
-    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale written into the bundle's sampler")
-    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps written into the bundle's sampler")
-    p.add_argument("--timestep-shift", type=float, default=1.0,
+    p.add_argument("--steps", type=positive_int, default=2000, help="total optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=8, help="clips per step per rank")
+    p.add_argument("--clip-frames", type=positive_int, default=8, help="frames per training clip")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate")
+    p.add_argument("--layers", type=positive_int, default=6, help="transformer blocks")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--head-dim", type=positive_int, default=32, help="width of each head (even, >= 6 for 3D RoPE)")
+    p.add_argument("--ffn", type=positive_int, default=512, help="feed-forward hidden width")
+    p.add_argument("--freq-dim", type=positive_int, default=64, help="sinusoidal timestep embedding size")
+    p.add_argument("--patch", type=positive_int, default=2, help="spatial patch size on the latent")
+    p.add_argument("--sink-frames", type=nonnegative_int, default=0,
+                   help="session sink frames (window = clip - 1 - sink)")
+    p.add_argument("--max-episodes", type=nonnegative_int, default=0,
+                   help="encode only the first N episodes (0: all)")
+    p.add_argument("--guidance", type=positive_float, default=1.5, help="CFG scale written into the bundle's sampler")
+    p.add_argument("--sample-steps", type=positive_int, default=50,
+                   help="Euler steps written into the bundle's sampler")
+    p.add_argument("--timestep-shift", type=positive_float, default=1.0,
                    help="train on noise levels shifted toward t = 1 by this factor (where only the action tells "
                         "where the view moves)")
-    p.add_argument("--stack-frames", type=int, default=0,
+    p.add_argument("--stack-frames", type=nonnegative_int, default=0,
                    help="frame stacking: each frame sees the clean latents of this many previous frames on its "
                         "channel axis (DIAMOND/GameNGen), so copying the last view, moved by the key, is local")
-    p.add_argument("--stack-noise", type=float, default=0.0,
+    p.add_argument("--stack-noise", type=nonnegative_float, default=0.0,
                    help="noise augmentation of the stacked frames during training, a random level up to this")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every-s", type=float, default=180.0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
+    p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
+    _threads_arg(p)
     p.add_argument("--save-rank-states", action="store_true", help="write rankN.pt (DDP consistency checks)")
 
     p = commands.add("probe", help="train the inverse-dynamics probe (frame pair -> action) on real pairs",
@@ -291,30 +335,30 @@ def register(commands) -> None:
     p.add_argument("--data", required=True, help="training data dir")
     p.add_argument("--heldout", default=None, help="held-out data dir for the reported accuracy")
     p.add_argument("--out", required=True, help="run dir: probe.pt, probe.json, ckpt.pt")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--steps", type=positive_int, default=2000, help="total optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=64, help="frame pairs per step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
+    _threads_arg(p)
 
     p = commands.add("world", help="world model vs the real engine: per-horizon PSNR/SSIM and probe accuracy "
                      "on held-out episodes", func=_eval_world, group="eval")
     _add_heldout_args(p, episodes=4)
-    p.add_argument("--horizon", type=int, default=64, help="frames generated after the context")
+    p.add_argument("--horizon", type=positive_int, default=64, help="frames generated after the context")
     p.add_argument("--probe", default=None, help="probe dir (forcekit train probe) for action accuracy")
     p.add_argument("--mode", default="session", choices=["session", "bidirectional", "copy"],
                    help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new "
                    "frame jointly with its context window, as it was trained; copy: baseline repeating the "
                    "last context frame")
     p.add_argument("--plot", default=None, help="write PSNR/SSIM vs horizon to this PNG")
-    p.add_argument("--video", default=None, help="write a real | generated side-by-side mp4")
+    p.add_argument("--video", type=video_path, default=None, help="write a real | generated side-by-side mp4")
     _add_result_args(p)
 
     p = commands.add("controls", help="does the model follow the keys? engine and model from one held-out state, "
                      "each key held: response vs the engine's (JSON)", func=_eval_controls, group="eval")
     _add_heldout_args(p, episodes=8)
-    p.add_argument("--hold", type=int, default=8, help="frames each key is held")
-    p.add_argument("--still", type=int, default=64,
+    p.add_argument("--hold", type=positive_int, default=8, help="frames each key is held")
+    p.add_argument("--still", type=nonnegative_int, default=64,
                    help="frames with no key held for the stillness check (0: skip it)")
     p.add_argument("--mode", default="session", choices=["session", "bidirectional"],
                    help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new frame "
@@ -325,13 +369,16 @@ def register(commands) -> None:
                      "clips, the newest frame at high noise (several seeds)", func=_eval_gap, group="eval")
     p.add_argument("--bundle", required=True, help="bundle dir (a bidirectional teacher)")
     p.add_argument("--data", required=True, help="held-out data dir (forcekit record)")
-    p.add_argument("--clips", type=int, default=256, help="clips per seed")
-    p.add_argument("--seeds", type=int, default=3, help="seeds (clip choice and noise)")
-    p.add_argument("--levels", default="0.5,0.9", help="noise levels of the newest frame, comma separated")
-    p.add_argument("--clip-frames", type=int, default=0, help="frames per clip (0: the session context + 1)")
-    p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
+    p.add_argument("--clips", type=positive_int, default=256, help="clips per seed")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds (clip choice and noise)")
+    p.add_argument("--levels", type=_levels, default=(0.5, 0.9),
+                   help="noise levels of the newest frame, comma separated, each in (0, 1]")
+    p.add_argument("--clip-frames", type=nonnegative_int, default=0,
+                   help="frames per clip (0: the session context + 1)")
+    p.add_argument("--max-episodes", type=nonnegative_int, default=0,
+                   help="encode only the first N episodes (0: all)")
     p.add_argument("--latents-cache", default=None, help="dir for the encoded latents (default: none)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    _threads_arg(p)
 
     from training.students.commands import register as register_students
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from forcekit.cli import positive_int, seed_int
+
 
 @dataclass
 class LongPlayConfig:
@@ -142,13 +144,14 @@ def plot_long_play(results: list[dict], out: str) -> None:
 def register(commands) -> None:
     p = commands.add("longplay", group="eval", func=_cli,
                      help="long rollout (no-op, random keys): flat memory? collapse to constant or noise? (JSON, PNG)")
-    p.add_argument("--bundle", default="random-tiny")
-    p.add_argument("--frames", type=int, default=10_000)
+    p.add_argument("--bundle", default="random-tiny",
+                   help="bundle directory, 'random-tiny' or 'auto' (the bundle shipped under models/)")
+    p.add_argument("--frames", type=positive_int, default=10_000, help="frames generated per policy")
     p.add_argument("--policies", default="noop,random", help="comma-separated: noop, random")
-    p.add_argument("--window", type=int, default=100)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=positive_int, default=100, help="frames per measured window along the rollout")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps per chunk (default: the bundle's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise and of the random keys")
     p.add_argument("--probe", default=None, help="probe dir (forcekit train probe): accuracy on generated pairs")
     p.add_argument("--plot", default=None, help="write the curves to this PNG")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")

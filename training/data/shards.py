@@ -31,8 +31,11 @@ SHARD_RE = re.compile(r"^shard_(\d{5})\.npz$")
 MEMBERS = ("frames", "actions", "episode_lengths", "episode_seeds")
 
 
-class ShardError(RuntimeError):
-    """A shard that cannot be read or is inconsistent; the message starts with its path."""
+class ShardError(ValueError):
+    """A shard that cannot be read or is inconsistent; the message starts with its path.
+
+    A ValueError, like the runtime's BundleError: bad input the user can fix, reported by the CLI
+    as one line."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,6 +66,20 @@ class Episode:
     info: dict | None = None                                      # stored as JSON in episode_info
 
 
+def check_meta(meta: object, where: Path) -> None:
+    """Refuse a meta.json without a usable ``resolution`` [H, W] and ``action_space`` {"keys": [...]}."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    res = meta.get("resolution")
+    if (not isinstance(res, list) or len(res) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in res)):
+        raise ValueError(f"{where}: 'resolution' must be [height, width] in pixels, got {res!r}")
+    space = meta.get("action_space")
+    if (not isinstance(space, dict) or not isinstance(space.get("keys"), list)
+            or not isinstance(space.get("values", []), list)):
+        raise ValueError(f"{where}: 'action_space' must be an object with a 'keys' list, got {space!r}")
+
+
 class ShardStore:
     """One data directory: reads its metadata and shard list, appends shards atomically."""
 
@@ -75,9 +92,17 @@ class ShardStore:
         return self.root / "meta.json"
 
     def read_meta(self) -> dict:
-        if not self.meta_path.exists():
+        """The recording's metadata, checked for what readers rely on (resolution, action space)."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such data directory (record one with `forcekit record`)")
+        if not self.meta_path.is_file():
             raise FileNotFoundError(f"{self.meta_path}: no meta.json; is {self.root} a forcekit data dir?")
-        return json.loads(self.meta_path.read_text())
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{self.meta_path}: not valid JSON ({e})") from e
+        check_meta(meta, self.meta_path)
+        return meta
 
     def write_meta(self, meta: dict) -> None:
         """Write meta.json once; a later call must describe the same recording (resume guard)."""

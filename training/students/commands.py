@@ -6,7 +6,10 @@ Every stage is resumable: rerun the same command and it continues from ``OUT/ckp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+
+from forcekit.cli import CommandError, UsageError, fraction, nonnegative_int, positive_float, positive_int, seed_int
 
 
 def _inputs(args: argparse.Namespace):
@@ -21,7 +24,7 @@ def _inputs(args: argparse.Namespace):
     bundle = Bundle.load(args.bundle)
     data = args.data or bundle.extra.get("data")
     if not data:
-        raise SystemExit(f"{args.bundle} records no training data: pass --data")
+        raise CommandError(f"{args.bundle} records no training data: pass --data")
     cache = args.latents_cache or args.out
     clips = encode_latents(data, bundle.codec, args.max_episodes, cache_dir=cache)
     held = encode_latents(args.heldout, bundle.codec, args.heldout_episodes, cache_dir=cache) if args.heldout else None
@@ -89,73 +92,95 @@ def _guidance(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from training.students.plot import plot_runs
 
+    bad = [item for item in args.runs if "=" not in item]
+    if bad:
+        raise UsageError(f"expected LABEL=RUN_DIR, got {bad[0]!r}")
     runs = dict(item.split("=", 1) for item in args.runs)
     print(json.dumps(plot_runs(runs, args.out), indent=2))
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser, bundle_help: str) -> None:
+def _add_common(p: argparse.ArgumentParser, bundle_help: str, stage_cfg) -> None:
+    """The options every stage shares; their defaults are the stage config's (``stage_cfg``), shown in --help."""
+    default = {f.name: f.default for f in dataclasses.fields(stage_cfg)}
     p.add_argument("--bundle", required=True, help=bundle_help)
     p.add_argument("--out", required=True, help="run dir: ckpt.pt, metrics.json, tb/, bundle/")
     p.add_argument("--data", default=None, help="training data dir (default: the one the bundle records)")
     p.add_argument("--heldout", default=None, help="held-out data dir for the evaluation batch")
-    p.add_argument("--max-episodes", type=int, default=0, help="encode only the first N episodes (0: all)")
-    p.add_argument("--heldout-episodes", type=int, default=8, help="held-out episodes to encode")
+    p.add_argument("--max-episodes", type=nonnegative_int, default=0,
+                   help="encode only the first N episodes (0: all)")
+    p.add_argument("--heldout-episodes", type=positive_int, default=8, help="held-out episodes to encode")
     p.add_argument("--latents-cache", default=None, help="dir with cached latents (default: --out)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None, help="clips per step")
-    p.add_argument("--clip-frames", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ckpt-every-s", type=float, default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--steps", type=positive_int, default=default["steps"], help="total optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=default["batch"], help="clips per step")
+    p.add_argument("--clip-frames", type=positive_int, default=default["clip_frames"], help="frames per training clip")
+    p.add_argument("--lr", type=positive_float, default=default["lr"], help="peak learning rate")
+    p.add_argument("--eval-every", type=positive_int, default=default["eval_every"],
+                   help="steps between held-out evaluations")
+    p.add_argument("--seed", type=seed_int, default=default["seed"], help="seed of batches and noise")
+    p.add_argument("--ckpt-every-s", type=positive_float, default=default["ckpt_every_s"],
+                   help="checkpoint every N seconds")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: 0, torch's choice)")
 
 
 def register(commands) -> None:
+    from training.students.causal import CausalConfig
+    from training.students.dcm import DCMConfig
+    from training.students.dmd import DMDConfig
+    from training.students.guidance import GuidanceConfig
+    from training.students.scm import SCMConfig
+
     p = commands.add("causal", help="causal teacher: teacher-forcing flow matching from the bidirectional "
                      "teacher (resumable)", func=_causal, group="train")
-    _add_common(p, "bidirectional teacher bundle (forcekit train teacher)")
+    _add_common(p, "bidirectional teacher bundle (forcekit train teacher)", CausalConfig)
     p.add_argument("--no-diffusion-forcing", action="store_true", help="one noise level per clip, not per chunk")
     p.add_argument("--stack-noise", type=float, default=0.0,
                    help="frame-stacking models: noise augmentation of the stacked frames, a level up to this")
 
     p = commands.add("dcm", help="TF-CM discrete: consistency distillation of the causal teacher (resumable)",
                      func=_dcm, group="train")
-    _add_common(p, "causal teacher bundle (forcekit train causal)")
-    p.add_argument("--intervals", type=int, default=16, help="teacher ODE steps that split [0, 1]")
-    p.add_argument("--guidance", type=float, default=None, help="CFG of the teacher step (default: bundle's)")
-    p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the target network")
-    p.add_argument("--sample-steps", type=int, default=2, help="student steps written into the bundle")
+    _add_common(p, "causal teacher bundle (forcekit train causal)", DCMConfig)
+    p.add_argument("--intervals", type=positive_int, default=16, help="teacher ODE steps that split [0, 1]")
+    p.add_argument("--guidance", type=positive_float, default=None,
+                   help="CFG of the teacher step (default: bundle's)")
+    p.add_argument("--ema", type=fraction, default=0.99, help="EMA decay of the target network, in [0, 1)")
+    p.add_argument("--sample-steps", type=positive_int, default=2, help="student steps written into the bundle")
 
     p = commands.add("scm", help="TF-CM continuous (sCM, flow-matching form): tangent by forward-mode JVP "
                      "through the whole model (resumable)", func=_scm, group="train")
-    _add_common(p, "causal teacher bundle (forcekit train causal)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG of the teacher velocity (default: bundle's)")
-    p.add_argument("--tangent-warmup", type=int, default=100, help="steps over which the JVP term ramps 0 -> 1")
-    p.add_argument("--sample-steps", type=int, default=2, help="student steps written into the bundle")
+    _add_common(p, "causal teacher bundle (forcekit train causal)", SCMConfig)
+    p.add_argument("--guidance", type=positive_float, default=None,
+                   help="CFG of the teacher velocity (default: bundle's)")
+    p.add_argument("--tangent-warmup", type=nonnegative_int, default=100,
+                   help="steps over which the JVP term ramps 0 -> 1")
+    p.add_argument("--sample-steps", type=positive_int, default=2, help="student steps written into the bundle")
 
     p = commands.add("dmd", help="SF-DMD: self-forcing rollouts through runtime.rollout, DMD against the "
                      "bidirectional teacher (resumable)", func=_dmd, group="train")
-    _add_common(p, "few-step student bundle (forcekit train dcm/scm)")
+    _add_common(p, "few-step student bundle (forcekit train dcm/scm)", DMDConfig)
     p.add_argument("--teacher", required=True, help="teacher bundle: the real score (bidirectional by default)")
     p.add_argument("--real-score", choices=("bidirectional", "causal"), default="bidirectional",
                    help="how the teacher scores the rollout: over the whole clip, or causally under teacher "
                         "forcing (pass a causal teacher bundle)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG of the real score (default: teacher's)")
-    p.add_argument("--critic-steps", type=int, default=2, help="fake-score updates per generator step")
-    p.add_argument("--critic-lr", type=float, default=None)
-    p.add_argument("--rollout-chunks", type=int, default=None, help="chunks generated per rollout")
-    p.add_argument("--context-frames", type=int, default=None, help="real clean frames before the rollout")
+    p.add_argument("--guidance", type=positive_float, default=None,
+                   help="CFG of the real score (default: teacher's)")
+    p.add_argument("--critic-steps", type=positive_int, default=2, help="fake-score updates per generator step")
+    p.add_argument("--critic-lr", type=positive_float, default=None,
+                   help="learning rate of the fake score (default: --lr)")
+    p.add_argument("--rollout-chunks", type=positive_int, default=None,
+                   help="chunks generated per rollout (default: enough to fill --clip-frames)")
+    p.add_argument("--context-frames", type=positive_int, default=None,
+                   help="real clean frames before the rollout (default: the first chunk)")
     p.add_argument("--cache-from", choices=("clean", "last_step"), default="clean",
                    help="KV-cache recipe used in training, written into the bundle for inference")
-    p.add_argument("--sample-steps", type=int, default=2, help="student steps (the exit step is drawn among them)")
+    p.add_argument("--sample-steps", type=positive_int, default=2,
+                   help="student steps (the exit step is drawn among them)")
 
     p = commands.add("guidance", help="guidance distillation: one conditional pass gives what the student gives "
                      "under action CFG (resumable)", func=_guidance, group="train")
-    _add_common(p, "few-step student bundle (forcekit train dmd/dcm)")
-    p.add_argument("--guidance", type=float, default=5.0, help="action CFG scale to fold in")
-    p.add_argument("--sample-steps", type=int, default=None, help="student steps written into the bundle "
+    _add_common(p, "few-step student bundle (forcekit train dmd/dcm)", GuidanceConfig)
+    p.add_argument("--guidance", type=positive_float, default=5.0, help="action CFG scale to fold in")
+    p.add_argument("--sample-steps", type=positive_int, default=None, help="student steps written into the bundle "
                    "(default: the input bundle's)")
 
     p = commands.add("students", help="plot student runs' objectives and few-step evals side by side (PNG)",
