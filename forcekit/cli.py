@@ -25,7 +25,7 @@ from typing import NoReturn
 
 COMMAND_MODULES = (
     "runtime.commands", "training.commands", "training.longplay", "kernels.commands", "apps.commands",
-    "forcekit.run", "training.lipsync.commands",
+    "forcekit.run", "training.lipsync.commands", "apps.lipsync_commands",
 )
 
 GROUPS = {

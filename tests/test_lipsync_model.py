@@ -130,3 +130,14 @@ def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_p
     frame = recorded(data)[0]["frames"][0]
     out = s.step(audio=np.zeros(512, np.float32), video=frame)
     assert out.shape == (1, 32, 32, 3)
+    gen = tmp_path / "gen"
+    assert main(["eval", "lipsync-generate", "--bundle", str(run / "dmd/bundle"), "--clips", data,
+                 "--out", str(gen)]) == 0
+    assert json.loads(capsys.readouterr().out)["ab_clips"] == 2
+    assert main(["eval", "lipsync", "--clips", str(gen / "ab"), "--reference", str(gen / "ab_input"), "--json"]) == 0
+    assert 0 < json.loads(capsys.readouterr().out)["identity"]["psnr"] <= 100
+    own = np.concatenate([c["frames"] for c in recorded(str(gen / "own"))])
+    real = np.concatenate([c["frames"] for c in recorded(data)])
+    y0, x0, y1, x1 = config["extra"]["lipsync"]["mask_box"]
+    own[:, y0:y1, x0:x1] = real[:, y0:y1, x0:x1] = 0
+    assert np.array_equal(own, real)      # composited: nothing outside the mask box changes

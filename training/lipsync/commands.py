@@ -75,6 +75,15 @@ def _train_lipsync_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from training.lipsync.generate import generate_lipsync
+
+    _threads(args.threads)
+    print(json.dumps(generate_lipsync(args.bundle, args.clips, args.out, args.max_clips, ab=not args.no_ab,
+                                      device=args.device)))
+    return 0
+
+
 def _eval_lipsync(args: argparse.Namespace) -> int:
     from training.lipsync.evaluate import evaluate_lipsync
 
@@ -146,6 +155,18 @@ def register(commands) -> None:
     p.add_argument("--max-episodes", type=nonnegative_int, default=0, help="encode only the first N clips (0: all)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0)
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: default)")
+
+    p = commands.add("lipsync-generate", help="re-sync recorded clips with a lip-sync bundle, frame by frame as the "
+                     "live loop does: OUT/own (own audio) and the A/B case OUT/ab (clip i's face, clip i+1's voice), "
+                     "in the recording format `eval lipsync` reads", func=_generate, group="eval")
+    p.add_argument("--bundle", required=True, help="lip-sync bundle (forcekit train dmd on lip-sync data, or "
+                   "random-lipsync-tiny)")
+    p.add_argument("--clips", required=True, help="recorded clips (e.g. --env lipsync:heldout)")
+    p.add_argument("--out", required=True, help="output dir: own/, ab/, ab_input/, ab_truth_a/")
+    p.add_argument("--max-clips", type=nonnegative_int, default=0, help="the first N clips only (0: all)")
+    p.add_argument("--no-ab", action="store_true", help="skip the A/B case")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: default)")
 
     p = commands.add("lipsync", help="lip-sync of clips (frames + audio): mouth agreement and offset, LSE-C / "
