@@ -57,6 +57,14 @@ def serve(args: argparse.Namespace) -> int:
     from apps.serve import ServeConfig, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.lipsync:  # webcam + microphone in, re-synced face out: its own app (apps/lipsync_serve.py)
+        from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
+        from runtime.session import resolve_bundle
+
+        app = create_lipsync_app(resolve_bundle(args.bundle), LipsyncServeConfig(max_sessions=args.max_sessions))
+        print(f"forcekit serve --lipsync: open http://localhost:{args.port}/", flush=True)
+        web.run_app(app, host=args.host, port=args.port, print=None)
+        return 0
     config = ServeConfig(max_sessions=args.max_sessions, codec=args.codec, bitrate=args.bitrate,
                          idle_timeout_s=args.idle_timeout, warmup_chunks=args.warmup,
                          pipeline=PipelineConfig(fps=args.fps))
@@ -106,6 +114,9 @@ def register(commands) -> None:
                    help="close a peer silent on its data channel for this many seconds")
     p.add_argument("--warmup", type=nonnegative_int, default=16,
                    help="chunks generated at start-up to warm the runtime")
+    p.add_argument("--lipsync", action="store_true",
+                   help="lip-sync mode: the browser sends webcam + microphone, gets the face re-synced (a lip-sync "
+                        "--bundle, e.g. models/lipsync or random-lipsync)")
 
     p = commands.add("latency", help="time to first frame, input-to-frame latency and frame jitter (JSON)",
                      func=bench_latency, group="bench")
