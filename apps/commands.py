@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from forcekit.cli import nonnegative_int, positive_float, positive_int
 
@@ -48,13 +49,43 @@ def play(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535 (0: any free port), got {port}")
+    return port
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def _ice_server(text: str) -> str:
+    from apps.serve import ice_server
+
+    try:
+        ice_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def serve(args: argparse.Namespace) -> int:
     import logging
-
-    from aiohttp import web
+    import sys
 
     from apps.pipeline import PipelineConfig
-    from apps.serve import ServeConfig, create_app
+    from apps.serve import ServeConfig, bind, create_app, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.lipsync:  # webcam + microphone in, re-synced face out: its own app (apps/lipsync_serve.py)
@@ -67,16 +98,21 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     config = ServeConfig(max_sessions=args.max_sessions, codec=args.codec, bitrate=args.bitrate,
                          idle_timeout_s=args.idle_timeout, warmup_chunks=args.warmup,
+                         ice_servers=tuple(args.ice_server), allowed_origins=tuple(args.allow_origin),
                          pipeline=PipelineConfig(fps=args.fps))
-    app = create_app(_open_fn(args), config)
+    try:  # before anything slow, and before saying where to go
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        print(f"forcekit serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+              f"(another server there? choose another --port)", file=sys.stderr)
+        return 1
     host = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
 
-    async def announce(_app) -> None:  # runs after the server's own start-up (model warm-up)
-        print(f"forcekit serve: open http://{host}:{args.port}/ (max {args.max_sessions} session(s), "
+    def announce(port: int) -> None:  # listening, model warmed up
+        print(f"forcekit serve: open http://{host}:{port}/ (max {args.max_sessions} session(s), "
               f"{args.codec} at {args.bitrate // 1000} kbit/s)", flush=True)
 
-    app.on_startup.append(announce)
-    web.run_app(app, host=args.host, port=args.port, print=None)
+    serve_forever(create_app(_open_fn(args), config), sock, announce)
     return 0
 
 
@@ -106,12 +142,19 @@ def register(commands) -> None:
     p = commands.add("serve", help="serve a bundle to browsers over WebRTC (page at /)", func=serve)
     _bundle_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8080, help="TCP port of the page and the offer endpoint")
-    p.add_argument("--max-sessions", type=int, default=2, help="concurrent peers; more get 503")
+    p.add_argument("--port", type=_port, default=8080, help="TCP port of the page and the offer endpoint")
+    p.add_argument("--max-sessions", type=_at_least_one, default=2, help="concurrent peers; more get 503")
     p.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="video codec sent to the browser")
     p.add_argument("--bitrate", type=positive_int, default=800_000, help="video bitrate cap, bits/s")
-    p.add_argument("--idle-timeout", type=float, default=20.0,
+    p.add_argument("--idle-timeout", type=_seconds, default=20.0,
                    help="close a peer silent on its data channel for this many seconds")
+    p.add_argument("--ice-server", type=_ice_server, action="append", default=[], metavar="URL",
+                   help="STUN/TURN server for NAT traversal, repeatable: stun:HOST[:PORT] or "
+                        "turn:HOST[:PORT][?transport=udp|tcp],USERNAME,CREDENTIAL (default: none; "
+                        "loopback and LAN need none, and none is contacted unasked)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept offers from pages at ORIGIN (scheme://host[:port]; '*' for any), "
+                        "repeatable (default: only the server's own page on localhost or an IP address)")
     p.add_argument("--warmup", type=nonnegative_int, default=16,
                    help="chunks generated at start-up to warm the runtime")
     p.add_argument("--lipsync", action="store_true",

@@ -20,6 +20,7 @@ consumer records `input_to_display`.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import deque
@@ -162,16 +163,48 @@ class FrameQueue:
 
 @dataclass
 class PipelineConfig:
-    """Queue and pacing settings. fps=None plays at the session's nominal rate."""
+    """Queue and pacing settings. fps=None plays at the session's nominal rate.
+
+    A chunk is started `lead_steps` smoothed step times plus `lead_frames` frame intervals
+    before its first frame is due: late enough that the input it samples is fresh, early enough
+    that the chunk is ready in time although step times vary.
+    """
 
     buffer_chunks: int = 2  # output queue capacity, in chunks
     fps: float | None = None
     stats_window: int = 512  # how many recent samples each statistic keeps
     action_log: int = 256  # how many recent chunks' actions are kept for inspection
+    lead_steps: float = 1.2
+    lead_frames: float = 0.1
+    max_controls: int = 64  # control calls waiting for the next chunk boundary; more are refused
+
+    def __post_init__(self) -> None:
+        if self.buffer_chunks < 1:
+            raise ValueError(f"buffer_chunks must be >= 1, got {self.buffer_chunks}")
+        if not (self.lead_steps >= 0 and self.lead_frames >= 0):
+            raise ValueError(f"lead_steps and lead_frames must be >= 0, got {self.lead_steps}, {self.lead_frames}")
+        if self.max_controls < 1:
+            raise ValueError(f"max_controls must be >= 1, got {self.max_controls}")
 
 
 class PipelineError(RuntimeError):
     """The generation thread failed; the original exception is the __cause__."""
+
+
+class PipelineBusy(RuntimeError):
+    """Too many control calls are waiting for the next chunk boundary (see PipelineConfig.max_controls)."""
+
+
+MAX_SEED = 2**63 - 1  # the largest seed every session accepts (torch.Generator.manual_seed's signed range)
+
+
+def check_seed(seed: object) -> int:
+    """`seed` as a session seed, or ValueError saying why it is not one (bools are not integers here)."""
+    if type(seed) is not int and not isinstance(seed, np.integer):
+        raise ValueError(f"seed must be an integer, got {type(seed).__name__}")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    return int(seed)
 
 
 class Pipeline:
@@ -204,6 +237,7 @@ class Pipeline:
         self._running.set()
         self._controls: deque[Callable[[], None]] = deque()
         self._controls_lock = threading.Lock()
+        self._pending_reset: tuple[int, np.ndarray | None] | None = None  # the latest reset asked for
         self._thread: threading.Thread | None = None
         self._step_ema: float | None = None  # smoothed seconds per session.step
 
@@ -272,25 +306,43 @@ class Pipeline:
         self._running.set()
 
     def call_between_chunks(self, fn: Callable[[], None]) -> None:
-        """Run fn in the generation thread before the next chunk (the only thread using the session)."""
+        """Run fn in the generation thread before the next chunk (the only thread using the session).
+
+        Raises PipelineBusy when `max_controls` calls are already waiting: a flood of controls
+        must not starve generation or grow memory.
+        """
         with self._controls_lock:
-            self._controls.append(fn)
+            self._enqueue_locked(fn)
         self.queue.notify()
+
+    def _enqueue_locked(self, fn: Callable[[], None]) -> None:
+        if len(self._controls) >= self.config.max_controls:
+            raise PipelineBusy(f"{len(self._controls)} control calls are already waiting for the next chunk")
+        self._controls.append(fn)
 
     def reset(self, seed: int | None = None, context: np.ndarray | None = None) -> int:
         """Restart the rollout (a new random seed when none is given, optional context frames)
-        and throw away the frames of the old one. Returns the seed."""
-        if seed is None:
-            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+        and throw away the frames of the old one. Returns the seed.
 
-        def do_reset() -> None:
-            self.session.reset(seed=seed, context=context)
-            self.queue.clear()
-            self.action_log.clear()
-            self._next_due = None
-
-        self.call_between_chunks(do_reset)
+        Resets asked for before the generation thread gets to them coalesce: only the latest
+        runs, so a burst of resets costs one restart, not one per request.
+        """
+        seed = int(np.random.default_rng().integers(0, 2**31 - 1)) if seed is None else check_seed(seed)
+        with self._controls_lock:
+            if self._pending_reset is None:
+                self._enqueue_locked(self._do_reset)
+            self._pending_reset = (seed, context)
+        self.queue.notify()
         return seed
+
+    def _do_reset(self) -> None:
+        with self._controls_lock:
+            seed, context = self._pending_reset
+            self._pending_reset = None
+        self.session.reset(seed=seed, context=context)
+        self.queue.clear()
+        self.action_log.clear()
+        self._next_due = None
 
     # ---- generation loop -------------------------------------------------------------------
 
@@ -302,13 +354,18 @@ class Pipeline:
                 fn = self._controls.popleft()
             fn()
 
-    def _should_generate(self, queued: int) -> bool:
-        """Start the next chunk only when it fits, and only when the queued frames would run out
-        about when it is done: generating earlier would sample the input earlier than needed."""
+    def _start_in(self, queued: int) -> float:
+        """Seconds until the next chunk should start (<= 0: now; inf: it does not fit yet).
+
+        The queued frames last `runway` seconds (until the next one is due, then one interval
+        each); the chunk starts when that runway is down to the lead time, so it samples the
+        input as late as it can and is still ready when its first frame is due.
+        """
         if queued + self.frames_per_chunk > self.queue.capacity:
-            return False
-        lead = 1.5 * (self._step_ema or 0.0) + 0.25 * self.interval
-        return queued * self.interval <= lead
+            return math.inf
+        runway = self.time_until_due() + queued * self.interval
+        lead = self.config.lead_steps * (self._step_ema or 0.0) + self.config.lead_frames * self.interval
+        return runway - lead
 
     def _generate(self) -> None:
         try:
@@ -316,8 +373,10 @@ class Pipeline:
                 self._run_controls()
                 if not self._running.wait(timeout=0.05):
                     continue
-                if not self.queue.wait(lambda n: self._should_generate(n) or self._stop.is_set()
-                                       or bool(self._controls), timeout=0.05):
+                wait = self._start_in(len(self.queue))
+                if wait > 0:
+                    self.queue.wait(lambda n: self._start_in(n) <= 0 or self._stop.is_set() or bool(self._controls),
+                                    timeout=min(wait, 0.05))
                     continue
                 if self._stop.is_set() or self._controls:
                     continue

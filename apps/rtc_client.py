@@ -4,6 +4,12 @@ Used by `forcekit bench latency` for the WebRTC path and by the fast in-process 
 records when each decoded video frame arrives (by RTP-derived pts) and every data-channel
 message, so input-to-frame latency can be measured end to end: keys sent -> the server says
 which pts first carries them (`applied`) -> that frame decoded here.
+
+It receives the way a browser does in the two places where aiortc's defaults would not: it
+contacts no STUN server (loopback and LAN need none; browsers have none by default), and it
+hands a video frame to the decoder as soon as its last packet (the RTP marker bit) is in,
+where aiortc's own jitter buffer waits for the first packet of the next frame, a whole frame
+interval later (see CompleteFrameJitterBuffer).
 """
 
 from __future__ import annotations
@@ -14,8 +20,39 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
+
+
+class CompleteFrameJitterBuffer(JitterBuffer):
+    """A video jitter buffer that releases a frame once it is complete.
+
+    aiortc's buffer knows a frame is over only when a packet with the next timestamp arrives,
+    so every frame reaches the decoder one frame interval late. A sender marks the last packet
+    of a frame with the RTP marker bit (aiortc's and browsers' senders do), so a frame whose
+    packets from the buffer's start up to a marked one are all present is complete: release it
+    then. A frame that ends without a marker is still released when the next one begins.
+    """
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        packets = []
+        timestamp = None
+        for count in range(self.capacity):
+            packet = self._packets[(self._origin + count) % self.capacity]
+            if packet is None:
+                return None  # a hole: wait for the missing packet (or for NACK recovery)
+            if timestamp is None:
+                timestamp = packet.timestamp
+            elif packet.timestamp != timestamp:
+                break  # the next frame began: this one is over although unmarked
+            packets.append(packet)
+            if packet.marker:
+                break
+        else:
+            return None
+        self.remove(len(packets))
+        return JitterFrame(data=b"".join(p._data for p in packets), timestamp=timestamp)
 
 
 @dataclass
@@ -77,11 +114,13 @@ async def _consume(peer: ClientPeer, track, keep_images: int) -> None:
 async def connect(base_url: str, session: aiohttp.ClientSession, keep_images: int = 0,
                   offer_video: bool = True) -> tuple[ClientPeer | None, int, dict]:
     """POST an offer to base_url/offer. Returns (peer or None, HTTP status, response body)."""
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("input")
     peer = ClientPeer(pc, channel)
     if offer_video:
-        pc.addTransceiver("video", direction="recvonly")
+        receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        # aiortc 1.16 offers no API to choose the receiver's jitter buffer.
+        receiver._RTCRtpReceiver__jitter_buffer = CompleteFrameJitterBuffer(capacity=512, is_video=True)
 
     @pc.on("track")
     def on_track(track) -> None:

@@ -26,10 +26,14 @@ from kernels.masks import KeyIntervals
 from runtime.chunks import ChunkPattern
 
 
-def sink_shift(start: int, window: int, sink: int) -> int:
+def sink_shift(start: int | torch.Tensor, window: int, sink: int) -> int | torch.Tensor:
     """Frames the sink's positions move forward for a chunk starting at ``start``: the gap between the
-    sink and the window's first frame (0 while the window still touches the sink)."""
-    return max(0, start - window - sink) if sink > 0 else 0
+    sink and the window's first frame (0 while the window still touches the sink).
+
+    ``start`` may be a tensor of frame positions; the shift is then computed on its device, so a
+    captured pass (`runtime.cuda_step`) that is replayed with new positions reads the new shift."""
+    gap = start - window - sink if sink > 0 else start * 0
+    return gap.clamp(min=0) if isinstance(gap, torch.Tensor) else max(0, gap)
 
 
 def chunk_of(pattern: ChunkPattern, frame: int) -> int:

@@ -8,12 +8,14 @@ keeps its latents in fp32: inputs are cast on the way in, the velocity on the wa
 ``capture="graphs"`` every cached model pass (a denoising step, with or without the fused
 commit of the previous chunk) is recorded once as a CUDA graph and replayed afterwards: the
 launch overhead of ~30 layers x dozens of kernels disappears. A pass is determined by its
-shapes and the cache's bookkeeping (sink and window fill, ring position, mode), so graphs are
-keyed by exactly that; after the window fills the ring cycles through a few positions and
-every pass replays. What a graph cannot hold is Python state: the RoPE positions (the ever
-growing frame counter) go in through a static tensor, and the cache's counters are advanced
-by hand after a replay, to the values the captured pass left them at. ``capture="compile"``
-runs the model through ``torch.compile`` instead (``compile_mode``: ``default``,
+shapes, the cache's bookkeeping (sink and window fill, ring position, mode) and its sink phase
+(`KVCache.sink_phase`: whether the sink is read shifted, for the committed and for the current
+chunk), so graphs are keyed by exactly that; after the window fills and the sink starts to move
+the ring cycles through a few positions and every pass replays. What a graph cannot hold is
+Python state: the RoPE positions (the ever growing frame counter) go in through a static tensor,
+the sink's shift (which grows with them) is computed from that tensor inside the graph, and the
+cache's counters are advanced by hand after a replay, to the values the captured pass left them at.
+``capture="compile"`` runs the model through ``torch.compile`` instead (``compile_mode``: ``default``,
 ``reduce-overhead``, ``max-autotune``, ...): which is faster is for a GPU to measure.
 
 `OverlappedStream` decodes chunk n on a second CUDA stream while chunk n+1 denoises: each
@@ -196,7 +198,8 @@ class CudaStepModel(nn.Module):
         if kwargs.get("frame_positions") is not None:
             raise ValueError("captured passes take their frame positions from the cache")
         flags = tuple(sorted(kwargs.items()))  # cache_mode, cache_only, commit_frames
-        key = (flags, cache_state(cache), tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
+        key = (flags, cache_state(cache), cache.sink_phase(kwargs.get("commit_frames", 0)),
+               tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
         entry = self._graphs.get(key)
         if entry is None:
             # First time this layout: run it for real (the result, and the warm-up the capture needs:

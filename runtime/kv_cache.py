@@ -9,7 +9,10 @@ Keys are stored with their rotary positions already applied and positions are co
 fly from an ever-growing frame counter, so there is no table to run out and memory is flat
 from the first call: nothing is allocated after construction. Once the window has moved past
 the sink, the sink's keys are read re-rotated by `runtime.context.sink_shift` (as if the sink sat
-just before the window), so query-to-sink distances stay inside what training shows.
+just before the window), so query-to-sink distances stay inside what training shows. The shift is
+computed on the device from the pass's frame positions, not from the Python frame counter: a
+captured pass replayed at a later frame with new positions then reads the new shift. Whether the
+sink is shifted at all (a choice made in Python) is `sink_phase`, which a capture key must hold.
 
 Modes, per forward pass:
   transient  write the chunk's keys into the current region and attend; commit nothing
@@ -80,11 +83,13 @@ class KVCache:
     def frames_held(self) -> int:
         return self.sink_valid + self.window_valid
 
-    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor, mode: str, commit_frames: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor, KeyIntervals | None]:
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor, mode: str, positions: torch.Tensor,
+                    commit_frames: int = 0) -> tuple[torch.Tensor, torch.Tensor, KeyIntervals | None]:
         """Keys and values the chunk's queries attend to, and the mask over them.
 
         ``k``, ``v``: the chunk's own ``[B, n*T, H, D]`` keys and values (positions applied).
+        ``positions``: their frames' RoPE positions (one per frame, consecutive from ``next_frame``),
+        from which the sink's shift is read.
         ``commit_frames`` (``transient`` only): the first that many frames are a finished chunk to
         commit in this same pass (see the module docstring); the mask then covers both.
         """
@@ -94,7 +99,7 @@ class KVCache:
             raise ValueError(f"chunk of {k.shape[1]} tokens does not fit the cache "
                              f"({g.max_chunk_frames} frames of {t} tokens, {commit_frames} to commit)")
         if mode == "readonly":
-            held = self._held(layer)
+            held = self._held(layer, positions)
             return torch.cat([held[0], k], dim=1), torch.cat([held[1], v], dim=1), None
         if mode not in MODES:
             raise ValueError(f"unknown cache mode {mode!r}; choose one of {list(MODES)}")
@@ -109,37 +114,49 @@ class KVCache:
             kv = buf.index_select(2, index)
             self._pending = commit_frames
             keys = kv[0]
-            for at, start in sinks:  # the committed chunk's sink, and the current chunk's when it shifts
-                keys = self._shifted_sink(keys, at, start)
+            for at, first in sinks:  # the committed chunk's sink, and the current chunk's when it shifts
+                keys = self._shifted_sink(keys, at, positions, first)
             return keys, kv[1], mask
         mask = cached_mask("cache_decode", n, t, g.sink_frames, g.window_frames, self.sink_valid, self.window_valid)
         if mode == "append":
             self._pending = n
-        return self._shifted_sink(buf[0, :, :cur + n * t], 0, self.next_frame), buf[1, :, :cur + n * t], mask
+        return self._shifted_sink(buf[0, :, :cur + n * t], 0, positions, 0), buf[1, :, :cur + n * t], mask
 
-    def _shifted_sink(self, keys: torch.Tensor, at: int, start: int) -> torch.Tensor:
-        """``keys`` with the valid sink frames found at frame ``at`` re-rotated for a chunk starting at
-        ``start`` (a new tensor when they move; ``keys`` itself while the shift is 0)."""
+    def sink_phase(self, commit_frames: int = 0) -> tuple[bool, bool]:
+        """Whether the sink is read shifted by the pass's first chunk, and by the chunk after its first
+        ``commit_frames`` frames (a fused commit, `keys_values`): all a pass's Python decides from the
+        frame counter. The shifts themselves come from the positions, on the device."""
+        return self._sink_moved(0), self._sink_moved(commit_frames)
+
+    def _sink_moved(self, first: int) -> bool:
+        """Whether the chunk starting ``first`` frames into the pass reads the sink shifted."""
+        g = self.geometry
+        return self.sink_valid > 0 and sink_shift(self.next_frame + first, g.window_frames, g.sink_frames) > 0
+
+    def _shifted_sink(self, keys: torch.Tensor, at: int, positions: torch.Tensor, first: int) -> torch.Tensor:
+        """``keys`` with the valid sink frames found at frame ``at`` re-rotated for the chunk starting at
+        ``positions[first]`` (a new tensor when they move; ``keys`` itself while the shift is 0)."""
         g, t = self.geometry, self.geometry.tokens_per_frame
-        shift = sink_shift(start, g.window_frames, g.sink_frames)
-        if shift == 0 or self.sink_valid == 0:
+        if not self._sink_moved(first):
             return keys
-        angles = rope_angles(torch.tensor([shift], device=keys.device), 1, 1, g.head_dim, g.rope_theta)
+        shift = sink_shift(positions[first:first + 1], g.window_frames, g.sink_frames)
+        angles = rope_angles(shift, 1, 1, g.head_dim, g.rope_theta)
         lo, hi = at * t, (at + self.sink_valid) * t
         sink = apply_rope(keys[:, lo:hi], *rope_cos_sin(angles))  # frame axis only: rows/columns turn by 0
         return torch.cat([keys[:, :lo], sink, keys[:, hi:]], dim=1)
 
     def _fused_layout(self, commit: int, n: int) -> tuple[torch.Tensor, KeyIntervals, list[tuple[int, int]]]:
         """Token gather index ``[evicted | kept | committed | current]``, its `commit_decode` mask, and
-        where sink frames sit in it with the chunk start each is read for (`_shifted_sink`).
+        where sink frames sit in it with the first frame (in the pass) of the chunk each is read for
+        (`_shifted_sink`).
 
         When the two chunks see the sink at different shifts, the sink is gathered a second time
         after the current chunk, for the current chunk's queries only (still one interval per row).
+        The shifts differ exactly when the current chunk's sink has moved (the committed chunk's is
+        then 0 or ``commit`` frames less), so this is `sink_phase`'s choice too.
         """
         g = self.geometry
-        start = self.next_frame
-        twice = self.sink_valid > 0 and (sink_shift(start, g.window_frames, g.sink_frames)
-                                         != sink_shift(start + commit, g.window_frames, g.sink_frames))
+        twice = self._sink_moved(commit)
         key = (self.sink_valid, self.window_valid, self.ring_next, commit, n, twice)
         if key not in self._fused_layouts:
             t = g.tokens_per_frame
@@ -163,16 +180,16 @@ class KVCache:
             index = (torch.tensor(frames)[:, None] * t + torch.arange(t)).flatten().to(self._buf.device)
             self._fused_layouts[key] = (index, mask, evicted, len(frames) - self.sink_valid)
         index, mask, evicted, second = self._fused_layouts[key]
-        sinks = [(evicted, start)] + ([(second, start + commit)] if twice else [])
+        sinks = [(evicted, 0)] + ([(second, commit)] if twice else [])
         return index, mask, sinks
 
-    def _held(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _held(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g, t = self.geometry, self.geometry.tokens_per_frame
         buf = self._buf[layer].detach()
         sink = buf[:, :, : self.sink_valid * t]
         ring = buf[:, :, g.sink_frames * t: (g.sink_frames + self.window_valid) * t]
         both = torch.cat([sink, ring], dim=2)
-        return self._shifted_sink(both[0], 0, self.next_frame), both[1]
+        return self._shifted_sink(both[0], 0, positions, 0), both[1]
 
     def commit(self) -> None:
         """Move the chunk written by the last `append` pass from the current region into sink/ring."""

@@ -139,8 +139,11 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 text: torch.Tensor | None, mask: KeyIntervals | None, cache: KVCache | None,
-                cache_mode: str, layer: int, kv_only: bool = False, commit_frames: int = 0) -> torch.Tensor:
-        """``kv_only``: stop once this layer's keys and values are in the cache (returns ``x`` as is)."""
+                cache_mode: str, layer: int, kv_only: bool = False, commit_frames: int = 0,
+                frame_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``kv_only``: stop once this layer's keys and values are in the cache (returns ``x`` as is).
+        ``frame_positions`` (with a ``cache``): the frames' RoPE positions, from which the cache reads
+        the sink's shift on the device (`KVCache.keys_values`)."""
         b, n, d = x.shape
         nf = mod.shape[1]
         per_frame = (self.scale_shift_table.unsqueeze(0) + mod.float()).unsqueeze(3)  # [B, F, 6, 1, D]
@@ -156,7 +159,7 @@ class DiTBlock(nn.Module):
         q, k, v = self.attn1.project(h, h)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v, mask = cache.keys_values(layer, k, v, cache_mode, commit_frames)
+            k, v, mask = cache.keys_values(layer, k, v, cache_mode, frame_positions, commit_frames)
             if kv_only:
                 return x
         a = self.attn1.to_out[0](attention(q, k, v, mask).flatten(-2))
@@ -205,8 +208,9 @@ class CausalDiT(nn.Module):
         ``action`` ``[B, F, A]``, ``audio`` ``[B, F, audio_dim]``, ``video`` ``[B, F, Cv, H, W]``,
         ``previous`` ``[B, F, stack_frames*C, H, W]`` (frame stacking: the clean latents each frame
         may see, `runtime.stacking`), ``text`` ``[B, L, text_dim]``. ``frame_positions`` ``[F]`` are the
-        frames' RoPE indices (default: consecutive from the cache's next frame, or from 0). With a ``cache``, the
-        chunk attends to the cache (``mask`` is then derived from it) and ``append`` commits it.
+        frames' RoPE indices (default: consecutive from the cache's next frame, or from 0; with a cache,
+        a tensor of those same values, so that a captured pass reads them, and the sink's shift, from it).
+        With a ``cache``, the chunk attends to the cache (``mask`` is then derived from it) and ``append`` commits it.
         ``cache_only`` (with ``append``): only fill the cache and return None, skipping the work
         whose result nobody reads (the last block after its keys and values, the output head):
         committing a finished chunk as context needs its keys, not its velocity.
@@ -254,7 +258,8 @@ class CausalDiT(nn.Module):
 
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            args = (h, mod, rope, text_ctx, mask, cache, cache_mode, i, cache_only and i == last, commit_frames)
+            args = (h, mod, rope, text_ctx, mask, cache, cache_mode, i, cache_only and i == last, commit_frames,
+                    frame_positions)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -91,6 +91,8 @@ def test_page_plays_video_and_held_key_drives_the_session(served, browser, bundl
         assert grab["w"] >= 256 and grab["h"] >= 256
         assert grab["max"] - grab["min"] > 20, grab  # a noise-like frame, not a flat or black one
         assert "w" in page.inner_text("#keys") and "forward" in page.inner_text("#keys")
+        # The page asks Chromium for the smallest jitter buffer (a game: latency over smoothness).
+        assert page.evaluate("window.forcekit.jitterBufferTarget") == 0
 
         (peer_id,) = [p["id"] for p in get_json(served.url + "/metrics")["peers"]]
         peer = served.server.peers[peer_id]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from runtime import Bundle, ModelConfig, SamplerConfig, StreamSession
+from runtime.context import sink_shift
 from runtime.cuda_step import CudaStepModel, EagerGraphRunner, OverlappedStream, StepOptions
 
 PATTERN = dict(frames_per_chunk=2, window_frames=4, sink_frames=1)  # the ring cycles every 2 chunks
@@ -26,17 +27,33 @@ def latents(session, chunks, actions_seed=3):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 2.0], ids=["plain", "guided"])
-def test_captured_passes_replay_what_eager_passes_compute(guidance):
-    b = bundle(guidance=guidance)
-    eager = latents(StreamSession(b, seed=5), 12)
+@pytest.mark.parametrize("guidance, pattern", [
+    (1.0, {}), (2.0, {}), (1.0, dict(frames_per_chunk=1, first_chunk_frames=3, window_frames=3, sink_frames=2)),
+], ids=["plain", "guided", "frame-wise-sink-2"])
+def test_captured_passes_replay_what_eager_passes_compute(guidance, pattern):
+    """Every layout is captured within the first 16 chunks; the next 16 replay only, at frames (and so
+    sink shifts, `runtime.context.sink_shift`) no graph was captured at, and must match eager exactly."""
+    b = bundle(guidance=guidance, **pattern)
+    cfg = b.model.config
+    plain = StreamSession(b, seed=5)
+    eager = torch.cat([latents(plain, 16), latents(plain, 16)])  # as the captured stream runs: in two halves
     runner = CudaStepModel(b.model, StepOptions(capture="graphs"), graph_runner=EagerGraphRunner)
     captured = StreamSession(b, seed=5, runner=runner)
-    assert (latents(captured, 12) - eager).abs().max().item() <= 1e-5
-    assert runner.replays > runner.captures > 0
-    captures = runner.captures
+    first = latents(captured, 16)
+    captures, replays = runner.captures, runner.replays
+    assert replays > captures > 0
+
+    def shift() -> int:
+        return sink_shift(captured._rollout.cache.next_frame, cfg.window_frames, cfg.sink_frames)
+
+    steady = shift()
+    assert steady > 0  # the stream is past the sink: the steady state's graphs read it shifted
+    second = latents(captured, 16)
+    assert runner.captures == captures and runner.replays > replays  # no graph per chunk: the shift is an input
+    assert shift() >= steady + 16  # ... and replayed at shifts it was never captured at
+    assert (torch.cat([first, second]) - eager).abs().max().item() <= 1e-5
     captured.reset(5)  # a new stream meets the same layouts again: everything replays
-    again = latents(captured, 12)
+    again = torch.cat([latents(captured, 16), latents(captured, 16)])
     assert runner.captures == captures and (again - eager).abs().max().item() <= 1e-5
 
 
@@ -49,6 +66,20 @@ def test_capture_keys_hold_the_cache_layout():
     states = {key[1] for key in runner._graphs}
     assert len(states) >= 4  # sink filling, window filling, and the ring's positions
     assert runner.captures == len(runner._graphs) <= 2 * 12
+
+
+def test_capture_keys_hold_the_sink_phase():
+    """Frame-wise, the ring comes back to the position the window filled at once the sink has started to
+    move: same layout, but the pass now rotates the sink (and the fused commit gathers it twice), so it
+    is another graph (`KVCache.sink_phase`); the shift's size is not in the key."""
+    b = bundle(frames_per_chunk=1, first_chunk_frames=3, window_frames=3, sink_frames=2)
+    runner = CudaStepModel(b.model, StepOptions(capture="graphs"), graph_runner=EagerGraphRunner)
+    latents(StreamSession(b, runner=runner), 16)
+    phases: dict[tuple, set] = {}
+    for flags, state, phase, _ in runner._graphs:
+        phases.setdefault((flags, state), set()).add(phase)
+    assert {(False, False), (False, True), (True, True)} <= set().union(*phases.values())
+    assert max(len(p) for p in phases.values()) == 2
 
 
 def test_bf16_weights_and_cache_keep_the_sampler_in_fp32():

@@ -454,3 +454,26 @@ def test_dmd_with_last_step_never_exits_at_step_0(dcm, clips):
     assert {rec.exit_input[1] for rec in records} == {0.5}  # always the second of the two levels (1.0, 0.5)
     with pytest.raises(ValueError, match="sample_steps >= 2"):
         train_dmd(dcm[2], dcm[2], clips, DMDConfig(out="unused", sample_steps=1, cache_from="last_step"))
+
+
+def test_the_recipe_runs_with_frame_stacking(tmp_path, clips):
+    """Every stage trains a frame-stacking model (causal with noise on the stacked frames, dCM, SF-DMD
+    against a stacking teacher), the self-forcing replay still equals its rollout, and the result plays."""
+    teacher = Bundle.random(tiny_config(stack_frames=1), seed=0)
+    quick = {**FAST, "eval_every": 100}
+    causal = train_causal(teacher, clips, CausalConfig(out=str(tmp_path / "c"), steps=4, stack_noise=0.3, **quick),
+                          progress=False)
+    dcm = train_dcm(Bundle.load(causal["bundle"]), clips, DCMConfig(out=str(tmp_path / "d"), steps=4, intervals=4,
+                                                                     **quick), progress=False)
+    student = Bundle.load(dcm["bundle"])
+    ro = runtime.rollout.Rollout(student.model, student.sampler, batch=2)
+    x, action = clips.sample(2, 6, torch.Generator().manual_seed(3))
+    clip, records = self_forcing_rollout(ro, x[:, :1], action, 5, torch.Generator().manual_seed(4))
+    for rec in records:
+        assert (replay_exit_step(ro, rec) - clip[:, rec.frames]).abs().max() < 1e-5
+    dmd = train_dmd(student, teacher, clips, DMDConfig(out=str(tmp_path / "m"), steps=3, critic_steps=1, **quick),
+                    progress=False)
+    final = Bundle.load(dmd["bundle"])
+    assert final.config.stack_frames == 1
+    session = open_session(final)
+    assert session.step(["forward"]).shape[0] == 1

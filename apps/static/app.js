@@ -63,7 +63,12 @@ window.addEventListener("blur", () => { if (fk.held.length) { fk.held = []; send
 
 function onMessage(ev) {
   fk.messages += 1;
-  const msg = JSON.parse(ev.data);
+  let msg;
+  try {
+    msg = JSON.parse(ev.data);
+  } catch (err) {
+    return;  // not ours to show; the server only sends JSON
+  }
   if (msg.type === "pong") {
     fk.rtt = performance.now() - msg.t;
     $("rtt").textContent = fmt(fk.rtt);
@@ -107,7 +112,16 @@ async function connect() {
   setStatus("connecting…");
   pc = new RTCPeerConnection();
   pc.addTransceiver("video", { direction: "recvonly" });
-  pc.addEventListener("track", (ev) => { video.srcObject = ev.streams[0] || new MediaStream([ev.track]); });
+  pc.addEventListener("track", (ev) => {
+    // Ask for the smallest jitter buffer (play frames as soon as they are decoded): this is a
+    // game, where input-to-frame delay matters more than smoothness. Browsers without the
+    // setting keep their own default.
+    const r = ev.receiver;
+    if ("jitterBufferTarget" in r) r.jitterBufferTarget = 0;
+    if ("playoutDelayHint" in r) r.playoutDelayHint = 0;
+    fk.jitterBufferTarget = "jitterBufferTarget" in r ? r.jitterBufferTarget : null;
+    video.srcObject = ev.streams[0] || new MediaStream([ev.track]);
+  });
   pc.addEventListener("connectionstatechange", () => {
     if (!pc) return;
     const state = pc.connectionState;
