@@ -88,14 +88,6 @@ def serve(args: argparse.Namespace) -> int:
     from apps.serve import ServeConfig, bind, create_app, serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.lipsync:  # webcam + microphone in, re-synced face out: its own app (apps/lipsync_serve.py)
-        from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
-        from runtime.session import resolve_bundle
-
-        app = create_lipsync_app(resolve_bundle(args.bundle), LipsyncServeConfig(max_sessions=args.max_sessions))
-        print(f"forcekit serve --lipsync: open http://localhost:{args.port}/", flush=True)
-        web.run_app(app, host=args.host, port=args.port, print=None)
-        return 0
     config = ServeConfig(max_sessions=args.max_sessions, codec=args.codec, bitrate=args.bitrate,
                          idle_timeout_s=args.idle_timeout, warmup_chunks=args.warmup,
                          ice_servers=tuple(args.ice_server), allowed_origins=tuple(args.allow_origin),
@@ -107,6 +99,14 @@ def serve(args: argparse.Namespace) -> int:
               f"(another server there? choose another --port)", file=sys.stderr)
         return 1
     host = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
+    if args.lipsync:  # webcam + microphone in, re-synced face out: its own app (apps/lipsync_serve.py)
+        from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
+        from runtime.session import resolve_bundle
+
+        app = create_lipsync_app(resolve_bundle(args.bundle), LipsyncServeConfig(max_sessions=args.max_sessions))
+        serve_forever(app, sock, lambda port: print(f"forcekit serve --lipsync: open http://{host}:{port}/",
+                                                    flush=True))
+        return 0
 
     def announce(port: int) -> None:  # listening, model warmed up
         print(f"forcekit serve: open http://{host}:{port}/ (max {args.max_sessions} session(s), "

@@ -142,7 +142,7 @@ def register(commands) -> None:
                           "the real-time loop, feature window included (JSON)")
     p.add_argument("--bundle", default="random-lipsync",
                    help="lip-sync bundle dir, or random-lipsync (the shipped geometry, random weights)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--seconds", type=positive_float, default=6.0, help="length of the real-time run")
     p.add_argument("--frames", type=positive_int, default=100, help="frames of the back-to-back throughput run")
