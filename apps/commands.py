@@ -99,6 +99,14 @@ def serve(args: argparse.Namespace) -> int:
               f"(another server there? choose another --port)", file=sys.stderr)
         return 1
     host = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
+    if args.lipsync:  # webcam + microphone in, re-synced face out: its own app (apps/lipsync_serve.py)
+        from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
+        from runtime.session import resolve_bundle
+
+        app = create_lipsync_app(resolve_bundle(args.bundle), LipsyncServeConfig(max_sessions=args.max_sessions))
+        serve_forever(app, sock, lambda port: print(f"forcekit serve --lipsync: open http://{host}:{port}/",
+                                                    flush=True))
+        return 0
 
     def announce(port: int) -> None:  # listening, model warmed up
         print(f"forcekit serve: open http://{host}:{port}/ (max {args.max_sessions} session(s), "
@@ -149,6 +157,9 @@ def register(commands) -> None:
                         "repeatable (default: only the server's own page on localhost or an IP address)")
     p.add_argument("--warmup", type=nonnegative_int, default=16,
                    help="chunks generated at start-up to warm the runtime")
+    p.add_argument("--lipsync", action="store_true",
+                   help="lip-sync mode: the browser sends webcam + microphone, gets the face re-synced (a lip-sync "
+                        "--bundle, e.g. models/lipsync or random-lipsync)")
 
     p = commands.add("latency", help="time to first frame, input-to-frame latency and frame jitter (JSON)",
                      func=bench_latency, group="bench")

@@ -26,6 +26,7 @@ from typing import NoReturn
 COMMAND_MODULES = (
     "runtime.commands", "training.commands", "training.longplay", "kernels.commands", "apps.commands",
     "forcekit.run", "training.lipsync.commands",
+    "training.lipsync.model_commands", "apps.lipsync_commands",
 )
 
 GROUPS = {

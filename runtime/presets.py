@@ -85,8 +85,24 @@ def random_tiny(device: torch.device | str = "cpu", seed: int = 0) -> Bundle:
     return Bundle.random(seed=seed, name="random-tiny").to(device)
 
 
+def random_lipsync(device: torch.device | str = "cpu", seed: int = 0) -> Bundle:
+    """``random-lipsync``: the shipped lip-sync geometry with random weights (`runtime.lipsync.shipped_geometry`)."""
+    from runtime.lipsync import shipped_geometry
+
+    return shipped_geometry(seed).to(device)
+
+
+def random_lipsync_tiny(device: torch.device | str = "cpu", seed: int = 0) -> Bundle:
+    """``random-lipsync-tiny``: a tiny lip-sync bundle (32x32, `runtime.lipsync.tiny_geometry`) for tests."""
+    from runtime.lipsync import tiny_geometry
+
+    return tiny_geometry(seed).to(device)
+
+
 RANDOM_BUNDLES: dict[str, Callable[..., Bundle]] = {
     "random-tiny": random_tiny,
+    "random-lipsync": random_lipsync,
+    "random-lipsync-tiny": random_lipsync_tiny,
     "random-wan1.3b": random_wan_1_3b,
     "random-wan1.3b-reduced": random_wan_1_3b_reduced,
 }

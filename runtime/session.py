@@ -263,6 +263,8 @@ def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int |
 
     ``guidance``: classifier-free guidance scale on the actions (default: the bundle's).
     ``text``: the prompt embedding ``[L, text_dim]`` a text-conditioned bundle needs.
+    A lip-sync bundle (``extra["lipsync"]``) opens a `runtime.lipsync.LipsyncSession`:
+    ``step(audio=features, video=frames)``.
     """
     bundle = resolve_bundle(bundle_or_path, device)
     if steps is not None and steps < 1:
@@ -271,5 +273,9 @@ def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int |
         replace(bundle.sampler, steps=steps, first_chunk_steps=None, timesteps=None)
     if guidance is not None and not (math.isfinite(guidance) and guidance > 0):
         raise ValueError(f"guidance must be a positive number, got {guidance}")
-    return StreamSession(bundle, device=device, steps=steps, kv_cache=kv_cache, seed=seed, guidance=guidance,
-                         text=text)
+    cls = StreamSession
+    if "lipsync" in bundle.extra:
+        from runtime.lipsync import LipsyncSession
+
+        cls = LipsyncSession
+    return cls(bundle, device=device, steps=steps, kv_cache=kv_cache, seed=seed, guidance=guidance, text=text)

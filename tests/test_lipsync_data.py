@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.lipsync.audio_features import (
+from runtime.audio_features import (
     AudioFeatureConfig,
     as_mono_float,
     clipped_fraction,

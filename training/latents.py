@@ -1,4 +1,4 @@
-"""Recorded episodes encoded once by a codec: latent clips with their conditioning actions.
+"""Recorded episodes encoded once by a codec: latent clips with their per-frame conditions.
 
 Encoding every frame on every step would cost more than the DiT step itself on a CPU, so a
 run encodes its data once and caches the result (`latents.pt`, keyed by the codec config and
@@ -6,6 +6,10 @@ the data). Conditioning follows the recording convention (actions[t] produced fr
 the model conditions frame t on `cond[t] = actions[t-1]`, and the first frame of an episode
 on the no-op (zeros) — exactly what a session does, where `step(action)` generates the frame
 that `action` produces.
+
+A lip-sync recording is conditioned on audio and video instead (`training.lipsync.latents`):
+its clips carry `training.conditions.FrameConditions`, and each frame may have a reference row
+whose latent is appended to its video condition at sampling time (the identity frame, kept once).
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from runtime.codec import Codec
+from training.conditions import Conditions
 from training.data import ClipDataset
 
 
@@ -30,8 +35,9 @@ def conditioning_actions(actions: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LatentClips:
     latents: torch.Tensor        # float16 [N, C, h, w], episodes concatenated
-    cond: torch.Tensor           # float32 [N, D], the action that produced each frame
+    cond: Conditions             # per row: the action that produced the frame (float32 [N, D]), or FrameConditions
     episodes: list[tuple[int, int, int]]   # (start row, length, seed)
+    reference: torch.Tensor | None = None  # long [N]: the row whose latent joins the frame's video condition
 
     def starts(self, clip_frames: int) -> torch.Tensor:
         s = [r + i for r, n, _ in self.episodes for i in range(n - clip_frames + 1)]
@@ -40,20 +46,37 @@ class LatentClips:
         return torch.tensor(s)
 
     def sample(self, batch: int, clip_frames: int, generator: torch.Generator,
-               starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random clips: latents float32 [B, F, C, h, w], conditioning actions [B, F, D]."""
+               starts: torch.Tensor | None = None) -> tuple[torch.Tensor, Conditions]:
+        """Random clips: latents float32 [B, F, C, h, w] and their conditions (actions [B, F, D], or
+        FrameConditions with the reference latents appended to the video on the channel axis)."""
         starts = self.starts(clip_frames) if starts is None else starts
         pick = starts[torch.randint(len(starts), (batch,), generator=generator)]
         rows = pick[:, None] + torch.arange(clip_frames)
-        return self.latents[rows].float(), self.cond[rows]
+        cond = self.cond[rows].float()
+        if self.reference is not None:
+            ref = self.latents[self.reference[rows]].float()
+            cond = replace(cond, video=ref if cond.video is None else torch.cat([cond.video, ref], 2))
+        return self.latents[rows].float(), cond
 
 
 def encode_latents(data: str, codec: Codec, max_episodes: int = 0, batch: int = 256,
-                   cache_dir: str | Path | None = None, progress: bool = True) -> LatentClips:
-    """Encode the episodes of a data dir (the first `max_episodes`, 0 = all), cached in cache_dir."""
+                   cache_dir: str | Path | None = None, progress: bool = True,
+                   lipsync: dict | None = None) -> LatentClips:
+    """Encode the episodes of a data dir (the first `max_episodes`, 0 = all), cached in cache_dir.
+
+    A lip-sync recording needs the bundle's lip-sync spec (``extra["lipsync"]``: mask box, reference)."""
     from tqdm import tqdm
 
     ds = ClipDataset(data, clip_frames=1)
+    if ds.meta.get("engine") == "lipsync":
+        from runtime.lipsync import LipsyncSpec
+        from training.lipsync.latents import encode_lipsync_latents
+
+        if lipsync is None:
+            raise ValueError(f"{data} is a lip-sync recording: encoding it needs a lip-sync bundle's spec "
+                             "(extra['lipsync']; train the teacher with `forcekit train lipsync-teacher`)")
+        return encode_lipsync_latents(data, codec, LipsyncSpec.from_dict(lipsync), max_episodes, batch, cache_dir,
+                                      progress)
     rows = ds.episode_rows[:max_episodes] if max_episodes else ds.episode_rows
     key = hashlib.sha256(json.dumps([codec.config(), str(Path(data).resolve()), rows]).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"latents-{key}.pt" if cache_dir else None

@@ -34,6 +34,7 @@ from runtime import Bundle, CausalDiT, ModelConfig, SamplerConfig
 from runtime.codec import Codec
 from runtime.stacking import noised, previous_frames
 from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
+from training.conditions import Conditions, cat, dropped, frame_count, model_inputs, null
 from training.latents import LatentClips
 
 
@@ -80,18 +81,18 @@ def noise_levels(batch: int, frames: int, cfg: TeacherTrainConfig, generator: to
     return s * t / (1 + (s - 1) * t)
 
 
-def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, cfg: TeacherTrainConfig,
+def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, cfg: TeacherTrainConfig,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Velocity MSE on the noisy frames. Returns (loss, the noise drawn: per-rank checks use it)."""
     b, f = x0.shape[:2]
     t = noise_levels(b, f, cfg, generator).to(x0)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     drop = torch.rand(b, 1, 1, generator=generator) < cfg.action_dropout
-    cond = torch.where(drop, torch.zeros_like(cond), cond)
+    cond = dropped(cond, drop)
     tt = t[:, :, None, None, None]
     x_t = (1 - tt) * x0 + tt * noise
     previous = stacked(model, x0, generator, cfg.stack_noise)
-    v = model(x_t, t, action=cond, previous=previous)
+    v = model(x_t, t, **model_inputs(cond), previous=previous)
     weight = (t > 0).to(x0)[:, :, None, None, None]
     err = (v.float() - (noise - x0)).pow(2) * weight
     return err.sum() / (weight.sum() * x0[0, 0].numel()).clamp(min=1), noise
@@ -108,7 +109,7 @@ def stacked(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator
 
 
 @torch.no_grad()
-def action_gap(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, level: float,
+def action_gap(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, level: float,
                generator: torch.Generator) -> float:
     """How much the true actions lower the velocity loss of the newest frame, over zeroed ones.
 
@@ -125,8 +126,8 @@ def action_gap(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, lev
     x_t = (1 - tt) * x0 + tt * noise
     target = (noise - x0)[:, -1]
     previous = stacked(model, x0)
-    loss = {name: (model(x_t, t, action=c, previous=previous)[:, -1].float() - target).pow(2).mean().item()
-            for name, c in (("true", cond), ("zero", torch.zeros_like(cond)))}
+    loss = {name: (model(x_t, t, **model_inputs(c), previous=previous)[:, -1].float() - target).pow(2).mean().item()
+            for name, c in (("true", cond), ("zero", null(cond)))}
     return loss["zero"] - loss["true"]
 
 
@@ -164,13 +165,13 @@ def _gap_and_loss(model, x0, cond, level, generator) -> tuple[float, float]:
     t[:, -1] = level
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     x_t = (1 - t[:, :, None, None, None]) * x0 + t[:, :, None, None, None] * noise
-    true = (model(x_t, t, action=cond, previous=stacked(model, x0))[:, -1].float()
+    true = (model(x_t, t, **model_inputs(cond), previous=stacked(model, x0))[:, -1].float()
             - (noise - x0)[:, -1]).pow(2).mean().item()
     return gap, true
 
 
 @torch.no_grad()
-def sample_clip(model: CausalDiT, context: torch.Tensor, cond: torch.Tensor, steps: int = 50,
+def sample_clip(model: CausalDiT, context: torch.Tensor, cond: Conditions, steps: int = 50,
                 guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Bidirectional Euler sampling of a whole clip after clean `context` [B, k, C, h, w].
 
@@ -180,17 +181,17 @@ def sample_clip(model: CausalDiT, context: torch.Tensor, cond: torch.Tensor, ste
     """
     if model.config.stack_frames:
         k = context.shape[1]
-        for f in range(k, cond.shape[1]):
+        for f in range(k, frame_count(cond)):
             new = _sample_frames(model, context, cond[:, :f + 1], steps, guidance, generator)
             context = torch.cat([context, new], 1)
         return context[:, k:]
     return _sample_frames(model, context, cond, steps, guidance, generator)
 
 
-def _sample_frames(model: CausalDiT, context: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float,
+def _sample_frames(model: CausalDiT, context: torch.Tensor, cond: Conditions, steps: int, guidance: float,
                    generator: torch.Generator | None) -> torch.Tensor:
     b, k = context.shape[:2]
-    f = cond.shape[1]
+    f = frame_count(cond)
     shape = (b, f - k, *context.shape[2:])
     x = torch.randn(shape, generator=generator).to(context)
     levels = torch.linspace(1.0, 0.0, steps + 1)
@@ -201,12 +202,12 @@ def _sample_frames(model: CausalDiT, context: torch.Tensor, cond: torch.Tensor, 
         tv = torch.cat([torch.zeros(b, k), torch.full((b, f - k), t)], 1).to(context)
         if guidance != 1.0:
             both = None if previous is None else torch.cat([previous, previous])
-            v = model(torch.cat([seq, seq]), torch.cat([tv, tv]), action=torch.cat([cond, torch.zeros_like(cond)]),
+            v = model(torch.cat([seq, seq]), torch.cat([tv, tv]), **model_inputs(cat([cond, null(cond)], 0)),
                       previous=both)
             vc, vu = v.chunk(2)
             v = vu + guidance * (vc - vu)
         else:
-            v = model(seq, tv, action=cond, previous=previous)
+            v = model(seq, tv, **model_inputs(cond), previous=previous)
         x = x + (t_next - t) * v[:, k:]
     return x
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime.audio_features import AudioFeatureConfig, frame_windows, log_mel
 from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
-from training.lipsync.audio_features import AudioFeatureConfig, frame_windows, log_mel
 from training.lipsync.metrics import mouth_agreement, summarise_sync, sync_scores
 from training.lipsync.record import load_clips
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from runtime.audio_features import AudioFeatureConfig, as_mono_float, frame_features, resample
 from training.data.shards import Episode, ShardStore
-from training.lipsync.audio_features import AudioFeatureConfig, as_mono_float, frame_features, resample
 from training.lipsync.renderer import MOUTH_PARAMS, POSE_PARAMS, FaceIdentity, RenderConfig, render_clip
 from training.lipsync.speech import Espeak, mouth_track
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime import Bundle, SamplerConfig
+from training.conditions import Conditions, dropped
 from training.latents import LatentClips
 from training.students.common import (
     StageConfig,
@@ -43,13 +44,13 @@ class CausalConfig(StageConfig):
     eval_steps: tuple[int, ...] = (4, 16)  # Euler steps of the teacher-forcing eval
 
 
-def causal_loss(model, x0: torch.Tensor, action: torch.Tensor, cfg: CausalConfig, generator: torch.Generator
+def causal_loss(model, x0: torch.Tensor, action: Conditions, cfg: CausalConfig, generator: torch.Generator
                 ) -> torch.Tensor:
     b, f = x0.shape[:2]
     t = chunk_noise_levels(model, b, f, generator, cfg.diffusion_forcing).to(x0)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     drop = torch.rand(b, 1, 1, generator=generator) < cfg.action_dropout
-    action = torch.where(drop, torch.zeros_like(action), action)
+    action = dropped(action, drop)
     tt = t[:, :, None, None, None]
     v = tf_velocity(model, x0, (1 - tt) * x0 + tt * noise, t, action, stacked(model, x0, generator, cfg.stack_noise))
     return (v.float() - (noise - x0)).pow(2).mean()

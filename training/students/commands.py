@@ -26,8 +26,10 @@ def _inputs(args: argparse.Namespace):
     if not data:
         raise CommandError(f"{args.bundle} records no training data: pass --data")
     cache = args.latents_cache or args.out
-    clips = encode_latents(data, bundle.codec, args.max_episodes, cache_dir=cache)
-    held = encode_latents(args.heldout, bundle.codec, args.heldout_episodes, cache_dir=cache) if args.heldout else None
+    lipsync = bundle.extra.get("lipsync")  # a lip-sync bundle's mask box and reference
+    clips = encode_latents(data, bundle.codec, args.max_episodes, cache_dir=cache, lipsync=lipsync)
+    held = (encode_latents(args.heldout, bundle.codec, args.heldout_episodes, cache_dir=cache, lipsync=lipsync)
+            if args.heldout else None)
     return bundle, clips, held
 
 

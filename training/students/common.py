@@ -24,6 +24,7 @@ from runtime import Bundle, CausalDiT, SamplerConfig
 from runtime.sampler import chunk_levels
 from runtime.stacking import chunk_previous, previous_frames
 from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
+from training.conditions import Conditions, cat, model_inputs, null
 from training.latents import LatentClips
 
 
@@ -63,14 +64,14 @@ def check_clip(model: CausalDiT, clip_frames: int) -> None:
 
 # -- the teacher-forcing forward --------------------------------------------------------------------
 def tf_velocity(model: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
-                action: torch.Tensor | None, previous: torch.Tensor | None = None) -> torch.Tensor:
+                action: Conditions | None, previous: torch.Tensor | None = None) -> torch.Tensor:
     """Velocity of every noisy frame ``[B, F, C, h, w]`` at levels ``t`` ``[B, F]``, each chunk
     conditioned on the clean chunks before it (one pass over ``[clean | noisy]``)."""
     b, f = clean.shape[:2]
     pattern = model.config.chunk_pattern
     positions = torch.arange(f, device=clean.device).repeat(2)
-    seq_action = None if action is None else torch.cat([action, action], 1)
-    v = model(torch.cat([clean, noisy], 1), torch.cat([torch.zeros_like(t), t], 1), action=seq_action,
+    seq_action = None if action is None else cat([action, action], 1)
+    v = model(torch.cat([clean, noisy], 1), torch.cat([torch.zeros_like(t), t], 1), **model_inputs(seq_action),
               previous=tf_previous(model, clean, previous), mask=pattern.teacher_forcing(f),
               frame_positions=positions)
     return v[:, f:]
@@ -88,12 +89,13 @@ def tf_previous(model: CausalDiT, clean: torch.Tensor, previous: torch.Tensor | 
 
 
 def guided_tf_velocity(model: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
-                       action: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on the actions: v_u + g (v_c - v_u), unconditional = zeroed actions."""
+                       action: Conditions, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: v_u + g (v_c - v_u), unconditional = zeroed actions and audio
+    (`training.conditions.null`)."""
     if scale == 1.0:
         return tf_velocity(model, clean, noisy, t, action)
     v = tf_velocity(model, torch.cat([clean, clean]), torch.cat([noisy, noisy]), torch.cat([t, t]),
-                    torch.cat([action, torch.zeros_like(action)]))
+                    cat([action, null(action)], 0))
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + scale * (v_cond - v_uncond)
 

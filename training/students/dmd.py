@@ -29,6 +29,7 @@ import torch
 
 from runtime import Bundle, ChunkCondition, Rollout, SamplerConfig
 from runtime.sampler import predict_x0
+from training.conditions import Conditions, cat, chunk_condition, model_inputs, null
 from training.latents import LatentClips
 from training.students.common import (
     StageConfig,
@@ -79,7 +80,7 @@ class ChunkRecord:
     frames: slice
 
 
-def self_forcing_rollout(rollout: Rollout, context: torch.Tensor, action: torch.Tensor, chunks: int,
+def self_forcing_rollout(rollout: Rollout, context: torch.Tensor, action: Conditions, chunks: int,
                          generator: torch.Generator, random_exit: bool = True, keep: slice | None = None
                          ) -> tuple[torch.Tensor, list[ChunkRecord]]:
     """Real ``context`` then ``chunks`` generated chunks, each ending at a random exit step (no gradients;
@@ -95,7 +96,7 @@ def self_forcing_rollout(rollout: Rollout, context: torch.Tensor, action: torch.
     with torch.no_grad():
         while rollout.frames < k:
             s, n = rollout.frames, rollout.next_chunk_frames()
-            rollout.add_context(context[:, s:s + n], ChunkCondition(action=action[:, s:s + n]))
+            rollout.add_context(context[:, s:s + n], chunk_condition(action[:, s:s + n]))
         parts, records = [context], []
         for _ in range(chunks):
             s, n = rollout.frames, rollout.next_chunk_frames()
@@ -103,7 +104,7 @@ def self_forcing_rollout(rollout: Rollout, context: torch.Tensor, action: torch.
             # last_step keeps the exit step's input as context: step 0's input is pure noise, so never exit there
             lowest = 1 if rollout.sampler.cache_from == "last_step" else 0
             exit_step = int(torch.randint(lowest, steps, (1,), generator=generator)) if random_exit else None
-            cond = ChunkCondition(action=action[:, s:s + n])
+            cond = chunk_condition(action[:, s:s + n])
             kept = keep is None or (keep.start <= s and s + n <= keep.stop)
             snap = rollout.snapshot() if kept else None
             noise = torch.randn((context.shape[0], n, *context.shape[2:]), generator=generator).to(context)
@@ -141,22 +142,22 @@ def score_window_start(pattern, frames: int, window: int, context: int, generato
 
 
 # -- scores -------------------------------------------------------------------------------------------
-def bidirectional_x0(model, clip: torch.Tensor, t: torch.Tensor, action: torch.Tensor, guidance: float,
+def bidirectional_x0(model, clip: torch.Tensor, t: torch.Tensor, action: Conditions, guidance: float,
                      previous: torch.Tensor | None = None) -> torch.Tensor:
     """x0 prediction of a bidirectional model on a clip whose frames sit at levels ``t`` ``[B, F]``
     (``previous``: the stacked clean frames of a frame-stacking model, `training.teacher.stacked`)."""
     if guidance != 1.0:
         both = None if previous is None else torch.cat([previous, previous])
-        v = model(torch.cat([clip, clip]), torch.cat([t, t]), action=torch.cat([action, torch.zeros_like(action)]),
+        v = model(torch.cat([clip, clip]), torch.cat([t, t]), **model_inputs(cat([action, null(action)], 0)),
                   previous=both)
         v_cond, v_uncond = v.chunk(2)
         v = v_uncond + guidance * (v_cond - v_uncond)
     else:
-        v = model(clip, t, action=action, previous=previous)
+        v = model(clip, t, **model_inputs(action), previous=previous)
     return clip - t[:, :, None, None, None] * v
 
 
-def score_x0(model, clip: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor, guidance: float,
+def score_x0(model, clip: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, action: Conditions, guidance: float,
              kind: str) -> torch.Tensor:
     """x0 prediction of a score model on the re-noised clip ``x_t`` (levels ``t``).
 
@@ -183,12 +184,12 @@ def renoise(clip: torch.Tensor, k: int, t_min: float, t_max: float, generator: t
     return (1 - tt) * clip + tt * noise, t, noise
 
 
-def critic_loss(critic, clip: torch.Tensor, k: int, action: torch.Tensor, cfg: DMDConfig,
+def critic_loss(critic, clip: torch.Tensor, k: int, action: Conditions, cfg: DMDConfig,
                 generator: torch.Generator) -> torch.Tensor:
     """Flow matching of the critic on the student's (detached) rollouts: it learns the fake score."""
     x_t, t, noise = renoise(clip, k, cfg.t_min, cfg.t_max, generator)
     if cfg.real_score == "bidirectional":
-        v = critic(x_t, t, action=action, previous=stacked(critic, clip))
+        v = critic(x_t, t, **model_inputs(action), previous=stacked(critic, clip))
     else:
         v = guided_tf_velocity(critic, clip, x_t, t, action, 1.0)
     return (v[:, k:].float() - (noise - clip)[:, k:].float()).pow(2).mean()

@@ -1,0 +1,262 @@
+"""`forcekit serve --lipsync`: the browser sends its webcam and microphone over WebRTC, the server sends the
+face back re-synced to the voice; a data channel carries fps and the audio-to-mouth latency to the page.
+
+Per peer: the video track's frames go into a `LatestFrame` (latest wins), the audio track's frames
+into a bounded queue read by `apps.lipsync.LipsyncLoop` (streaming features at whatever rate the
+browser sends, usually 48 kHz), which runs in its own thread and hands each re-synced frame to the
+outgoing video track (a queue of 2: the oldest is dropped when the browser reads slowly). The
+latency shown is measured on the server: from the arrival of a frame's audio to its re-synced
+frame (feature lookahead and generation; the network and the browser's jitter buffer come on top).
+v1 returns video only: the page plays no audio back. Kept apart from apps/serve.py (the world
+model's server) on purpose; it shares its codec settings and its `ServerThread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from apps.lipsync import LatestFrame, LipsyncLoop, LipsyncLoopConfig
+from apps.pipeline import now
+
+log = logging.getLogger("forcekit.lipsync_serve")
+STATIC = Path(__file__).resolve().parent / "static"
+VIDEO_CLOCK = 90000
+SERVER = web.AppKey("lipsync_server", object)
+
+
+@dataclass
+class LipsyncServeConfig:
+    max_sessions: int = 1
+    display: int = 288              # the returned video is scaled up to this many pixels a side
+    stats_period_s: float = 0.5
+    loop: LipsyncLoopConfig | None = None
+
+
+class QueuedAudio:
+    """Audio the browser sent, as `LipsyncLoop` reads a microphone: bounded, drained by `poll`."""
+
+    def __init__(self, max_blocks: int = 500) -> None:
+        self._q: deque[np.ndarray] = deque(maxlen=max_blocks)
+        self.rate: int | None = None
+        self.first_at: float | None = None
+        self.ready = threading.Event()
+        self.done = False
+
+    def put(self, samples: np.ndarray, rate: int) -> None:
+        if self.rate is None:
+            self.rate, self.first_at = rate, now()
+            self.ready.set()
+        elif rate != self.rate:      # a renegotiated rate: a new stream would be needed; keep it defined
+            log.warning("audio rate changed from %s to %s Hz: those frames are dropped", self.rate, rate)
+            return
+        self._q.append(samples)
+
+    def start(self) -> float:
+        return self.first_at
+
+    def poll(self) -> list[np.ndarray]:
+        out = []
+        while self._q:
+            out.append(self._q.popleft())
+        return out
+
+    def close(self) -> None:
+        self.done = True
+
+
+def audio_frame_samples(frame) -> np.ndarray:
+    """An aiortc/PyAV audio frame -> int16 or float32 samples ``[n]`` or ``[n, channels]``."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:
+        data = data.T                                   # [channels, n] -> [n, channels]
+    else:
+        data = data.reshape(-1, channels)
+    return data[:, 0] if channels == 1 else data
+
+
+class ResyncedTrack(MediaStreamTrack):
+    """The outgoing video: re-synced frames as the loop makes them, time-stamped by the wall clock."""
+
+    kind = "video"
+
+    def __init__(self, display: int) -> None:
+        super().__init__()
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=2)
+        self.display = display
+        self._t0: float | None = None
+
+    def offer(self, frame: np.ndarray) -> None:
+        """Called on the event loop: the newest frame wins when the browser reads slowly."""
+        if self.queue.full():
+            self.queue.get_nowait()
+        self.queue.put_nowait(frame)
+
+    async def recv(self):
+        import av
+        import cv2
+
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self.queue.get()
+        if frame is None:
+            self.stop()
+            raise MediaStreamError
+        t = now()
+        self._t0 = t if self._t0 is None else self._t0
+        big = cv2.resize(frame, (self.display, self.display), interpolation=cv2.INTER_NEAREST)
+        out = av.VideoFrame.from_ndarray(big, format="rgb24")
+        out.pts = int(round((t - self._t0) * VIDEO_CLOCK))
+        out.time_base = Fraction(1, VIDEO_CLOCK)
+        return out
+
+
+class LipsyncPeer:
+    def __init__(self, server: LipsyncServer) -> None:
+        self.server, self.id = server, uuid.uuid4().hex[:12]
+        self.pc = RTCPeerConnection()
+        self.frames, self.audio = LatestFrame(), QueuedAudio()
+        self.track = ResyncedTrack(server.config.display)
+        self.loop: LipsyncLoop | None = None
+        self.channel = None
+        self.tasks: list[asyncio.Task] = []
+        self.thread: threading.Thread | None = None
+        self.closed = False
+        self.error: str | None = None
+
+    def run(self, session, event_loop: asyncio.AbstractEventLoop) -> None:
+        """The generation thread: waits for the first audio, then runs the loop until the peer closes."""
+        while not self.audio.ready.wait(0.2):
+            if self.closed:
+                return
+        try:
+            self.loop = LipsyncLoop(session, self.audio, self.frames, self.server.config.loop or LipsyncLoopConfig(),
+                                    on_frame=lambda f, _loop: event_loop.call_soon_threadsafe(self.track.offer, f))
+            self.loop.run()
+        except Exception as exc:   # reported to the page; the server stays up
+            log.exception("peer %s: lip-sync loop failed", self.id)
+            self.error = repr(exc)
+
+    def stats(self) -> dict:
+        s = self.loop.stats() if self.loop is not None else {"video": "waiting for audio"}
+        if self.frames.frames_in == 0:
+            s["video"] = "no video"
+        return {**s, "error": self.error, "audio_rate": self.audio.rate}
+
+
+class LipsyncServer:
+    def __init__(self, bundle, config: LipsyncServeConfig) -> None:
+        self.bundle, self.config = bundle, config
+        self.peers: dict[str, LipsyncPeer] = {}
+
+    async def index(self, _request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "lipsync.html")
+
+    async def offer(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+            offer = RTCSessionDescription(sdp=body["sdp"], type=body["type"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": f"expected JSON {{sdp, type}}: {exc}"}, status=400)
+        if len(self.peers) >= self.config.max_sessions:
+            return web.json_response({"error": f"the server is at its limit of {self.config.max_sessions} "
+                                               "session(s); try again later"}, status=503)
+        peer = LipsyncPeer(self)
+        self.peers[peer.id] = peer
+        try:
+            answer = await self.connect(peer, offer)
+        except Exception as exc:
+            log.exception("peer %s: offer failed", peer.id)
+            await self.close_peer(peer)
+            return web.json_response({"error": f"could not start a session: {exc}"}, status=400)
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "peer_id": peer.id})
+
+    async def connect(self, peer: LipsyncPeer, offer: RTCSessionDescription) -> RTCSessionDescription:
+        from runtime import open_session
+
+        pc = peer.pc
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self.close_peer(peer)
+
+        @pc.on("datachannel")
+        def on_channel(channel) -> None:
+            peer.channel = channel
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            peer.tasks.append(asyncio.create_task(self.consume(peer, track)))
+
+        pc.addTrack(peer.track)   # before the offer is applied: it binds to the offer's video m-line
+        await pc.setRemoteDescription(offer)
+        await pc.setLocalDescription(await pc.createAnswer())
+        session = open_session(self.bundle)
+        peer.thread = threading.Thread(target=peer.run, args=(session, asyncio.get_running_loop()), daemon=True,
+                                       name=f"lipsync-{peer.id}")
+        peer.thread.start()
+        peer.tasks.append(asyncio.create_task(self.push_stats(peer)))
+        return pc.localDescription
+
+    async def consume(self, peer: LipsyncPeer, track) -> None:
+        """Read one incoming track until it ends: video frames into the latest frame, audio into the queue."""
+        try:
+            while not peer.closed:
+                frame = await track.recv()
+                if track.kind == "video":
+                    peer.frames.put(frame.to_ndarray(format="rgb24"))
+                else:
+                    peer.audio.put(audio_frame_samples(frame), frame.sample_rate)
+        except MediaStreamError:
+            return
+
+    async def push_stats(self, peer: LipsyncPeer) -> None:
+        while not peer.closed:
+            await asyncio.sleep(self.config.stats_period_s)
+            if peer.channel is not None and peer.channel.readyState == "open":
+                peer.channel.send(json.dumps({"type": "stats", "stats": peer.stats()}))
+
+    async def close_peer(self, peer: LipsyncPeer) -> None:
+        if peer.closed:
+            return
+        peer.closed = True
+        self.peers.pop(peer.id, None)
+        if peer.loop is not None:
+            peer.loop.stop = True
+        peer.audio.close()
+        for task in peer.tasks:
+            task.cancel()
+        await peer.pc.close()
+        if peer.thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, peer.thread.join, 5)
+
+    async def shutdown(self, _app=None) -> None:
+        for peer in list(self.peers.values()):
+            await self.close_peer(peer)
+
+
+def create_lipsync_app(bundle, config: LipsyncServeConfig | None = None) -> web.Application:
+    """The lip-sync web app: the page at /, POST /offer (webcam + microphone in, re-synced video out)."""
+    if "lipsync" not in bundle.extra:
+        raise ValueError(f"bundle {bundle.name!r} is not a lip-sync bundle (serve it without --lipsync)")
+    server = LipsyncServer(bundle, config or LipsyncServeConfig())
+    app = web.Application()
+    app[SERVER] = server
+    app.router.add_get("/", server.index)
+    app.router.add_post("/offer", server.offer)
+    app.on_shutdown.append(server.shutdown)
+    return app

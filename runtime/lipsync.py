@@ -1,0 +1,244 @@
+"""Lip-sync sessions: a face frame and the driving audio's features in, the same face re-synced out.
+
+A lip-sync bundle is an ordinary bundle (a `CausalDiT` with ``audio_dim`` and ``video_channels``,
+a per-frame codec) whose ``extra["lipsync"]`` holds a `LipsyncSpec`: which box of the frame is
+masked (the mouth region, the same box in training and at inference), what fills it, whether a
+reference frame of the identity rides along on the channel axis, and the audio feature config
+the model was trained with. Per frame, the video condition is
+``[codec(masked input frame) | codec(reference frame)]`` on the channel axis, the audio condition
+the frame's log-mel window (`runtime.audio_features`), and the output is the decoded frame with,
+by default, only the masked box pasted into the input (so nothing outside it can change).
+
+`open_session` returns a `LipsyncSession` for such a bundle: ``step(audio=features, video=frame)``.
+The reference is the first frame the stream sees after `reset` (or the one passed to `reset`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.audio_features import AudioFeatureConfig
+from runtime.bundle import Bundle
+from runtime.codec import Codec
+from runtime.config import ModelConfig, SamplerConfig
+from runtime.model import CausalDiT
+from runtime.rollout import ChunkCondition
+from runtime.session import StreamSession
+
+REFERENCES = ("first", "none")
+
+
+@dataclass
+class LipsyncSpec:
+    """How a lip-sync bundle builds its video condition and its output (stored in ``extra["lipsync"]``)."""
+
+    mask_box: tuple[int, int, int, int]   # (y0, x0, y1, x1), pixels of the frame: masked in, regenerated out
+    fill: int = 128                        # the value masked pixels get
+    reference: str = "first"              # "first": the stream's first frame rides along; "none"
+    composite: bool = True                 # output = input frame with only the box taken from the model
+    feather: int = 2                       # pixels over which the pasted box blends into the input
+    audio: dict = field(default_factory=lambda: AudioFeatureConfig().to_dict())
+
+    def __post_init__(self) -> None:
+        self.mask_box = tuple(int(v) for v in self.mask_box)
+        y0, x0, y1, x1 = self.mask_box
+        if not (0 <= y0 < y1 and 0 <= x0 < x1):
+            raise ValueError(f"mask_box must be (y0, x0, y1, x1) with y0 < y1 and x0 < x1, got {self.mask_box}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
+        if not 0 <= self.fill <= 255 or self.feather < 0:
+            raise ValueError(f"fill must be in 0..255 and feather >= 0, got {self.fill}, {self.feather}")
+        AudioFeatureConfig(**self.audio)   # fails early on a bad audio config
+
+    @property
+    def audio_config(self) -> AudioFeatureConfig:
+        return AudioFeatureConfig(**self.audio)
+
+    def video_channels(self, latent_channels: int) -> int:
+        """Channels of the video condition: the masked frame's latent, and the reference's."""
+        return latent_channels * (2 if self.reference != "none" else 1)
+
+    def check_frame(self, height: int, width: int) -> None:
+        y0, x0, y1, x1 = self.mask_box
+        if y1 > height or x1 > width:
+            raise ValueError(f"mask_box {self.mask_box} does not fit {height}x{width} frames")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mask_box"] = list(self.mask_box)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LipsyncSpec:
+        return cls(**d)
+
+
+def mask_frames(frames: np.ndarray, box: tuple[int, int, int, int], fill: int) -> np.ndarray:
+    """A copy of uint8 frames ``[n, H, W, 3]`` with ``box`` (y0, x0, y1, x1) set to ``fill``."""
+    y0, x0, y1, x1 = box
+    out = np.array(frames, dtype=np.uint8, copy=True)
+    out[:, y0:y1, x0:x1] = fill
+    return out
+
+
+def box_alpha(height: int, width: int, box: tuple[int, int, int, int], feather: int) -> np.ndarray:
+    """float32 ``[H, W, 1]``: 1 inside ``box`` away from its edge, ramping to 0 over ``feather`` pixels
+    at the edge, 0 outside (the weight of the generated pixels when pasting)."""
+    y0, x0, y1, x1 = box
+    ys, xs = np.arange(height)[:, None], np.arange(width)[None, :]
+    inside = np.minimum(np.minimum(ys - y0 + 1, y1 - ys), np.minimum(xs - x0 + 1, x1 - xs)).astype(np.float32)
+    alpha = np.clip(inside / (feather + 1), 0.0, 1.0) if feather else (inside > 0).astype(np.float32)
+    return alpha[..., None]
+
+
+def composite(generated: np.ndarray, inputs: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The input frames with the generated pixels blended in where ``alpha`` (`box_alpha`) is above 0."""
+    out = alpha * generated.astype(np.float32) + (1 - alpha) * inputs.astype(np.float32)
+    return np.round(out).astype(np.uint8)
+
+
+def lipsync_config(codec: Codec, frame_size: tuple[int, int], spec: LipsyncSpec, **model: Any) -> ModelConfig:
+    """The model geometry for a lip-sync bundle: latents from ``codec`` at ``frame_size``, audio and video
+    conditions from ``spec``, no actions; ``model`` sets the rest (layers, heads, patch, window, ...)."""
+    c, h, w = codec.latent_shape(*frame_size)
+    spec.check_frame(*frame_size)
+    return ModelConfig(**{"frames_per_chunk": 1, "window_frames": 8, "sink_frames": 1, **model,
+                          "in_channels": c, "latent_height": h, "latent_width": w, "action_space": {},
+                          "audio_dim": spec.audio_config.dim, "video_channels": spec.video_channels(c)})
+
+
+def random_lipsync_bundle(codec: Codec, frame_size: tuple[int, int], spec: LipsyncSpec, seed: int = 0,
+                          name: str = "random-lipsync", sampler: SamplerConfig | None = None,
+                          **model: Any) -> Bundle:
+    """An untrained lip-sync bundle (random weights): speed measurements and tests of the plumbing."""
+    config = lipsync_config(codec, frame_size, spec, **model)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = CausalDiT(config).eval()
+    card = (f"# {name}\n\nUntrained: random weights (seed {seed}) at the lip-sync geometry ({frame_size[0]}x"
+            f"{frame_size[1]} frames, codec {codec.type_name}). It measures speed and latency; its mouths are "
+            "noise.\n")
+    return Bundle(config, net, codec.eval(), sampler or SamplerConfig(kind="consistency", steps=1),
+                  fps=spec.audio_config.fps, name=name, card=card,
+                  extra={"lipsync": spec.to_dict(), "weights": "random"})
+
+
+def shipped_geometry(seed: int = 0) -> Bundle:
+    """``random-lipsync``: the geometry the lip-sync recipe trains (scripts/recipe_lipsync.sh), random
+    weights and a random default conv codec: 96x96 crops, 8x24x24 latents, patch 4 (36 tokens a frame),
+    6 layers of width 128, frame-wise chunks, a window of 8 frames and a sink of 1, one step a frame."""
+    from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        codec = ConvAutoencoder(ConvAEConfig())
+    spec = LipsyncSpec(mask_box=(55, 30, 82, 66))
+    return random_lipsync_bundle(codec, (96, 96), spec, seed=seed, **SHIPPED_MODEL)
+
+
+def tiny_geometry(seed: int = 0) -> Bundle:
+    """``random-lipsync-tiny``: 32x32 frames through the 4x pooled pixel codec (3x8x8 latents), a 2-layer
+    width-32 model: what the tests and the apps' headless checks run."""
+    from runtime.codec import PixelCodec
+
+    spec = LipsyncSpec(mask_box=(18, 8, 28, 24))
+    return random_lipsync_bundle(PixelCodec(4), (32, 32), spec, seed=seed, name="random-lipsync-tiny",
+                                 patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                                 ffn_dim=64, freq_dim=32, window_frames=4, sink_frames=1)
+
+
+SHIPPED_MODEL: dict[str, Any] = {"patch_size": (1, 4, 4), "num_attention_heads": 4, "attention_head_dim": 32,
+                                 "num_layers": 6, "ffn_dim": 512, "freq_dim": 64, "window_frames": 8,
+                                 "sink_frames": 1}
+
+
+class LipsyncSession(StreamSession):
+    """`StreamSession` for a lip-sync bundle: ``step(audio=features, video=frames)`` -> re-synced frames."""
+
+    def __init__(self, bundle: Bundle, **kwargs: Any) -> None:
+        if "lipsync" not in bundle.extra:
+            raise ValueError(f"bundle {bundle.name!r} is not a lip-sync bundle (no extra['lipsync'])")
+        self.spec = LipsyncSpec.from_dict(bundle.extra["lipsync"])
+        cfg = bundle.config
+        if bundle.codec.temporal:
+            raise ValueError(f"lip-sync needs a per-frame codec; {bundle.codec.type_name!r} is temporal")
+        self.spec.check_frame(*bundle.frame_size)
+        want = (self.spec.video_channels(cfg.in_channels), self.spec.audio_config.dim)
+        if (cfg.video_channels, cfg.audio_dim) != want:
+            raise ValueError(f"bundle {bundle.name!r}: model takes video_channels {cfg.video_channels} and audio_dim "
+                             f"{cfg.audio_dim}, its lip-sync spec implies {want[0]} and {want[1]}")
+        self._alpha = box_alpha(*bundle.frame_size, self.spec.mask_box, self.spec.feather)
+        self._reference: torch.Tensor | None = None
+        super().__init__(bundle, **kwargs)
+
+    @property
+    def audio_config(self) -> AudioFeatureConfig:
+        return self.spec.audio_config
+
+    @torch.no_grad()
+    def reset(self, seed: int = 0, reference: np.ndarray | None = None, **_: Any) -> None:
+        """Start a new stream; ``reference`` (uint8 ``[H, W, 3]``): the identity's frame (default: the
+        stream's first input frame)."""
+        super().reset(seed, start_scene=False)
+        self._reference = None
+        if reference is not None:
+            self._reference = self._encode(self._frames(reference, 1))
+
+    @torch.no_grad()
+    def step(self, action: Any = None, audio: Any = None, video: Any = None) -> np.ndarray:
+        """Re-sync the next chunk: ``video`` uint8 ``[n, H, W, 3]`` (or one ``[H, W, 3]`` frame), ``audio``
+        features ``[n, audio_dim]`` (or ``[audio_dim]``); returns uint8 ``[n, H, W, 3]``."""
+        start = time.perf_counter()
+        n = self._rollout.next_chunk_frames()
+        frames = self._frames(video, n)
+        x0 = self.generate_latents(action, audio, frames)
+        out = self.decoder.decode_chunk(x0).cpu().numpy()
+        if self.spec.composite:
+            out = composite(out, frames, self._alpha)
+        self.record_chunk((time.perf_counter() - start) * 1000, len(out))
+        return out
+
+    # -- conditions -----------------------------------------------------------------------------------
+    def _frames(self, video: Any, n: int) -> np.ndarray:
+        h, w = self.frame_size
+        if video is None:
+            raise ValueError(f"this is a lip-sync bundle: pass video, {n} uint8 frame(s) [{n}, {h}, {w}, 3]")
+        frames = np.asarray(video)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.dtype != np.uint8 or frames.shape != (n, h, w, 3):
+            raise ValueError(f"video must be uint8 [{n}, {h}, {w}, 3] (or one [{h}, {w}, 3] frame per frame of "
+                             f"the chunk), got {frames.dtype} {list(np.asarray(video).shape)}")
+        return frames
+
+    def _encode(self, frames: np.ndarray) -> torch.Tensor:
+        return self.bundle.codec.encode(torch.from_numpy(np.ascontiguousarray(frames)).to(self.device))
+
+    def _condition(self, n: int, actions: list[Any], audio: Any, video: Any) -> ChunkCondition:
+        if any(a is not None for a in actions):
+            raise ValueError("a lip-sync bundle takes no actions: pass audio= and video=")
+        dim = self.config.audio_dim
+        if audio is None:
+            raise ValueError(f"this is a lip-sync bundle: pass audio, the features of {n} frame(s) [{n}, {dim}] "
+                             "(runtime.audio_features.StreamingAudioFeatures)")
+        aud = np.asarray(audio, dtype=np.float32)
+        if aud.ndim == 1:
+            aud = aud[None]
+        if aud.shape != (n, dim):
+            raise ValueError(f"audio must be features [{n}, {dim}] (or [{dim}] per frame of the chunk), "
+                             f"got {list(np.asarray(audio).shape)}")
+        if not np.isfinite(aud).all():
+            raise ValueError("audio features contain NaN or inf")
+        frames = self._frames(video, n)
+        if self._reference is None and self.spec.reference != "none":
+            self._reference = self._encode(frames[:1])
+        parts = [self._encode(mask_frames(frames, self.spec.mask_box, self.spec.fill))]
+        if self.spec.reference != "none":
+            parts.append(self._reference.expand(n, *self._reference.shape[1:]))
+        vid = torch.cat(parts, 1)[None]
+        return ChunkCondition(None, torch.from_numpy(aud).to(self.device)[None], vid, self.text)

@@ -1,0 +1,70 @@
+"""Write the shipped lip-sync bundle's card from the recipe's measured results (nothing typed by hand).
+
+    python scripts/lipsync_card.py RUNS OUT.md
+reads RUNS/eval/{real,own,ab,ab_truth_a}.json, RUNS/bench/lipsync_t2.json, RUNS/times.txt and
+RUNS/dmd/bundle/config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _r(x, digits: int = 1):
+    return round(x, digits) if isinstance(x, float) else x
+
+
+def _mouth(r: dict) -> str:
+    m = r.get("mouth", {})
+    return (f"mouth corr {m.get('corr_mean')}, offset {m.get('offset_frames')} frames" if m else "mouth: not measured")
+
+
+def _sync(r: dict) -> str:
+    s = r.get("sync", {})
+    if not s:
+        return "sync: not measured"
+    real, shuf = s.get("real", {}), s.get("shuffled", {})
+    return (f"LSE-C {real.get('lse_c')} (shuffled audio {shuf.get('lse_c')}), LSE-D {real.get('lse_d')} "
+            f"(shuffled {shuf.get('lse_d')})")
+
+
+def card(runs: Path) -> str:
+    ev = {k: _load(runs / "eval" / f"{k}.json") for k in ("real", "own", "ab", "ab_truth_a")}
+    bench = _load(runs / "bench" / "lipsync_t2.json")
+    cfg = _load(runs / "dmd" / "bundle" / "config.json")
+    times = (runs / "times.txt").read_text() if (runs / "times.txt").is_file() else ""
+    ident = ev["own"].get("identity", {})
+    lines = [
+        "# lipsync", "",
+        "An audio-driven causal video-to-video student (forcekit's CausalDiT with per-frame log-mel windows as",
+        "`audio` and the masked input frame + a reference frame on the channel axis), trained by",
+        "scripts/recipe_lipsync.sh: bidirectional teacher -> causal teacher (teacher forcing) -> dCM -> SF-DMD.",
+        "", "**Trained on synthetic faces only** (training/lipsync/renderer.py, espeak-ng voices). On a real",
+        "webcam face it has never seen a real mouth, skin or lighting: expect the mouth box to look synthetic.",
+        "Doing better needs real talking-face video (with the same mask box and features) or a codec and",
+        "renderer much closer to real faces; the live loop also uses a fixed centre crop, not a face detector.",
+        "", "## Measured (held-out identities, voices and sentences)", "",
+        f"- real rendered clips (the sticks' ceiling): {_mouth(ev['real'])}; {_sync(ev['real'])}",
+        f"- re-synced to their own audio: {_mouth(ev['own'])}; {_sync(ev['own'])}",
+        f"- identity outside the recorded mouth box: PSNR {ident.get('psnr')} dB, SSIM {ident.get('ssim')}",
+        f"- A/B (face of clip A, voice of clip B): against B's truth {_mouth(ev['ab'])}; against A's truth "
+        f"{_mouth(ev['ab_truth_a'])}",
+        f"- speed (forcekit bench lipsync --threads 2, {bench.get('frame_size')} frames): {_r(bench.get('fps'))} fps "
+        f"back to back, audio-to-mouth p50 {_r(bench.get('audio_to_mouth_ms_p50'))} ms / p95 "
+        f"{_r(bench.get('audio_to_mouth_ms_p95'))} ms (feature lookahead {_r(bench.get('feature_lookahead_ms'))} ms), "
+        f"load average {bench.get('load_avg_1min')}",
+        "", "## Recipe", "", f"Stage times (s):\n\n```\n{times}```", "",
+        f"Model: ```{json.dumps(cfg.get('model', {}))}```", "",
+        f"Lip-sync spec: ```{json.dumps(cfg.get('extra', {}).get('lipsync', {}))}```", "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    Path(sys.argv[2]).write_text(card(Path(sys.argv[1])))
