@@ -459,9 +459,7 @@ def test_serve_port_in_use_is_a_one_line_error(capsys):
                                   ["--idle-timeout", "-1"], ["--idle-timeout", "nan"],
                                   ["--ice-server", "http://x"]])
 def test_serve_rejects_bad_options(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["serve", "--bundle", "random-tiny", *args])
-    assert exc.value.code == 2
+    assert main(["serve", "--bundle", "random-tiny", *args]) == 2   # a usage error, reported in one line
     err = capsys.readouterr().err
     assert "Traceback" not in err and args[0] in err
 
