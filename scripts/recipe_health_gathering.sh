@@ -9,7 +9,8 @@
 #   DATA=/work/data RUNS=/work/runs scripts/recipe_health_gathering.sh [stage ...]
 #
 # Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
-# ablations (the other SF-DMD variants of docs/students.md) runs only when named.
+# ablations (the other SF-DMD variants of docs/students.md) and stack (frame stacking, docs/world_controls.md) run
+# only when named.
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
 # override the step counts below.
 set -euo pipefail
@@ -109,6 +110,33 @@ stage_ablations() {
     [[ -f $RUNS/guidance2/bundle/config.json ]] || timed guidance2 "$FK" train guidance --bundle "$RUNS/dmd/bundle" \
         --out "$RUNS/guidance2" --sample-steps 2 --guidance 2.5 --steps 300 --lr 5e-5 "${STUDENT[@]}"
     for s in 1 2; do eval_row guidance2_$s "$RUNS/guidance2/bundle" $s; done
+}
+# Frame stacking (docs/world_controls.md): a teacher that sees the previous frame on the channel axis, with noise
+# on it and levels shifted toward noise, and its students. Not the shipped default: its students do not yet keep
+# the teacher's controls. The committed teacher (models/health_gathering_teacher_stack) is used when present.
+stage_stack() {
+    local S=$RUNS/stack T=models/health_gathering_teacher_stack
+    if [[ ! -f $T/config.json ]]; then
+        T=$S/teacher/bundle
+        [[ -f $T/config.json ]] || timed stack_teacher "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" \
+            --out "$S/teacher" --steps "${STACK_TEACHER_STEPS:-2500}" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
+            --head-dim 32 --ffn 512 --patch 2 --guidance 1.5 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
+            --timestep-shift 3
+    fi
+    [[ -f $S/causal/bundle/config.json ]] || timed stack_causal "$FK" train causal --bundle "$T" --out "$S/causal" \
+        --steps "$CAUSAL_STEPS" --lr 2e-4 --stack-noise 0.3 "${STUDENT[@]}"
+    [[ -f $S/dcm/bundle/config.json ]] || timed stack_dcm "$FK" train dcm --bundle "$S/causal/bundle" --out "$S/dcm" \
+        --steps "$DCM_STEPS" --lr 1e-4 "${STUDENT[@]}"
+    [[ -f $S/dmd/bundle/config.json ]] || timed stack_dmd "$FK" train dmd --bundle "$S/dcm/bundle" --teacher "$T" \
+        --out "$S/dmd" --steps "$DMD_STEPS" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 "${STUDENT[@]}"
+    "$FK" eval gap --bundle "$T" --data "$HELDOUT" --latents-cache "$RUNS/teacher" > "$S/gap_teacher.json"
+    mkdir -p "$RUNS/eval" "$RUNS/controls"
+    for row in "stack_dcm_2 $S/dcm/bundle 2" "stack_dmd_1 $S/dmd/bundle 1" "stack_dmd_2 $S/dmd/bundle 2"; do
+        set -- $row
+        eval_row "$1" "$2" "$3"
+        [[ -f $RUNS/controls/$1.json ]] || "$FK" eval controls --bundle "$2" --env $ENV_NAME --episodes 8 --steps "$3" \
+            --threads 1 --json --out "$RUNS/controls/$1.json" > /dev/null
+    done
 }
 # Fold the SF-DMD student's action CFG (scale 5) into one pass: the student alone hardly follows the keys.
 stage_guidance() {
