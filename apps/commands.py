@@ -20,12 +20,12 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=positive_float, default=None, help="playback rate (default: the bundle's)")
 
 
-def _open_fn(args: argparse.Namespace):
-    """A function opening a fresh session on the bundle (loaded once) with the CLI's settings."""
+def _open_fn(args: argparse.Namespace, bundle=None):
+    """A function opening a fresh session on the bundle (loaded once, unless given) with the CLI's settings."""
     from runtime import open_session
     from runtime.session import resolve_bundle
 
-    bundle = resolve_bundle(args.bundle)
+    bundle = resolve_bundle(args.bundle) if bundle is None else bundle
     return lambda: open_session(bundle, device=args.device, steps=args.steps, guidance=args.guidance)
 
 
@@ -92,6 +92,9 @@ def serve(args: argparse.Namespace) -> int:
                          idle_timeout_s=args.idle_timeout, warmup_chunks=args.warmup,
                          ice_servers=tuple(args.ice_server), allowed_origins=tuple(args.allow_origin),
                          pipeline=PipelineConfig(fps=args.fps))
+    from runtime.session import resolve_bundle
+
+    bundle = resolve_bundle(args.bundle)  # a bad bundle is the first thing to say; loading it is quick
     try:  # before anything slow, and before saying where to go
         sock = bind(args.host, args.port)
     except OSError as exc:
@@ -101,9 +104,8 @@ def serve(args: argparse.Namespace) -> int:
     host = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     if args.lipsync:  # webcam + microphone in, re-synced face out: its own app (apps/lipsync_serve.py)
         from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
-        from runtime.session import resolve_bundle
 
-        app = create_lipsync_app(resolve_bundle(args.bundle), LipsyncServeConfig(max_sessions=args.max_sessions))
+        app = create_lipsync_app(bundle, LipsyncServeConfig(max_sessions=args.max_sessions))
         serve_forever(app, sock, lambda port: print(f"forcekit serve --lipsync: open http://{host}:{port}/",
                                                     flush=True))
         return 0
@@ -112,7 +114,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"forcekit serve: open http://{host}:{port}/ (max {args.max_sessions} session(s), "
               f"{args.codec} at {args.bitrate // 1000} kbit/s)", flush=True)
 
-    serve_forever(create_app(_open_fn(args), config), sock, announce)
+    serve_forever(create_app(_open_fn(args, bundle), config), sock, announce)
     return 0
 
 
