@@ -173,6 +173,15 @@ class AudioClipSource:
         """Nothing to release."""
 
 
+def drain(q: deque) -> list:
+    """Pop everything queued so far, oldest first, one popleft at a time: safe while another
+    thread (a sound-card callback, the event loop) keeps appending."""
+    out = []
+    while q:
+        out.append(q.popleft())
+    return out
+
+
 class MicSource:
     """The default microphone through sounddevice (PortAudio), imported only here."""
 
@@ -194,10 +203,7 @@ class MicSource:
         return now()
 
     def poll(self) -> list[np.ndarray]:
-        out = []
-        while self._q:
-            out.append(self._q.popleft())
-        return out
+        return drain(self._q)
 
     def close(self) -> None:
         self._stream.stop()

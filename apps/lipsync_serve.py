@@ -28,7 +28,7 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from apps.lipsync import LatestFrame, LipsyncLoop, LipsyncLoopConfig
+from apps.lipsync import LatestFrame, LipsyncLoop, LipsyncLoopConfig, drain
 from apps.pipeline import now
 
 log = logging.getLogger("forcekit.lipsync_serve")
@@ -68,10 +68,7 @@ class QueuedAudio:
         return self.first_at
 
     def poll(self) -> list[np.ndarray]:
-        out = []
-        while self._q:
-            out.append(self._q.popleft())
-        return out
+        return drain(self._q)
 
     def close(self) -> None:
         self.done = True

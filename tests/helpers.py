@@ -1,4 +1,6 @@
-"""Small builders shared by the runtime tests."""
+"""Small builders shared by the runtime tests, and the loopback set-up the serve tests share."""
+
+import asyncio
 
 import torch
 
@@ -26,3 +28,46 @@ def rollout_latents(model: CausalDiT, sampler: SamplerConfig, chunks: int, kv_ca
             noise = torch.randn(1, n, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
             out.append(ro.generate_chunk(noise, ChunkCondition(action=action)))
     return torch.cat(out, dim=1)
+
+
+def run(coro, timeout: float = 120):
+    """Run a test coroutine to completion, failing (not hanging) after `timeout` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def started(app):
+    """Start an aiohttp app on a free loopback port; return (runner, base URL)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds; TimeoutError after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def client_offer_sdp() -> str:
+    """A real offer as the Python client makes it (recvonly video + data channel)."""
+
+    async def make():
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.createDataChannel("input")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())

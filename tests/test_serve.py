@@ -8,37 +8,16 @@ import weakref
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from apps import rtc_client
 from apps.serve import SERVER, CappedVp8Encoder, ServeConfig, create_app, parse_message, sender_encoder
 from runtime import Bundle, ModelConfig, open_session
+from tests.helpers import run, started, wait_until
 
 
 @pytest.fixture(scope="module")
 def bundle():
     return Bundle.random(ModelConfig.tiny(), seed=0)
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
-
-
-async def started(app):
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-
-
-async def wait_until(predicate, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def test_parse_message_rejects_bad_input():

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from apps import rtc_client
 from apps.serve import SERVER, ServeConfig, create_app
 from runtime import Bundle, ModelConfig, open_session
+from tests.helpers import client_offer_sdp, run, started, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,39 +36,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def offer_sdp():
-    async def make():
-        from aiortc import RTCConfiguration, RTCPeerConnection
-
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.createDataChannel("input")
-        pc.addTransceiver("video", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
-
-
-def run(coro, timeout=120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def started(app):
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-
-
-async def wait_until(predicate, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
+    return client_offer_sdp()
 
 
 def spoil(sdp: str, rng: random.Random) -> str:

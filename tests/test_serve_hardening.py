@@ -17,13 +17,13 @@ import time
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from apps import rtc_client
 from apps.pipeline import Pipeline, PipelineBusy, PipelineConfig
 from apps.serve import SERVER, BadRequest, ServeConfig, create_app, ice_server, parse_message, parse_offer
 from forcekit.cli import main
 from runtime import Bundle, ModelConfig, open_session
+from tests.helpers import client_offer_sdp, run, started
 
 KEYS = frozenset({"w", "a", "s", "d", "space"})
 
@@ -36,40 +36,7 @@ def bundle():
 @pytest.fixture(scope="module")
 def offer_sdp():
     """A real offer from the Python client (recvonly video + data channel), made once."""
-
-    async def make():
-        from aiortc import RTCConfiguration, RTCPeerConnection
-
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.createDataChannel("input")
-        pc.addTransceiver("video", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
-
-
-async def started(app):
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-
-
-async def wait_until(predicate, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
+    return client_offer_sdp()
 
 
 class CountingOpen:

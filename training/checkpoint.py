@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,57 @@ def tensorboard_writer(logdir: str | os.PathLike | None):
     except ImportError:
         return None
     return SummaryWriter(str(logdir))
+
+
+def _resume(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    if ckpt is None:
+        return 0
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    gen.set_state(ckpt["gen"])
+    return int(ckpt["step"])
+
+
+def train_resumable(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    batch_loss: Callable[[], torch.Tensor], steps: int, desc: str, tag: str,
+                    ckpt_every_s: float, progress: bool) -> dict:
+    """Continue from `out`/ckpt.pt and step `opt` on `batch_loss()` until `steps`.
+
+    The small probes all train this way, so a kill or a rerun behaves the same for each: the
+    model, optimiser and `gen` (which `batch_loss` draws its batches from) are checkpointed
+    every `ckpt_every_s` seconds and at the end. `desc` labels the progress bar, `tag` the
+    tensorboard scalar. Returns step, steps_this_run, seconds_this_run and the last loss.
+    """
+    from tqdm import tqdm
+
+    step = start = _resume(out, model, opt, gen)
+    writer = tensorboard_writer(out / "tb")
+    every, t0, loss_val = Every(ckpt_every_s), time.time(), float("nan")
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress)
+
+    def checkpoint() -> None:
+        save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "opt": opt.state_dict(),
+                                          "gen": gen.get_state(), "step": step})
+
+    model.train()
+    while step < steps:
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        loss_val = float(loss.detach())
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_val:.4f}")
+            if writer:
+                writer.add_scalar(tag, loss_val, step)
+        if every():
+            checkpoint()
+    bar.close()
+    checkpoint()
+    if writer:
+        writer.close()
+    return {"step": step, "steps_this_run": step - start, "seconds_this_run": round(time.time() - t0, 1),
+            "loss": loss_val}

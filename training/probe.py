@@ -11,7 +11,6 @@ controls, the probe reads the actions back from its frames about as well as from
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
+from training.checkpoint import load_checkpoint, save_checkpoint, train_resumable
 
 
 @dataclass
@@ -101,8 +100,6 @@ def load_probe(path: str | Path) -> InverseDynamicsProbe:
 def train_probe(data: str, heldout: str | None, out: str, steps: int = 2000, batch: int = 64, lr: float = 1e-3,
                 seed: int = 0, ckpt_every_s: float = 120.0, progress: bool = True,
                 channels: tuple[int, ...] = (32, 64, 128, 128)) -> dict:
-    from tqdm import tqdm
-
     from training.data.shards import ShardStore
 
     meta = ShardStore(data).read_meta()
@@ -112,49 +109,17 @@ def train_probe(data: str, heldout: str | None, out: str, steps: int = 2000, bat
     model = InverseDynamicsProbe(ProbeConfig(keys=list(keys), size=tuple(meta["resolution"]), channels=channels))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    step = 0
-    ckpt = load_checkpoint(outp / "ckpt.pt")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["gen"])
-        step = ckpt["step"]
-    writer = tensorboard_writer(outp / "tb")
-    every, t0, start = Every(ckpt_every_s), time.time(), step
-    bar = tqdm(total=steps, initial=step, desc="train probe", disable=not progress)
 
-    def checkpoint() -> None:
-        save_checkpoint(outp / "ckpt.pt", {"model": model.state_dict(), "opt": opt.state_dict(),
-                                           "gen": gen.get_state(), "step": step})
-
-    model.train()
-    loss_val = float("nan")
-    while step < steps:
+    def batch_loss() -> torch.Tensor:
         pick = idx[torch.randint(len(idx), (batch,), generator=gen)]
         a = actions[torch.searchsorted(idx, pick)]
-        loss = F.binary_cross_entropy_with_logits(model(frames[pick], frames[pick + 1]), a)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        loss_val = float(loss.detach())
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_val:.4f}")
-            if writer:
-                writer.add_scalar("probe/loss", loss_val, step)
-        if every():
-            checkpoint()
-    bar.close()
-    checkpoint()
+        return F.binary_cross_entropy_with_logits(model(frames[pick], frames[pick + 1]), a)
+
+    run = train_resumable(outp, model, opt, gen, batch_loss, steps, "train probe", "probe/loss", ckpt_every_s, progress)
     save_probe(model, outp)
-    result = {"step": step, "steps_this_run": step - start, "seconds_this_run": round(time.time() - t0, 1),
-              "loss": loss_val, "train": accuracy(model.predict(frames[idx[:4096]], frames[idx[:4096] + 1]),
-                                                   actions[:4096])}
+    result = {**run, "train": accuracy(model.predict(frames[idx[:4096]], frames[idx[:4096] + 1]), actions[:4096])}
     if heldout:
         hf, hi, ha = pairs(heldout)
         result["heldout"] = accuracy(model.predict(hf[hi], hf[hi + 1]), ha)
     (outp / "probe.json").write_text(json.dumps(result, indent=2))
-    if writer:
-        writer.close()
     return result

@@ -18,7 +18,6 @@ numbers.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runtime.audio_features import AudioFeatureConfig, frame_windows, log_mel
-from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
+from training.checkpoint import load_checkpoint, save_checkpoint, train_resumable
 from training.lipsync.metrics import mouth_agreement, summarise_sync, sync_scores
 from training.lipsync.record import load_clips
 
@@ -111,22 +110,10 @@ def load_mouth_probe(path: str | Path) -> MouthProbe:
     return model.eval()
 
 
-def _resume(out: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
-    ckpt = load_checkpoint(out / "ckpt.pt")
-    if ckpt is None:
-        return 0
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    gen.set_state(ckpt["gen"])
-    return int(ckpt["step"])
-
-
 def train_mouth_probe(data: str, out: str, heldout: str | None = None, steps: int = 3000, batch: int = 64,
                       lr: float = 1e-3, seed: int = 0, ckpt_every_s: float = 120.0, max_clips: int = 0,
                       progress: bool = True, cfg: MouthProbeConfig | None = None) -> dict:
     """Train the mouth regressor on every rendered frame of `data`; report on `heldout`."""
-    from tqdm import tqdm
-
     outp = Path(out)
     meta, clips = load_clips(data, ("frames", "mouth"), max_clips)
     frames = torch.from_numpy(np.concatenate([c["frames"] for c in clips]))
@@ -135,42 +122,18 @@ def train_mouth_probe(data: str, out: str, heldout: str | None = None, steps: in
     model = MouthProbe(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
-    step = start = _resume(outp, model, opt, gen)
-    writer = tensorboard_writer(outp / "tb")
-    every, t0, loss_val = Every(ckpt_every_s), time.time(), float("nan")
-    bar = tqdm(total=steps, initial=step, desc="train mouth-probe", disable=not progress)
 
-    def checkpoint() -> None:
-        save_checkpoint(outp / "ckpt.pt", {"model": model.state_dict(), "opt": opt.state_dict(),
-                                           "gen": gen.get_state(), "step": step})
-
-    model.train()
-    while step < steps:
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(frames), (batch,), generator=gen)
-        x = _augment(_to_float(frames[idx]), gen)
-        loss = F.mse_loss(model(x), mouth[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        loss_val = float(loss.detach())
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_val:.4f}")
-            if writer:
-                writer.add_scalar("mouth_probe/loss", loss_val, step)
-        if every():
-            checkpoint()
-    bar.close()
-    checkpoint()
+        return F.mse_loss(model(_augment(_to_float(frames[idx]), gen)), mouth[idx])
+
+    run = train_resumable(outp, model, opt, gen, batch_loss, steps, "train mouth-probe", "mouth_probe/loss",
+                          ckpt_every_s, progress)
     _save_model(outp / "probe.pt", "mouth-probe", model)
-    result = {"step": step, "steps_this_run": step - start, "seconds_this_run": round(time.time() - t0, 1),
-              "loss": loss_val, "train": mouth_probe_report(model, clips[:16])}
+    result = {**run, "train": mouth_probe_report(model, clips[:16])}
     if heldout:
         result["heldout"] = mouth_probe_report(model, load_clips(heldout, ("frames", "mouth"))[1])
     (outp / "probe.json").write_text(json.dumps(result, indent=2))
-    if writer:
-        writer.close()
     return result
 
 
@@ -285,8 +248,6 @@ def train_syncnet(data: str, out: str, heldout: str | None = None, steps: int = 
                   windows_per_clip: int = 4, lr: float = 5e-4, seed: int = 0, ckpt_every_s: float = 120.0,
                   max_clips: int = 0, progress: bool = True, cfg: SyncNetConfig | None = None) -> dict:
     """Train the audio-visual embedding on `data`; report LSE-C / LSE-D, real vs shuffled, on `heldout`."""
-    from tqdm import tqdm
-
     outp = Path(out)
     meta, clips = load_clips(data, ("frames", "audio"), max_clips)
     cfg = cfg or SyncNetConfig(size=tuple(meta["resolution"]), audio=dict(meta["audio_features"]))
@@ -298,44 +259,21 @@ def train_syncnet(data: str, out: str, heldout: str | None = None, steps: int = 
     model = SyncNet(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
-    step = start = _resume(outp, model, opt, gen)
-    writer = tensorboard_writer(outp / "tb")
-    every, t0, loss_val = Every(ckpt_every_s), time.time(), float("nan")
-    bar = tqdm(total=steps, initial=step, desc="train syncnet", disable=not progress)
-
-    def checkpoint() -> None:
-        save_checkpoint(outp / "ckpt.pt", {"model": model.state_dict(), "opt": opt.state_dict(),
-                                           "gen": gen.get_state(), "step": step})
-
-    model.train()
     k = min(clips_per_batch, len(windows))
-    while step < steps:
+
+    def batch_loss() -> torch.Tensor:
         vids, mels = [], []
         for ci in torch.randperm(len(windows), generator=gen)[:k].tolist():
             v, m = windows[ci]
             pick = torch.randperm(len(v), generator=gen)[:windows_per_clip]
             vids.append(v[pick]), mels.append(m[pick])
-        loss = model.loss(torch.cat(vids), torch.cat(mels))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        loss_val = float(loss.detach())
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_val:.4f}")
-            if writer:
-                writer.add_scalar("syncnet/loss", loss_val, step)
-        if every():
-            checkpoint()
-    bar.close()
-    checkpoint()
+        return model.loss(torch.cat(vids), torch.cat(mels))
+
+    run = train_resumable(outp, model, opt, gen, batch_loss, steps, "train syncnet", "syncnet/loss",
+                          ckpt_every_s, progress)
     _save_model(outp / "syncnet.pt", "syncnet", model)
-    result = {"step": step, "steps_this_run": step - start, "seconds_this_run": round(time.time() - t0, 1),
-              "loss": loss_val, "train": sync_report(model, clips[:16])}
+    result = {**run, "train": sync_report(model, clips[:16])}
     if heldout:
         result["heldout"] = sync_report(model, load_clips(heldout, ("frames", "audio"))[1])
     (outp / "syncnet.json").write_text(json.dumps(result, indent=2))
-    if writer:
-        writer.close()
     return result
