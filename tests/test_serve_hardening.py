@@ -437,12 +437,13 @@ def test_serve_prints_the_url_only_once_listening(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "forcekit", "serve", "--bundle", "random-tiny", "--port", "0",
                              "--warmup", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        deadline = time.time() + 60
-        line = ""
+        deadline = time.time() + 120
+        line, seen = "", []
         while "open http" not in line:
             line = proc.stdout.readline()
-            assert line or proc.poll() is None, "serve exited before printing its URL"
-            assert time.time() < deadline
+            seen.append(line)
+            assert line or proc.poll() is None, f"serve exited before printing its URL: {seen[-20:]}"
+            assert time.time() < deadline, f"no URL within 120 s; serve printed: {seen[-20:]}"
         url = line.split("open ", 1)[1].split()[0]
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/"))), timeout=5):
             pass  # listening the moment it says so
