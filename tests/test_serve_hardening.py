@@ -447,6 +447,10 @@ def test_serve_prints_the_url_only_once_listening(tmp_path):
         url = line.split("open ", 1)[1].split()[0]
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/"))), timeout=5):
             pass  # listening the moment it says so
-    finally:
+    finally:   # what this test checks is above; a slow Ctrl-C shutdown on a loaded machine is not its failure
         proc.send_signal(2)
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(20)
