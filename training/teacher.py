@@ -118,6 +118,15 @@ def action_gap(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, level
     means the model ignores the keys, whatever its loss says (a blurred average of the moves
     scores well on PSNR, see docs/students.md).
     """
+    true, zero = action_losses(model, x0, cond, level, generator)
+    return zero - true
+
+
+@torch.no_grad()
+def action_losses(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, level: float,
+                  generator: torch.Generator) -> tuple[float, float]:
+    """The newest frame's velocity loss with the true and with zeroed actions, on the same noise
+    (`action_gap` is their difference)."""
     b, f = x0.shape[:2]
     t = torch.zeros(b, f, dtype=x0.dtype)
     t[:, -1] = level
@@ -126,9 +135,9 @@ def action_gap(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, level
     x_t = (1 - tt) * x0 + tt * noise
     target = (noise - x0)[:, -1]
     previous = stacked(model, x0)
-    loss = {name: (model(x_t, t, **model_inputs(c), previous=previous)[:, -1].float() - target).pow(2).mean().item()
-            for name, c in (("true", cond), ("zero", null(cond)))}
-    return loss["zero"] - loss["true"]
+    true, zero = ((model(x_t, t, **model_inputs(c), previous=previous)[:, -1].float() - target).pow(2).mean().item()
+                  for c in (cond, null(cond)))
+    return true, zero
 
 
 @torch.no_grad()
@@ -146,28 +155,14 @@ def action_gap_report(model: torch.nn.Module, clips: LatentClips, clip_frames: i
             while n < count:
                 b = min(batch, count - n)
                 x0, cond = clips.sample(b, clip_frames, g)
-                gap, true = _gap_and_loss(model, x0, cond, level, g)
-                total, loss, n = total + gap * b, loss + true * b, n + b
+                true, zero = action_losses(model, x0, cond, level, g)
+                total, loss, n = total + (zero - true) * b, loss + true * b, n + b
             gaps.append(total / count)
             rel.append(total / max(loss, 1e-12))
         out[f"t{level}"] = {"gap": round(float(torch.tensor(gaps).mean()), 6),
                             "gap_seed_std": round(float(torch.tensor(gaps).std()), 6) if seeds > 1 else 0.0,
                             "relative": round(float(torch.tensor(rel).mean()), 5)}
     return {"clips": count, "seeds": seeds, "clip_frames": clip_frames, "levels": out}
-
-
-def _gap_and_loss(model, x0, cond, level, generator) -> tuple[float, float]:
-    state = generator.get_state()
-    gap = action_gap(model, x0, cond, level, generator)
-    generator.set_state(state)   # the same noise for the loss it is relative to
-    b, f = x0.shape[:2]
-    t = torch.zeros(b, f, dtype=x0.dtype)
-    t[:, -1] = level
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
-    x_t = (1 - t[:, :, None, None, None]) * x0 + t[:, :, None, None, None] * noise
-    true = (model(x_t, t, **model_inputs(cond), previous=stacked(model, x0))[:, -1].float()
-            - (noise - x0)[:, -1]).pow(2).mean().item()
-    return gap, true
 
 
 @torch.no_grad()
