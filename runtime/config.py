@@ -70,6 +70,13 @@ class ModelConfig:
     audio_dim: int = 0  # per-frame audio feature size; 0: none
     video_channels: int = 0  # channel-concatenated video conditioning latents; 0: none
     stack_frames: int = 0  # clean latents of this many previous frames on the channel axis (runtime.stacking)
+    # With stacking: > 0 makes the network predict the velocity on top of the "nothing moved" estimate,
+    # x0 ~ N(previous frame, still_prior^2), so a still world is the default (CausalDiT.still_velocity).
+    still_prior: float = 0.0
+    patch_overlap: int = 0  # the patch embedding also reads this many latent pixels beyond each patch edge
+    # With stacking: the held keys move the stacked frames by a learned global translation and zoom
+    # (the camera's motion, CausalDiT.camera_motion) before the model reads them.
+    camera_warp: bool = False
     # Chunks and the KV cache, in frames.
     frames_per_chunk: int = 1
     first_chunk_frames: int | None = None
@@ -97,6 +104,13 @@ class ModelConfig:
             raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {self.attention_head_dim}")
         if self.stack_frames < 0:
             raise ValueError(f"stack_frames must be >= 0, got {self.stack_frames}")
+        if self.still_prior < 0 or (self.still_prior and not self.stack_frames):
+            raise ValueError(f"still_prior must be >= 0 and needs stack_frames >= 1, got still_prior "
+                             f"{self.still_prior} with stack_frames {self.stack_frames}")
+        if self.camera_warp and not (self.stack_frames and self.actions.dim):
+            raise ValueError("camera_warp needs stack_frames >= 1 and an action space")
+        if self.patch_overlap < 0:
+            raise ValueError(f"patch_overlap must be >= 0, got {self.patch_overlap}")
         if self.window_frames < 0 or self.sink_frames < 0:
             raise ValueError("window_frames and sink_frames must be >= 0")
         ActionSpace.from_dict(self.action_space)  # fails early on a malformed action space

@@ -37,6 +37,36 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def still_velocity(x_t: torch.Tensor, t: torch.Tensor, previous: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The flow velocity's posterior mean if the frame is its previous frame plus N(0, sigma^2) noise.
+
+    ``x_t = (1 - t) x0 + t eps`` with ``x0 ~ N(previous, sigma^2)``: E[x0 | x_t] blends x_t and
+    the previous frame by their precisions, and the velocity is ``(x_t - E[x0 | x_t]) / t``, here in
+    a form with no division by t. At t = 1 it is ``eps - previous`` (one Euler step lands on the
+    previous frame), at t = 0 it is ``-x_t``; as sigma -> 0 it is exactly ``(x_t - previous) / t``.
+    ``x_t``, ``previous`` ``[B, F, C, H, W]``, ``t`` ``[B, F]``.
+    """
+    s = t.float()[:, :, None, None, None]
+    q = 1 - s
+    var = sigma * sigma
+    v = (x_t.float() * (s - var * q) - s * previous.float()) / (var * q * q + s * s)
+    return v.to(x_t.dtype)
+
+
+def warp_frames(frames: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
+    """Move frames ``[B, F, C, H, W]`` by per-frame ``motion`` ``[B, F, 3]``: translation right and
+    down (in grid units, 2 = the whole width or height) and log zoom about the centre. Bilinear,
+    edges repeated where the move uncovers them; zero motion is the identity."""
+    b, f, c, h, w = frames.shape
+    tx, ty, log_zoom = motion.float().flatten(0, 1).unbind(-1)
+    inv, zero = torch.exp(-log_zoom), torch.zeros_like(tx)
+    theta = torch.stack([torch.stack([inv, zero, -tx], -1), torch.stack([zero, inv, -ty], -1)], 1)
+    grid = F.affine_grid(theta, [b * f, c, h, w], align_corners=False)
+    out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.view(b, f, c, h, w).to(frames.dtype)
+
+
 class MLPEmbedder(nn.Module):
     """linear_1 -> activation -> linear_2 (diffusers' TimestepEmbedding / text projection layout)."""
 
@@ -179,11 +209,24 @@ class CausalDiT(nn.Module):
         self.config = cfg
         d = cfg.inner_dim
         channels = cfg.in_channels + cfg.video_channels + cfg.stack_frames * cfg.in_channels
-        self.patch_embedding = nn.Conv3d(channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        o = cfg.patch_overlap
+        pt, ph, pw = cfg.patch_size
+        self.patch_embedding = nn.Conv3d(channels, d, kernel_size=(pt, ph + 2 * o, pw + 2 * o),
+                                         stride=cfg.patch_size, padding=(0, o, o))
         self.condition_embedder = ConditionEmbedder(cfg)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.proj_out = nn.Linear(d, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+        # camera_warp: row a is how key a moves the view per frame (warp_frames units), measured from the
+        # training data before training (training.camera), not learned by gradient: bilinear resampling
+        # blurs, and a blur lowers the loss whichever way it moves, so descent from 0 finds no direction.
+        if cfg.camera_warp:
+            self.register_buffer("camera_motion", torch.zeros(cfg.actions.dim, 3))
+        else:
+            self.camera_motion = None
+        if cfg.still_prior:  # a fresh model starts as the still world: its residual velocity is 0
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
         self.gradient_checkpointing = False
 
     def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
@@ -226,6 +269,7 @@ class CausalDiT(nn.Module):
                              f"({x.shape[1]}), got {commit_frames}")
         cfg = self.config
         b, nf, c, hgt, wid = x.shape
+        x_t = x
         if c != cfg.in_channels or (hgt, wid) != (cfg.latent_height, cfg.latent_width):
             raise ValueError(f"latents must be [B, F, {cfg.in_channels}, {cfg.latent_height}, "
                              f"{cfg.latent_width}], got {list(x.shape)}")
@@ -241,6 +285,8 @@ class CausalDiT(nn.Module):
                 got = None if previous is None else list(previous.shape)
                 raise ValueError(f"this model stacks {cfg.stack_frames} previous frame(s): pass previous "
                                  f"{list(want)} (runtime.stacking.previous_frames), got {got}")
+            if self.camera_motion is not None and action is not None:
+                previous = warp_frames(previous, action.to(self.camera_motion.dtype) @ self.camera_motion)
             x = torch.cat([x, previous.to(x.dtype)], dim=2)
         if cfg.text_dim and text is None:
             raise ValueError(f"this model has text cross-attention: pass text [B, L, {cfg.text_dim}]")
@@ -271,10 +317,15 @@ class CausalDiT(nn.Module):
         if commit_frames:  # the committed chunk's velocity is not wanted
             nf -= commit_frames
             h, temb = h[:, commit_frames * gh * gw:], temb[:, commit_frames:]
+            x_t, timestep, previous = x_t[:, commit_frames:], timestep[:, commit_frames:], (
+                None if previous is None else previous[:, commit_frames:])
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
         d = h.shape[-1]
         h = (_layer_norm(h, cfg.eps).view(b, nf, -1, d) * (1 + scale) + shift).view(b, -1, d).to(h.dtype)
         out = self.proj_out(h)  # [B, F*gh*gw, ph*pw*C], channel last as in Wan
         out = out.view(b, nf, gh, gw, ph, pw, cfg.out_channels).permute(0, 1, 6, 2, 4, 3, 5)
-        return out.reshape(b, nf, cfg.out_channels, hgt, wid)
+        out = out.reshape(b, nf, cfg.out_channels, hgt, wid)
+        if cfg.still_prior:
+            out = out + still_velocity(x_t, timestep, previous[:, :, :c], cfg.still_prior)
+        return out

@@ -9,8 +9,8 @@
 #   DATA=/work/data RUNS=/work/runs scripts/recipe_health_gathering.sh [stage ...]
 #
 # Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
-# ablations (the other SF-DMD variants of docs/students.md) and stack (frame stacking, docs/world_controls.md) run
-# only when named.
+# ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking) and still (the still prior,
+# both docs/world_controls.md) run only when named.
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
 # override the step counts below.
 set -euo pipefail
@@ -139,6 +139,32 @@ stage_stack() {
     done
 }
 # Fold the SF-DMD student's action CFG (scale 5) into one pass: the student alone hardly follows the keys.
+stage_still() {
+    # The still prior (docs/world_controls.md, second sitting): stacking with the velocity predicted on top
+    # of "nothing moved", overlapping patches; then the students, longer than the stack stage's.
+    local S=$RUNS/still
+    local T=$S/teacher/bundle
+    [[ -f $T/config.json ]] || timed still_teacher "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" \
+        --out "$S/teacher" --steps "${STILL_TEACHER_STEPS:-3000}" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
+        --head-dim 32 --ffn 512 --patch 2 --guidance 1.5 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
+        --timestep-shift 3 --still-prior 0.5 --patch-overlap "${STILL_OVERLAP:-1}"
+    [[ -f $S/causal/bundle/config.json ]] || timed still_causal "$FK" train causal --bundle "$T" --out "$S/causal" \
+        --steps "${STILL_CAUSAL_STEPS:-1000}" --lr 2e-4 --stack-noise 0.3 "${STUDENT[@]}"
+    [[ -f $S/dcm/bundle/config.json ]] || timed still_dcm "$FK" train dcm --bundle "$S/causal/bundle" --out "$S/dcm" \
+        --steps "${STILL_DCM_STEPS:-400}" --lr 1e-4 "${STUDENT[@]}"
+    [[ -f $S/dmd/bundle/config.json ]] || timed still_dmd "$FK" train dmd --bundle "$S/dcm/bundle" --teacher "$T" \
+        --out "$S/dmd" --steps "${STILL_DMD_STEPS:-300}" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 "${STUDENT[@]}"
+    [[ -f $S/gap_teacher.json ]] || "$FK" eval gap --bundle "$T" --data "$HELDOUT" --latents-cache "$RUNS/teacher" \
+        > "$S/gap_teacher.json"
+    mkdir -p "$RUNS/eval" "$RUNS/controls"
+    for row in "still_causal_10 $S/causal/bundle 10" "still_dcm_2 $S/dcm/bundle 2" "still_dmd_1 $S/dmd/bundle 1" \
+               "still_dmd_2 $S/dmd/bundle 2"; do
+        set -- $row
+        eval_row "$1" "$2" "$3"
+        [[ -f $RUNS/controls/$1.json ]] || "$FK" eval controls --bundle "$2" --env $ENV_NAME --episodes 8 --steps "$3" \
+            --threads 1 --json --out "$RUNS/controls/$1.json" > /dev/null
+    done
+}
 stage_guidance() {
     [[ -f $RUNS/guidance/bundle/config.json ]] && return
     timed guidance "$FK" train guidance --bundle "$RUNS/dmd/bundle" --out "$RUNS/guidance" --sample-steps 1 \

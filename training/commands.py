@@ -125,6 +125,8 @@ def _train_teacher(args: argparse.Namespace) -> int:
                             num_attention_heads=args.heads, attention_head_dim=args.head_dim,
                             num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
                             action_space=space, frames_per_chunk=1, stack_frames=args.stack_frames,
+                            still_prior=args.still_prior, patch_overlap=args.patch_overlap,
+                            camera_warp=args.camera_warp,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
     extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
@@ -325,6 +327,15 @@ def register(commands) -> None:
                         "channel axis (DIAMOND/GameNGen), so copying the last view, moved by the key, is local")
     p.add_argument("--stack-noise", type=nonnegative_float, default=0.0,
                    help="noise augmentation of the stacked frames during training, a random level up to this")
+    p.add_argument("--still-prior", type=nonnegative_float, default=0.0,
+                   help="with stacking: predict the velocity on top of the 'nothing moved' estimate (the previous "
+                        "frame, with this std of change in latent units), so a fresh model is a still world")
+    p.add_argument("--patch-overlap", type=nonnegative_int, default=0,
+                   help="the patch embedding also reads this many latent pixels beyond each patch's edges, so a "
+                        "one-column move is visible to every token")
+    p.add_argument("--camera-warp", action="store_true",
+                   help="with stacking: the held keys move the stacked frames by a learned global translation and "
+                        "zoom (the camera's motion per key) before the model reads them")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)

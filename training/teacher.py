@@ -33,6 +33,7 @@ import torch
 from runtime import Bundle, CausalDiT, ModelConfig, SamplerConfig
 from runtime.codec import Codec
 from runtime.stacking import noised, previous_frames
+from training.camera import calibrate_camera_motion
 from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
 from training.conditions import Conditions, cat, dropped, frame_count, model_inputs, null
 from training.latents import LatentClips
@@ -240,6 +241,11 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
                          f"{model_cfg.window_frames} + sink_frames {model_cfg.sink_frames} + 1")
     torch.manual_seed(cfg.seed)                        # identical initial weights on every rank
     model = CausalDiT(model_cfg)
+    if model.camera_motion is not None and ckpt is None:   # a resumed model has it in its state
+        motion, report = calibrate_camera_motion(clips, model_cfg.actions.dim, seed=cfg.seed)
+        model.camera_motion.copy_(motion)
+        keys = list(model_cfg.actions.keys) + list(model_cfg.actions.values)
+        cfg.extra["camera_motion"] = {keys[a]: r for a, r in report.items()}
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)   # own clips and noise per rank

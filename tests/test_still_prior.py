@@ -1,0 +1,162 @@
+"""The still prior (``ModelConfig.still_prior``) and the overlapping patch embedding (``patch_overlap``)."""
+
+import pytest
+import torch
+
+from runtime import ChunkCondition, SamplerConfig
+from runtime.config import ModelConfig
+from runtime.model import still_velocity, warp_frames
+from runtime.rollout import Rollout
+from tests.helpers import rollout_latents, tiny_model
+from training.camera import calibrate_camera_motion
+from training.latents import LatentClips
+
+
+def _posterior_velocity(x_t, t, prev, sigma):
+    """(x_t - E[x0 | x_t]) / t for x0 ~ N(prev, sigma^2), x_t = (1 - t) x0 + t eps, written the plain way."""
+    s = t[:, :, None, None, None]
+    q = 1 - s
+    x0_mean = prev + sigma**2 * q / (sigma**2 * q**2 + s**2) * (x_t - q * prev)
+    return (x_t - x0_mean) / s
+
+
+def test_still_velocity_is_the_posterior_mean_velocity_of_an_unmoved_frame():
+    gen = torch.Generator().manual_seed(0)
+    x_t, prev = torch.randn(2, 3, 4, 5, 5, generator=gen), torch.randn(2, 3, 4, 5, 5, generator=gen)
+    t = torch.rand(2, 3, generator=gen) * 0.9 + 0.05
+    for sigma in (0.05, 0.5, 2.0):
+        assert torch.allclose(still_velocity(x_t, t, prev, sigma), _posterior_velocity(x_t, t, prev, sigma), atol=1e-4)
+    # t = 1: one Euler step from pure noise lands on the previous frame; t = 0: the clean frame stays
+    ones, zeros = torch.ones(2, 3), torch.zeros(2, 3)
+    assert torch.allclose(x_t - still_velocity(x_t, ones, prev, 0.5), prev, atol=1e-5)
+    assert torch.allclose(still_velocity(x_t, zeros, prev, 0.5), -x_t)
+    # sigma -> 0: the exact velocity of x0 = prev
+    assert torch.allclose(still_velocity(x_t, t, prev, 1e-4), (x_t - prev) / t[:, :, None, None, None], atol=1e-3)
+
+
+def test_a_fresh_still_prior_model_generates_a_still_world():
+    """Zero residual at initialisation: a rollout from a context repeats its last frame, whatever the keys."""
+    model = tiny_model(stack_frames=1, still_prior=0.5, frames_per_chunk=1, window_frames=3, sink_frames=0)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randn(1, 2, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    ro = Rollout(model, SamplerConfig(kind="consistency", steps=1), kv_cache=True, generator=gen)
+    with torch.no_grad():
+        for f in range(ctx.shape[1]):
+            ro.add_context(ctx[:, f:f + 1], ChunkCondition(action=torch.zeros(1, 1, cfg.actions.dim)))
+        for _ in range(3):
+            noise = torch.randn(1, 1, *ctx.shape[2:], generator=gen)
+            out = ro.generate_chunk(noise, ChunkCondition(action=torch.ones(1, 1, cfg.actions.dim)))
+            assert (out[0, 0] - ctx[0, -1]).abs().max() <= 1e-5
+
+
+def _trained_looking(model):
+    """Give the zero-initialised output head weights, so the residual is not trivially 0."""
+    torch.manual_seed(3)
+    torch.nn.init.normal_(model.proj_out.weight, std=0.05)
+    torch.nn.init.normal_(model.proj_out.bias, std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("pattern", [dict(frames_per_chunk=1, window_frames=3, sink_frames=1),
+                                     dict(frames_per_chunk=2, first_chunk_frames=1, window_frames=4, sink_frames=1)],
+                         ids=["framewise", "first1"])
+def test_still_prior_rollout_cached_fused_and_recomputed_agree(pattern):
+    model = _trained_looking(tiny_model(stack_frames=1, still_prior=0.5, patch_overlap=1, camera_warp=True,
+                                        **pattern))
+    with torch.no_grad():
+        model.camera_motion.copy_(0.2 * torch.randn(model.camera_motion.shape))
+    sampler = SamplerConfig(kind="consistency", steps=2)
+    cached = rollout_latents(model, sampler, 5, kv_cache=True)
+    assert (cached - rollout_latents(model, sampler, 5, kv_cache=False)).abs().max() <= 1e-4
+    assert (cached - rollout_latents(model, sampler, 5, kv_cache=True, fuse_commit=True)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_patch_overlap_lets_a_token_see_the_columns_beyond_its_patch(overlap):
+    model = tiny_model(patch_overlap=overlap)
+    cfg = model.config
+    x = torch.zeros(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    moved = x.clone()
+    moved[..., :, 2] = 1.0  # the first column of the second patch column
+    with torch.no_grad():
+        tokens = [model.patch_embedding(v.transpose(1, 2)).flatten(2) for v in (x, moved)]
+    gw = cfg.latent_width // cfg.patch_size[2]
+    first_patch_column = (tokens[0] - tokens[1]).abs().view(model.config.inner_dim, -1, gw)[:, :, 0]
+    assert (first_patch_column.max() > 1e-6) == bool(overlap)
+
+
+def test_still_prior_needs_stacking_and_sizes_are_checked():
+    with pytest.raises(ValueError, match="still_prior"):
+        ModelConfig.tiny(still_prior=0.5)
+    with pytest.raises(ValueError, match="patch_overlap"):
+        ModelConfig.tiny(patch_overlap=-1)
+    cfg = ModelConfig.tiny(stack_frames=1, still_prior=0.5, patch_overlap=1)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# -- camera warp: the keys move the stacked frames -------------------------------------------------
+def test_warp_frames_moves_by_whole_pixels_exactly_and_repeats_the_uncovered_edge():
+    frames = torch.randn(2, 3, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+    none = torch.zeros(2, 3, 3)
+    assert torch.allclose(warp_frames(frames, none), frames, atol=1e-6)
+    right = none.clone()
+    right[..., 0] = 2 / 8  # one pixel of 8 to the right
+    moved = warp_frames(frames, right)
+    assert torch.allclose(moved[..., 1:], frames[..., :-1], atol=1e-5)
+    assert torch.allclose(moved[..., 0], frames[..., 0], atol=1e-5)  # the uncovered column: the edge repeated
+    zoom = none.clone()
+    zoom[..., 2] = 0.3
+    assert not torch.allclose(warp_frames(frames, zoom), frames, atol=1e-3)
+
+
+def _moving_clips(shifts: dict[int, int], frames: int = 400, action_dim: int = 3) -> LatentClips:
+    """One episode of random latents where holding key a rolls the view by shifts[a] pixels."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randint(len(shifts) + 1, (frames,), generator=gen)  # the last index: no key
+    lat = [torch.randn(2, 8, 12, generator=gen)]
+    cond = torch.zeros(frames, action_dim)
+    for f in range(1, frames):
+        k = int(keys[f])
+        if k < len(shifts):
+            cond[f, k] = 1
+        nxt = torch.roll(lat[-1], shifts.get(k, 0), -1) + 0.05 * torch.randn(2, 8, 12, generator=gen)
+        lat.append(nxt)
+    return LatentClips(torch.stack(lat).half(), cond, [(0, frames, 0)])
+
+
+def test_calibration_finds_how_far_and_which_way_each_key_moves_the_view():
+    clips = _moving_clips({0: 1, 1: -2})
+    motion, report = calibrate_camera_motion(clips, 3)
+    assert report[0]["right_px"] == pytest.approx(1, abs=0.1) and report[1]["right_px"] == pytest.approx(-2, abs=0.1)
+    assert abs(report[0]["down_px"]) < 0.1
+    assert report[0]["shifted_mse"] < report[0]["copy_mse"] / 10
+    assert report[2] == {"frames": 0} and motion[2].abs().max() == 0  # never held alone: no motion
+    assert float(motion[0, 0]) * 12 / 2 == pytest.approx(report[0]["right_px"], abs=1e-3)
+
+
+def test_a_fresh_camera_warp_model_turns_while_the_key_is_held_and_stands_still_without_it():
+    model = tiny_model(stack_frames=1, still_prior=0.5, camera_warp=True, frames_per_chunk=1, window_frames=3,
+                       sink_frames=0)
+    cfg = model.config
+    with torch.no_grad():
+        model.camera_motion[0, 0] = 2 / cfg.latent_width  # key 0: one latent pixel right per frame
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    ro = Rollout(model, SamplerConfig(kind="consistency", steps=1), kv_cache=True, generator=gen)
+    key, none = torch.zeros(1, 1, cfg.actions.dim), torch.zeros(1, 1, cfg.actions.dim)
+    key[..., 0] = 1
+    with torch.no_grad():
+        ro.add_context(ctx, ChunkCondition(action=none))
+        turned = ro.generate_chunk(torch.randn(ctx.shape, generator=gen), ChunkCondition(action=key))
+        still = ro.generate_chunk(torch.randn(ctx.shape, generator=gen), ChunkCondition(action=none))
+    assert torch.allclose(turned[0, 0, ..., 1:], ctx[0, 0, ..., :-1], atol=1e-5)
+    assert torch.allclose(still, turned, atol=1e-5)
+
+
+def test_camera_warp_needs_stacking_and_its_motion_travels_with_the_weights():
+    with pytest.raises(ValueError, match="camera_warp"):
+        ModelConfig.tiny(camera_warp=True)
+    model = tiny_model(stack_frames=1, camera_warp=True)
+    assert "camera_motion" in model.state_dict()
+    assert all(p is not model.camera_motion for p in model.parameters())  # measured, not trained
