@@ -140,20 +140,22 @@ stage_stack() {
 }
 # Fold the SF-DMD student's action CFG (scale 5) into one pass: the student alone hardly follows the keys.
 stage_still() {
-    # The still prior (docs/world_controls.md, second sitting): stacking with the velocity predicted on top
-    # of "nothing moved", overlapping patches; then the students, longer than the stack stage's.
+    # The still prior and the camera warp (docs/world_controls.md, second sitting): stacking, the stacked frame
+    # moved by each key's measured camera motion, the velocity predicted on top of "nothing moved but the
+    # camera", overlapping patches; action CFG 1 everywhere (guidance would push the view past the key's move).
     local S=$RUNS/still
     local T=$S/teacher/bundle
     [[ -f $T/config.json ]] || timed still_teacher "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" \
-        --out "$S/teacher" --steps "${STILL_TEACHER_STEPS:-3000}" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
-        --head-dim 32 --ffn 512 --patch 2 --guidance 1.5 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
-        --timestep-shift 3 --still-prior 0.5 --patch-overlap "${STILL_OVERLAP:-1}"
+        --out "$S/teacher" --steps "${STILL_TEACHER_STEPS:-1000}" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
+        --head-dim 32 --ffn 512 --patch 2 --guidance 1.0 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
+        --timestep-shift 3 --still-prior 0.5 --patch-overlap 1 --camera-warp
     [[ -f $S/causal/bundle/config.json ]] || timed still_causal "$FK" train causal --bundle "$T" --out "$S/causal" \
-        --steps "${STILL_CAUSAL_STEPS:-1000}" --lr 2e-4 --stack-noise 0.3 "${STUDENT[@]}"
+        --steps "${STILL_CAUSAL_STEPS:-600}" --lr 2e-4 --stack-noise 0.3 "${STUDENT[@]}"
     [[ -f $S/dcm/bundle/config.json ]] || timed still_dcm "$FK" train dcm --bundle "$S/causal/bundle" --out "$S/dcm" \
-        --steps "${STILL_DCM_STEPS:-400}" --lr 1e-4 "${STUDENT[@]}"
+        --steps "${STILL_DCM_STEPS:-300}" --lr 1e-4 --guidance 1.0 "${STUDENT[@]}"
     [[ -f $S/dmd/bundle/config.json ]] || timed still_dmd "$FK" train dmd --bundle "$S/dcm/bundle" --teacher "$T" \
-        --out "$S/dmd" --steps "${STILL_DMD_STEPS:-300}" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 "${STUDENT[@]}"
+        --out "$S/dmd" --steps "${STILL_DMD_STEPS:-200}" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --guidance 1.0 \
+        "${STUDENT[@]}"
     [[ -f $S/gap_teacher.json ]] || "$FK" eval gap --bundle "$T" --data "$HELDOUT" --latents-cache "$RUNS/teacher" \
         > "$S/gap_teacher.json"
     mkdir -p "$RUNS/eval" "$RUNS/controls"

@@ -114,13 +114,13 @@ def _moving_clips(shifts: dict[int, int], frames: int = 400, action_dim: int = 3
     """One episode of random latents where holding key a rolls the view by shifts[a] pixels."""
     gen = torch.Generator().manual_seed(0)
     keys = torch.randint(len(shifts) + 1, (frames,), generator=gen)  # the last index: no key
-    lat = [torch.randn(2, 8, 12, generator=gen)]
+    lat = [torch.randn(3, 8, 12, generator=gen)]
     cond = torch.zeros(frames, action_dim)
     for f in range(1, frames):
         k = int(keys[f])
         if k < len(shifts):
             cond[f, k] = 1
-        nxt = torch.roll(lat[-1], shifts.get(k, 0), -1) + 0.05 * torch.randn(2, 8, 12, generator=gen)
+        nxt = torch.roll(lat[-1], shifts.get(k, 0), -1) + 0.05 * torch.randn(3, 8, 12, generator=gen)
         lat.append(nxt)
     return LatentClips(torch.stack(lat).half(), cond, [(0, frames, 0)])
 
@@ -160,3 +160,19 @@ def test_camera_warp_needs_stacking_and_its_motion_travels_with_the_weights():
     model = tiny_model(stack_frames=1, camera_warp=True)
     assert "camera_motion" in model.state_dict()
     assert all(p is not model.camera_motion for p in model.parameters())  # measured, not trained
+
+
+def test_a_camera_warp_teacher_measures_the_motion_before_it_trains_and_keeps_it(tmp_path):
+    from runtime import Bundle
+    from runtime.codec import PixelCodec
+    from training.teacher import TeacherTrainConfig, train_teacher
+
+    clips = _moving_clips({0: 1, 1: -2}, frames=200, action_dim=5)
+    cfg = ModelConfig.tiny(in_channels=3, latent_height=8, latent_width=12, stack_frames=1, still_prior=0.5,
+                           camera_warp=True, window_frames=3, sink_frames=0)
+    train = TeacherTrainConfig(out=str(tmp_path), steps=2, batch=2, clip_frames=4, sample_steps=2)
+    train_teacher(train, cfg, clips, PixelCodec(1), progress=False)
+    bundle = Bundle.load(tmp_path / "bundle")
+    assert float(bundle.model.camera_motion[0, 0]) * 12 / 2 == pytest.approx(1, abs=0.1)
+    assert float(bundle.model.camera_motion[1, 0]) * 12 / 2 == pytest.approx(-2, abs=0.1)
+    assert bundle.extra["camera_motion"]["forward"]["right_px"] == pytest.approx(1, abs=0.1)

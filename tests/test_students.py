@@ -456,10 +456,16 @@ def test_dmd_with_last_step_never_exits_at_step_0(dcm, clips):
         train_dmd(dcm[2], dcm[2], clips, DMDConfig(out="unused", sample_steps=1, cache_from="last_step"))
 
 
-def test_the_recipe_runs_with_frame_stacking(tmp_path, clips):
+@pytest.mark.parametrize("extra", [{}, dict(still_prior=0.5, patch_overlap=1, camera_warp=True)],
+                         ids=["stack", "stack+still+warp"])
+def test_the_recipe_runs_with_frame_stacking(tmp_path, clips, extra):
     """Every stage trains a frame-stacking model (causal with noise on the stacked frames, dCM, SF-DMD
-    against a stacking teacher), the self-forcing replay still equals its rollout, and the result plays."""
-    teacher = Bundle.random(tiny_config(stack_frames=1), seed=0)
+    against a stacking teacher), the self-forcing replay still equals its rollout, and the result plays;
+    a camera-warp teacher's measured motion reaches the student unchanged."""
+    teacher = Bundle.random(tiny_config(stack_frames=1, **extra), seed=0)
+    if extra:
+        with torch.no_grad():
+            teacher.model.camera_motion.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     quick = {**FAST, "eval_every": 100}
     causal = train_causal(teacher, clips, CausalConfig(out=str(tmp_path / "c"), steps=4, stack_noise=0.3, **quick),
                           progress=False)
@@ -475,5 +481,7 @@ def test_the_recipe_runs_with_frame_stacking(tmp_path, clips):
                     progress=False)
     final = Bundle.load(dmd["bundle"])
     assert final.config.stack_frames == 1
+    if extra:
+        assert torch.equal(final.model.camera_motion, teacher.model.camera_motion)
     session = open_session(final)
     assert session.step(["forward"]).shape[0] == 1
