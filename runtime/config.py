@@ -169,6 +169,9 @@ class SamplerConfig:
     levels as SD3/Wan do: t' = s t / (1 + (s - 1) t). ``cache_from``: ``"clean"`` re-runs the
     denoised chunk at t=0 to write the cache; ``"last_step"`` keeps the last denoising step's keys.
     ``guidance_scale`` applies classifier-free guidance on the actions (1.0: off).
+    ``stack_noise`` (frame stacking): the stacked previous frames are mixed with this much noise
+    at inference (`runtime.stacking.noised_at`), which keeps long rollouts of a model fed back its
+    own frames from running away.
     """
 
     kind: str = "consistency"
@@ -178,8 +181,11 @@ class SamplerConfig:
     shift: float = 1.0
     cache_from: str = "clean"
     guidance_scale: float = 1.0
+    stack_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.stack_noise < 1:
+            raise ValueError(f"stack_noise must be in [0, 1), got {self.stack_noise}")
         if self.kind not in ("euler", "consistency"):
             raise ValueError(f"sampler kind must be 'euler' or 'consistency', got {self.kind!r}")
         if self.cache_from not in ("clean", "last_step"):

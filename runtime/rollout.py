@@ -31,7 +31,7 @@ from runtime import sampler as sampling
 from runtime.config import SamplerConfig
 from runtime.context import receptive_start, recompute_plan, sink_chunks_end
 from runtime.model import CausalDiT
-from runtime.stacking import next_previous, previous_frames
+from runtime.stacking import next_previous, noised_at, previous_frames
 
 
 @dataclass
@@ -126,14 +126,16 @@ class Rollout:
         """``cond`` with the previous frames that the ``n`` frames of the chunk being denoised see."""
         if self._recent is None:
             return cond
-        newest = next_previous(self._recent, self.model.config.stack_frames)
+        newest = noised_at(next_previous(self._recent, self.model.config.stack_frames), self.sampler.stack_noise,
+                           self.generator)
         return replace(cond, previous=newest.expand(-1, n, *newest.shape[2:]))
 
     def _committing(self, cond: ChunkCondition, latents: torch.Tensor) -> ChunkCondition:
         """``cond`` with each frame's own previous frames, for clean ``latents`` entering the context."""
         if self._recent is None:
             return cond
-        return replace(cond, previous=previous_frames(latents, self.model.config.stack_frames, self._recent))
+        previous = previous_frames(latents, self.model.config.stack_frames, self._recent)
+        return replace(cond, previous=noised_at(previous, self.sampler.stack_noise, self.generator))
 
     def _push_recent(self, latents: torch.Tensor) -> None:
         """Keep the newest ``stack_frames`` clean latents (zeros before the first frame)."""

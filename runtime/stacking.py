@@ -47,6 +47,16 @@ def chunk_previous(previous: torch.Tensor, pattern: ChunkPattern) -> torch.Tenso
     return previous[:, starts]
 
 
+def noised_at(previous: torch.Tensor, level: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inference-time noise on the stacked frames at one fixed ``level`` (GameNGen): a model fed
+    back its own frames amplifies its small errors frame after frame; a little noise on what it
+    copies from (which training taught it to see through) keeps a long rollout from running away."""
+    if level <= 0:
+        return previous
+    noise = torch.randn(previous.shape, generator=generator, device=previous.device, dtype=previous.dtype)
+    return (1 - level) * previous + level * noise
+
+
 def noised(previous: torch.Tensor, max_level: float, generator: torch.Generator) -> torch.Tensor:
     """Training-time noise augmentation of the stacked frames (GameNGen): each clip's previous
     frames mixed with noise at a random level in [0, max_level], so copying the past is not

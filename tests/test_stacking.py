@@ -120,3 +120,28 @@ def test_stacking_teacher_samples_frame_by_frame():
     three = sample_clip(model, ctx, cond, steps=3, generator=torch.Generator().manual_seed(2))
     assert one.shape[1] == 1 and three.shape[1] == 3
     assert (one[:, 0] - three[:, 0]).abs().max() <= 1e-5
+
+
+def test_inference_stack_noise_is_checked_applied_and_the_same_cached_fused_or_recomputed():
+    with pytest.raises(ValueError, match="stack_noise"):
+        SamplerConfig(stack_noise=1.0)
+    model = tiny_model(stack_frames=1, frames_per_chunk=1, window_frames=3, sink_frames=1)
+    noisy = SamplerConfig(kind="consistency", steps=2, stack_noise=0.2)
+    cached = rollout_latents(model, noisy, 5, kv_cache=True)
+    assert (cached - rollout_latents(model, noisy, 5, kv_cache=False)).abs().max() <= 1e-4
+    assert (cached - rollout_latents(model, noisy, 5, kv_cache=True, fuse_commit=True)).abs().max() <= 1e-4
+    clean = rollout_latents(model, SamplerConfig(kind="consistency", steps=2), 5, kv_cache=True)
+    assert (cached - clean).abs().max() > 1e-3
+
+
+def test_ship_sets_the_inference_stack_noise_of_a_stacking_bundle_only(tmp_path):
+    from runtime import Bundle
+    from training.ship import ship
+
+    Bundle.random(tiny_model().config, seed=0).save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="stacks no frames"):
+        ship(tmp_path / "plain", tmp_path / "out", stack_noise=0.1)
+    from runtime.config import ModelConfig
+
+    Bundle.random(ModelConfig.tiny(stack_frames=1), seed=0).save(tmp_path / "stacked")
+    assert Bundle.load(ship(tmp_path / "stacked", tmp_path / "out", stack_noise=0.1)).sampler.stack_noise == 0.1

@@ -215,7 +215,7 @@ def _ship(args: argparse.Namespace) -> int:
     from training.ship import ship
 
     out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
-               card=args.card, name=args.name, seed=args.seed, steps=args.steps)
+               card=args.card, name=args.name, seed=args.seed, steps=args.steps, stack_noise=args.stack_noise)
     print(json.dumps({"bundle": str(out)}))
     return 0
 
@@ -256,6 +256,9 @@ def register(commands) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the scenes' random offsets")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="default sampler steps per chunk (default: as trained)")
+    p.add_argument("--stack-noise", type=nonnegative_float, default=None,
+                   help="frame stacking: noise mixed into the stacked previous frames at inference, in [0, 1) "
+                        "(default: as trained)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)

@@ -8,6 +8,7 @@ the model's guess from noise, and a card that says how it was made and how good 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,15 @@ def scenes_from_data(data: str | os.PathLike, scenes: int, frames: int, seed: in
 
 def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | None = None, scenes: int = 8,
          scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0,
-         steps: int | None = None) -> Path:
+         steps: int | None = None, stack_noise: float | None = None) -> Path:
     """Copy ``bundle`` to ``out`` with start scenes from ``start_data``, the card file ``card`` and,
-    given ``steps``, that many sampler steps per chunk by default."""
+    given ``steps``, that many sampler steps per chunk by default (``stack_noise``: the sampler's
+    inference-time noise on the stacked frames)."""
     b = Bundle.load(bundle)
+    if stack_noise is not None:
+        if not b.config.stack_frames:
+            raise ValueError(f"--stack-noise needs a frame-stacking bundle; {bundle} stacks no frames")
+        b.sampler = replace(b.sampler, stack_noise=stack_noise)
     if steps is not None:
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
