@@ -12,8 +12,10 @@ The loop (DESIGN.md section 6, for audio-driven video):
   expected audio-to-mouth latency, so what is heard matches the mouth that is seen.
 
 Audio-to-mouth latency of frame t = the time its frame is ready minus the time the audio at
-t / fps arrived; it contains the feature lookahead (about 83 ms), the block size of the source
-and the generation of the frame.
+t / fps arrived (the time the block holding that sample was taken in, not a clock started with
+the source: a browser or a busy machine delivers audio in bursts, some of it before the loop
+starts); it contains the feature lookahead (about 83 ms), the block size of the source and
+the generation of the frame.
 
 Input, v1: the face is a fixed centre crop of the camera frame (no face detector), resized to the
 bundle's frame size; the model re-syncs whatever is in the crop. Defined behaviour for awkward
@@ -277,6 +279,8 @@ class LipsyncLoop:
         self.on_frame = on_frame
         self._pending: deque[tuple[int, np.ndarray]] = deque()
         self.latency: deque[float] = deque(maxlen=1000)
+        self._arrivals: deque[tuple[int, float]] = deque()   # (samples received after the block, its time)
+        self._received = 0
         self.frame_times: deque[float] = deque(maxlen=200)
         self.dropped = self.bad_blocks = self.frames_out = 0
         self.stop = False   # set by the window when it is closed
@@ -291,7 +295,10 @@ class LipsyncLoop:
             if b.dtype != np.int16 and not np.isfinite(b).all():   # a broken capture block: silence
                 self.bad_blocks += 1
                 b = np.zeros(b.shape, np.float32)
-            self.playback.write(mono(b))
+            m = mono(b)
+            self.playback.write(m)
+            self._received += len(m)
+            self._arrivals.append((self._received, now()))
             self._queue(self.features.push(b))
         if self.audio.done and not self.features.ended:   # a file ended: its last frames, as offline
             self._queue(self.features.flush())
@@ -302,6 +309,14 @@ class LipsyncLoop:
     def _queue(self, feats: np.ndarray) -> None:
         first = self.features.frames - len(feats)   # features come out in frame order
         self._pending.extend((first + i, f) for i, f in enumerate(feats))
+
+    def _arrival(self, t: int) -> float:
+        """When the audio at frame t's time arrived: the intake time of the block holding that sample
+        (frames are asked for in order, so the blocks before it are dropped)."""
+        sample = t * self.audio.rate / self.fps
+        while len(self._arrivals) > 1 and self._arrivals[0][0] <= sample:
+            self._arrivals.popleft()
+        return self._arrivals[0][1] if self._arrivals else self.t0
 
     def _face(self) -> np.ndarray:
         frame = self.frames.get()
@@ -317,9 +332,10 @@ class LipsyncLoop:
         if not self._pending:
             return None
         t, feat = self._pending.popleft()
+        arrived = self._arrival(t)
         out = self.session.step(audio=feat, video=self._face())[-1]
         done = now()
-        self.latency.append(done - (self.t0 + t / self.fps))
+        self.latency.append(done - arrived)
         self.frame_times.append(done)
         self.frames_out += 1
         if self.on_frame is not None:

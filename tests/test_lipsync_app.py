@@ -44,6 +44,36 @@ def test_loop_without_video_or_with_broken_audio_keeps_going():
     assert stats["frames"] + stats["dropped_frames"] == 10        # every frame of the 0.4 s, none lost silently
 
 
+class _BurstSource:
+    """All the audio in one block at the first poll, as a browser or a busy machine may deliver it."""
+
+    def __init__(self, samples, rate):
+        self.samples, self.rate, self.done = samples, rate, False
+
+    def start(self):
+        from apps.pipeline import now
+
+        return now() + 5.0   # a loop clock that starts later than the audio arrives
+
+    def poll(self):
+        if self.done:
+            return []
+        self.done = True
+        return [self.samples]
+
+    def close(self):
+        pass
+
+
+def test_latency_counts_from_when_the_audio_arrived_not_from_a_clock():
+    """Audio that arrived in a burst (here even before the loop's clock) is late by the time it waited
+    for its frame: positive, never the negative a clock-based latency gives."""
+    loop = LipsyncLoop(open_session("random-lipsync-tiny"), _BurstSource(speechlike(22050, 0.4), 22050),
+                       LatestFrame(), LipsyncLoopConfig())
+    stats = loop.run()
+    assert stats["frames"] > 0 and 0 < stats["audio_to_mouth_ms_p50"] <= stats["audio_to_mouth_ms_p95"]
+
+
 def test_lipsync_command_on_files_headless(tmp_path, monkeypatch, capsys):
     from forcekit.cli import main
     from runtime.video import write_video
@@ -59,7 +89,8 @@ def test_lipsync_command_on_files_headless(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "out.mp4"), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["frames"] + stats["dropped_frames"] == 25 and stats["video"] == "ok"
-    assert stats["clipped_samples"] > 0 and stats["audio_to_mouth_ms_p50"] > stats["feature_lookahead_ms"]
+    # from the arrival of the 10 ms block holding the frame's sample: at least the lookahead, less a block
+    assert stats["clipped_samples"] > 0 and stats["audio_to_mouth_ms_p50"] > stats["feature_lookahead_ms"] - 10
     assert (tmp_path / "out.mp4").stat().st_size > 0
 
 
@@ -77,7 +108,7 @@ def test_bench_lipsync_reports_fps_and_latency(capsys):
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["weights"] == "random" and r["frame_size"] == [32, 32] and r["fps"] > 0
-    assert r["audio_to_mouth_ms_p95"] >= r["audio_to_mouth_ms_p50"] > r["feature_lookahead_ms"] > 80
+    assert r["audio_to_mouth_ms_p95"] >= r["audio_to_mouth_ms_p50"] > r["feature_lookahead_ms"] - 10 > 70
     assert r["realtime_frames"] + r["dropped_frames"] >= 20
     assert main(["bench", "lipsync", "--seconds", "0"]) == 2                  # a usage error, one line
     assert "--seconds: must be a number > 0" in capsys.readouterr().err
