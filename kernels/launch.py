@@ -86,6 +86,10 @@ def plain_tensors():
         yield
 
 
+class UnsupportedTransform(RuntimeError):
+    """A ``torch.func`` transform the Triton kernels refuse: vmap over tangents or cotangents."""
+
+
 def unwrap(t: torch.Tensor) -> torch.Tensor:
     """The plain tensor under (possibly nested) functorch grad/jvp wrappers; a plain tensor unchanged.
 
@@ -96,7 +100,7 @@ def unwrap(t: torch.Tensor) -> torch.Tensor:
 
     while is_functorch_wrapped_tensor(t):
         if is_batchedtensor(t):
-            raise NotImplementedError(
+            raise UnsupportedTransform(
                 "vmap over the tangents or cotangents of kernels.attention (jacfwd, jacrev) is not "
                 "supported by the Triton backend; use backend='reference' for Jacobians")
         t = get_unwrapped(t)

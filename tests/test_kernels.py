@@ -377,6 +377,17 @@ def test_rows_without_keys_are_zero_everywhere(device):
     assert torch.isneginf(lse[:, :, empty.to(device)]).all()
 
 
+@pytest.mark.parametrize("transform", [torch.func.jacfwd, torch.func.jacrev], ids=["jacfwd", "jacrev"])
+def test_jacobians_through_the_triton_backend_are_refused_with_the_way_out(transform):
+    """vmapped tangents or cotangents have no per-sample meaning to the kernels: a clear error, not a
+    wrong Jacobian; the reference backend computes it."""
+    q, k, v = _inputs(TPF, TPF, torch.float32, "cpu", batch=1)
+    with pytest.raises(launch.UnsupportedTransform, match="backend='reference'"):
+        transform(lambda q: attention(q, k, v, None, backend="triton"))(q)
+    jac = transform(lambda q: attention(q, k, v, None, backend="reference"))(q)
+    assert jac.shape == (*q.shape, *q.shape) and torch.isfinite(jac).all()
+
+
 def test_auto_backend_on_cpu_is_the_reference_and_supports_func_jvp():
     mask, nq, nk = _mask("teacher_forcing")
     q, k, v = _inputs(nq, nk, torch.float64, "cpu")
