@@ -74,8 +74,9 @@ class ModelConfig:
     # x0 ~ N(previous frame, still_prior^2), so a still world is the default (CausalDiT.still_velocity).
     still_prior: float = 0.0
     patch_overlap: int = 0  # the patch embedding also reads this many latent pixels beyond each patch edge
-    # With stacking: the held keys move the stacked frames by a learned global translation and zoom
-    # (the camera's motion, CausalDiT.camera_motion) before the model reads them.
+    # With stacking: the held keys move the stacked frames by a global translation and zoom per key
+    # (the camera's motion, CausalDiT.camera_motion, measured from the data by training.camera)
+    # before the model reads them.
     camera_warp: bool = False
     # Chunks and the KV cache, in frames.
     frames_per_chunk: int = 1

@@ -337,8 +337,8 @@ def register(commands) -> None:
                    help="the patch embedding also reads this many latent pixels beyond each patch's edges, so a "
                         "one-column move is visible to every token")
     p.add_argument("--camera-warp", action="store_true",
-                   help="with stacking: the held keys move the stacked frames by a learned global translation and "
-                        "zoom (the camera's motion per key) before the model reads them")
+                   help="with stacking: the held keys move the stacked frames by the camera's motion per key, "
+                        "measured from the training data before training, before the model reads them")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
