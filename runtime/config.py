@@ -78,6 +78,10 @@ class ModelConfig:
     # (the camera's motion, CausalDiT.camera_motion, measured from the data by training.camera)
     # before the model reads them.
     camera_warp: bool = False
+    # With audio: the latent-pixel box (y0, x0, y1, x1) whose tokens also get each frame's audio embedding
+    # added to their input (a lip-sync model's mask box): the mouth's tokens read the audio directly, not
+    # only through the per-frame adaLN modulation every token shares with the timestep.
+    audio_region: tuple[int, int, int, int] | None = None
     # Chunks and the KV cache, in frames.
     frames_per_chunk: int = 1
     first_chunk_frames: int | None = None
@@ -112,6 +116,13 @@ class ModelConfig:
             raise ValueError("camera_warp needs stack_frames >= 1 and an action space")
         if self.patch_overlap < 0:
             raise ValueError(f"patch_overlap must be >= 0, got {self.patch_overlap}")
+        if self.audio_region is not None:
+            self.audio_region = tuple(int(v) for v in self.audio_region)
+            y0, x0, y1, x1 = self.audio_region if len(self.audio_region) == 4 else (0, 0, 0, 0)
+            if not (self.audio_dim and 0 <= y0 < y1 <= self.latent_height and 0 <= x0 < x1 <= self.latent_width):
+                raise ValueError(f"audio_region must be (y0, x0, y1, x1) inside the {self.latent_height}x"
+                                 f"{self.latent_width} latent and needs audio_dim > 0, got {self.audio_region} "
+                                 f"with audio_dim {self.audio_dim}")
         if self.window_frames < 0 or self.sink_frames < 0:
             raise ValueError("window_frames and sink_frames must be >= 0")
         ActionSpace.from_dict(self.action_space)  # fails early on a malformed action space
@@ -136,6 +147,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)
+        if self.audio_region is not None:
+            d["audio_region"] = list(self.audio_region)
         return d
 
     @classmethod

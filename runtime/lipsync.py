@@ -68,6 +68,16 @@ class LipsyncSpec:
         if y1 > height or x1 > width:
             raise ValueError(f"mask_box {self.mask_box} does not fit {height}x{width} frames")
 
+    def latent_box(self, frame_size: tuple[int, int], latent_size: tuple[int, int], margin: int = 1
+                   ) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1) in latent pixels: those whose decoded area touches the mask box, grown by
+        ``margin`` (the decoder reads neighbours, so those shape the pasted pixels too). Where a lip-sync
+        model's output is used: where its losses are measured and its audio is injected."""
+        (fh, fw), (h, w) = frame_size, latent_size
+        y0, x0, y1, x1 = self.mask_box
+        return (max(0, y0 * h // fh - margin), max(0, x0 * w // fw - margin),
+                min(h, -(-y1 * h // fh) + margin), min(w, -(-x1 * w // fw) + margin))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mask_box"] = list(self.mask_box)

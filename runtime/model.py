@@ -224,10 +224,24 @@ class CausalDiT(nn.Module):
             self.register_buffer("camera_motion", torch.zeros(cfg.actions.dim, 3))
         else:
             self.camera_motion = None
+        if cfg.audio_region is not None:
+            self.audio_token_embedder = MLPEmbedder(cfg.audio_dim, d, nn.SiLU())
+            self.register_buffer("audio_tokens", self._region_tokens(cfg), persistent=False)
+        else:
+            self.audio_token_embedder = None
         if cfg.still_prior:  # a fresh model starts as the still world: its residual velocity is 0
             nn.init.zeros_(self.proj_out.weight)
             nn.init.zeros_(self.proj_out.bias)
         self.gradient_checkpointing = False
+
+    @staticmethod
+    def _region_tokens(cfg: ModelConfig) -> torch.Tensor:
+        """``[tokens_per_frame, 1]``: 1 for the patches that overlap ``cfg.audio_region``, else 0."""
+        _, ph, pw = cfg.patch_size
+        y0, x0, y1, x1 = cfg.audio_region
+        pixels = torch.zeros(cfg.latent_height, cfg.latent_width)
+        pixels[y0:y1, x0:x1] = 1.0
+        return F.max_pool2d(pixels[None, None], (ph, pw)).flatten()[:, None]
 
     def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
@@ -301,6 +315,9 @@ class CausalDiT(nn.Module):
         temb, mod = self.condition_embedder(timestep * cfg.timestep_scale, action, audio)
         text_ctx = self.condition_embedder.text_embedder(text) if cfg.text_dim else None
         h = self.patch_embedding(x.transpose(1, 2)).flatten(2).transpose(1, 2).contiguous()  # [B, F*gh*gw, D]
+        if self.audio_token_embedder is not None and audio is not None:
+            local = self.audio_token_embedder(audio.to(h.dtype))[:, :, None] * self.audio_tokens.to(h.dtype)
+            h = h + local.flatten(1, 2)
 
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):

@@ -141,3 +141,60 @@ def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_p
     y0, x0, y1, x1 = config["extra"]["lipsync"]["mask_box"]
     own[:, y0:y1, x0:x1] = real[:, y0:y1, x0:x1] = 0
     assert np.array_equal(own, real)      # composited: nothing outside the mask box changes
+
+
+def test_audio_tokens_reach_the_mask_box_tokens_directly():
+    """With ``audio_region`` the tokens over the box get the audio added to their input: the audio changes
+    the output even with the adaLN audio path zeroed, and a model without the region refuses none of it."""
+    from runtime.config import ModelConfig
+    from runtime.model import CausalDiT
+
+    cfg = ModelConfig.tiny(audio_dim=6, audio_region=(4, 2, 7, 5))
+    assert ModelConfig.from_dict(cfg.to_dict()).audio_region == (4, 2, 7, 5)
+    torch.manual_seed(0)
+    model = CausalDiT(cfg).eval()
+    # patches of 2x2 on 8x8: rows 4-6 touch patch rows 2-3, columns 2-4 touch patch columns 1-2
+    assert model.audio_tokens.flatten().nonzero().flatten().tolist() == [9, 10, 13, 14]
+    torch.nn.init.zeros_(model.condition_embedder.audio_embedder.linear_2.weight)
+    torch.nn.init.zeros_(model.condition_embedder.audio_embedder.linear_2.bias)
+    x, t = torch.randn(1, 2, 3, 8, 8), torch.full((1, 2), 0.5)
+    with torch.no_grad():
+        quiet = model(x, t, audio=torch.zeros(1, 2, 6))
+        loud = model(x, t, audio=torch.ones(1, 2, 6))
+    assert (quiet - loud).abs().max() > 1e-3
+    for bad in ((4, 2, 9, 5), (4, 4, 7, 4)):
+        with pytest.raises(ValueError, match="audio_region"):
+            ModelConfig.tiny(audio_dim=6, audio_region=bad)
+    with pytest.raises(ValueError, match="audio_dim"):
+        ModelConfig.tiny(audio_region=(4, 2, 7, 5))
+
+
+def test_the_mask_box_in_latent_pixels_and_the_loss_outside_it():
+    """`latent_box` covers every latent pixel the mask box touches (plus the margin); with outside weight 0
+    the teacher's loss ignores errors outside it, with weight 1 it is the plain mean."""
+    from training.teacher import TeacherTrainConfig, flow_matching_loss, region_weights
+
+    spec = LipsyncSpec(mask_box=(55, 28, 82, 68))
+    assert spec.latent_box((96, 96), (24, 24), margin=0) == (13, 7, 21, 17)
+    assert spec.latent_box((96, 96), (24, 24)) == (12, 6, 22, 18)
+    assert spec.latent_box((96, 96), (24, 24), margin=5) == (8, 2, 24, 22)
+
+    box = (2, 2, 5, 6)
+    inside = region_weights((8, 8), box, 0.0).bool()
+
+    class Exact(torch.nn.Module):   # clean frames are 0, so the true velocity is x_t / t; off by `outside` there
+        def __init__(self, outside: float):
+            super().__init__()
+            self.outside = outside
+
+        def forward(self, x_t, t, **_):
+            return x_t / t[:, :, None, None, None] + torch.where(inside, 0.0, self.outside)
+
+    x0 = torch.zeros(2, 3, 3, 8, 8)
+    cfg = TeacherTrainConfig(context_prob=0.0, loss_region=box, outside_weight=0.0)
+    loss = {off: float(flow_matching_loss(Exact(off), x0, torch.zeros(2, 3, 4), cfg,
+                                          torch.Generator().manual_seed(0))[0]) for off in (0.0, 3.0)}
+    assert loss[0.0] == pytest.approx(0.0, abs=1e-6) and loss[3.0] == pytest.approx(0.0, abs=1e-6)
+    whole = TeacherTrainConfig(context_prob=0.0)
+    assert float(flow_matching_loss(Exact(3.0), x0, torch.zeros(2, 3, 4), whole,
+                                    torch.Generator().manual_seed(0))[0]) == pytest.approx(9.0 * (1 - 12 / 64))

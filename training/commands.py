@@ -202,11 +202,23 @@ def _eval_gap(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = Bundle.load(args.bundle)
-    clips = encode_latents(args.data, bundle.codec, args.max_episodes, cache_dir=args.latents_cache)
-    levels = args.levels
+    lipsync = bundle.extra.get("lipsync")
+    clips = encode_latents(args.data, bundle.codec, args.max_episodes, cache_dir=args.latents_cache,
+                           lipsync=lipsync)
     frames = args.clip_frames or bundle.config.window_frames + bundle.config.sink_frames + 1
+    model = bundle.model.eval()
     result = {"bundle": args.bundle, "data": args.data,
-              **action_gap_report(bundle.model.eval(), clips, frames, args.clips, args.seeds, levels)}
+              **action_gap_report(model, clips, frames, args.clips, args.seeds, args.levels)}
+    if lipsync is not None:   # the audio's part of the loss where the output is used: the mask box
+        from runtime.lipsync import LipsyncSpec
+
+        from training.teacher import region_weights
+
+        cfg = bundle.config
+        size = (cfg.latent_height, cfg.latent_width)
+        region = region_weights(size, LipsyncSpec.from_dict(lipsync).latent_box(bundle.frame_size, size), 0.0)
+        result["mask_box"] = action_gap_report(model, clips, frames, args.clips, args.seeds, args.levels,
+                                               region=region)
     print(json.dumps(result))
     return 0
 

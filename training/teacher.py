@@ -54,6 +54,10 @@ class TeacherTrainConfig:
     context_prob: float = 0.75       # share of clips with a clean context prefix
     per_frame_noise_prob: float = 0.5  # share of clips with independent per-frame noise levels
     timestep_shift: float = 1.0      # >1 moves training levels toward pure noise (t' = s t / (1 + (s - 1) t))
+    # Where the loss counts: a latent-pixel box (a lip-sync model's mask box, the only place its output
+    # is used) and the weight of the pixels outside it (1: the whole frame alike).
+    loss_region: tuple[int, int, int, int] | None = None
+    outside_weight: float = 1.0
     stack_noise: float = 0.0         # frame stacking: noise augmentation level of the stacked frames, up to
     seed: int = 0
     ckpt_every_s: float = 180.0
@@ -82,6 +86,17 @@ def noise_levels(batch: int, frames: int, cfg: TeacherTrainConfig, generator: to
     return s * t / (1 + (s - 1) * t)
 
 
+def region_weights(size: tuple[int, int], box: tuple[int, int, int, int] | None, outside: float
+                   ) -> torch.Tensor:
+    """``[h, w]`` loss weights: 1 inside ``box`` (y0, x0, y1, x1), ``outside`` elsewhere; all 1 without a box."""
+    if box is None:
+        return torch.ones(size)
+    y0, x0, y1, x1 = box
+    w = torch.full(size, float(outside))
+    w[y0:y1, x0:x1] = 1.0
+    return w
+
+
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, cfg: TeacherTrainConfig,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Velocity MSE on the noisy frames. Returns (loss, the noise drawn: per-rank checks use it)."""
@@ -94,9 +109,10 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: Condition
     x_t = (1 - tt) * x0 + tt * noise
     previous = stacked(model, x0, generator, cfg.stack_noise)
     v = model(x_t, t, **model_inputs(cond), previous=previous)
-    weight = (t > 0).to(x0)[:, :, None, None, None]
+    weight = (t > 0).to(x0)[:, :, None, None, None] * region_weights(x0.shape[-2:], cfg.loss_region,
+                                                                      cfg.outside_weight).to(x0)
     err = (v.float() - (noise - x0)).pow(2) * weight
-    return err.sum() / (weight.sum() * x0[0, 0].numel()).clamp(min=1), noise
+    return err.sum() / (weight.sum() * x0.shape[2]).clamp(min=1e-12), noise
 
 
 def stacked(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
@@ -125,9 +141,10 @@ def action_gap(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, level
 
 @torch.no_grad()
 def action_losses(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, level: float,
-                  generator: torch.Generator) -> tuple[float, float]:
-    """The newest frame's velocity loss with the true and with zeroed actions, on the same noise
-    (`action_gap` is their difference)."""
+                  generator: torch.Generator, region: torch.Tensor | None = None) -> tuple[float, float]:
+    """The newest frame's velocity loss with the true and with zeroed conditions (actions, audio), on the
+    same noise (`action_gap` is their difference); over the latent pixels where ``region`` ``[h, w]`` is
+    1 (a lip-sync model's mask box: the only place its output is used), or the whole frame."""
     b, f = x0.shape[:2]
     t = torch.zeros(b, f, dtype=x0.dtype)
     t[:, -1] = level
@@ -136,17 +153,21 @@ def action_losses(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, le
     x_t = (1 - tt) * x0 + tt * noise
     target = (noise - x0)[:, -1]
     previous = stacked(model, x0)
-    true, zero = ((model(x_t, t, **model_inputs(c), previous=previous)[:, -1].float() - target).pow(2).mean().item()
-                  for c in (cond, null(cond)))
+    weight = torch.ones(x0.shape[-2:]) if region is None else region.float()
+    weight = weight / (weight.sum() * x0.shape[0] * x0.shape[2])
+    true, zero = (((model(x_t, t, **model_inputs(c), previous=previous)[:, -1].float() - target).pow(2)
+                   * weight).sum().item() for c in (cond, null(cond)))
     return true, zero
 
 
 @torch.no_grad()
 def action_gap_report(model: torch.nn.Module, clips: LatentClips, clip_frames: int, count: int = 256,
-                      seeds: int = 3, levels: tuple[float, ...] = (0.5, 0.9), batch: int = 32) -> dict:
+                      seeds: int = 3, levels: tuple[float, ...] = (0.5, 0.9), batch: int = 32,
+                      region: torch.Tensor | None = None) -> dict:
     """`action_gap` measured on ``count`` clips for each of ``seeds`` seeds (clips and noise), per level:
-    the mean gap, its spread over the seeds, and the gap relative to the true-action loss. One seed
-    on 32 clips, as the training log measures it, is too noisy to rank recipes by."""
+    the mean gap, its spread over the seeds, and the gap relative to the true-action loss (over
+    ``region``, see `action_losses`). One seed on 32 clips, as the training log measures it, is too noisy
+    to rank recipes by."""
     out = {}
     for level in levels:
         gaps, rel = [], []
@@ -156,7 +177,7 @@ def action_gap_report(model: torch.nn.Module, clips: LatentClips, clip_frames: i
             while n < count:
                 b = min(batch, count - n)
                 x0, cond = clips.sample(b, clip_frames, g)
-                true, zero = action_losses(model, x0, cond, level, g)
+                true, zero = action_losses(model, x0, cond, level, g, region)
                 total, loss, n = total + (zero - true) * b, loss + true * b, n + b
             gaps.append(total / count)
             rel.append(total / max(loss, 1e-12))

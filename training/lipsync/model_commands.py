@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from forcekit.cli import UsageError, fraction, nonnegative_int, positive_float, positive_int, seed_int
+from forcekit.cli import (UsageError, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                          seed_int)
 
 
 def _threads(n: int) -> None:
@@ -38,7 +39,11 @@ def _train_lipsync_teacher(args: argparse.Namespace) -> int:
     codec = load_codec_arg(args.codec)
     box = tuple(args.mask_box) if args.mask_box else union_mouth_box(args.data, args.mask_margin, args.max_episodes)
     spec = LipsyncSpec(mask_box=box, reference=args.reference, audio=dict(meta["audio_features"]))
-    model_cfg = lipsync_config(codec, tuple(meta["resolution"]), spec, patch_size=(1, args.patch, args.patch),
+    frame_size = tuple(meta["resolution"])
+    latent_size = tuple(codec.latent_shape(*frame_size)[1:])
+    region = spec.latent_box(frame_size, latent_size)
+    model_cfg = lipsync_config(codec, frame_size, spec, patch_size=(1, args.patch, args.patch),
+                               audio_region=region if args.audio_tokens else None,
                                num_attention_heads=args.heads, attention_head_dim=args.head_dim,
                                num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
                                window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
@@ -47,7 +52,8 @@ def _train_lipsync_teacher(args: argparse.Namespace) -> int:
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
                              lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
                              action_dropout=args.audio_dropout, guidance_scale=args.guidance,
-                             sample_steps=args.sample_steps, extra=extra)
+                             sample_steps=args.sample_steps, loss_region=region, outside_weight=args.outside_weight,
+                             extra=extra)
     clips = encode_lipsync_latents(args.data, codec, spec, args.max_episodes, cache_dir=args.out)
     print(json.dumps(train_teacher(cfg, model_cfg, clips, codec, fps=float(meta["fps"]))))
     return 0
@@ -88,6 +94,11 @@ def register(commands) -> None:
                    help="pixels added around the union of the mouth boxes")
     p.add_argument("--reference", choices=("first", "none"), default="first",
                    help="a reference frame of the identity on the channel axis: the clip's first frame, or none")
+    p.add_argument("--audio-tokens", action="store_true",
+                   help="also add each frame's audio embedding to the input of the tokens over the mask box")
+    p.add_argument("--outside-weight", type=nonnegative_float, default=1.0,
+                   help="loss weight of the latent pixels outside the mask box (1: the whole frame alike); "
+                        "the output is only used inside it")
     p.add_argument("--audio-dropout", type=fraction, default=0.1, help="share of clips trained with silent audio (CFG)")
     p.add_argument("--guidance", type=positive_float, default=1.5,
                    help="audio CFG scale written into the bundle's sampler")
