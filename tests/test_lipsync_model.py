@@ -114,7 +114,8 @@ def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_p
     model = ["--layers", "1", "--heads", "2", "--head-dim", "16", "--ffn", "32", "--freq-dim", "32", "--patch", "2"]
     run = tmp_path / "runs"
     assert main(["train", "lipsync-teacher", "--data", data, "--codec", "pixel:4", "--out", str(run / "teacher"),
-                 "--steps", "2", "--batch", "2", "--clip-frames", "4", "--sink-frames", "1", *model]) == 0
+                 "--steps", "2", "--batch", "2", "--clip-frames", "4", "--sink-frames", "1", *model,
+                 "--audio-tokens", "--outside-weight", "0.1", "--context-prob", "0.25"]) == 0
     stage = ["--batch", "2", "--clip-frames", "4", "--steps", "2", "--eval-every", "2", "--heldout", data,
              "--heldout-episodes", "1"]
     assert main(["train", "causal", "--bundle", str(run / "teacher/bundle"), "--out", str(run / "causal"),
@@ -125,6 +126,8 @@ def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_p
     capsys.readouterr()
     config = json.loads((run / "dmd/bundle/config.json").read_text())
     assert config["extra"]["lipsync"]["reference"] == "first" and config["model"]["video_channels"] == 6
+    spec = LipsyncSpec.from_dict(config["extra"]["lipsync"])   # the students keep the teacher's audio tokens
+    assert config["model"]["audio_region"] == list(spec.latent_box((32, 32), (8, 8)))
     s = open_session(str(run / "dmd/bundle"))
     assert isinstance(s, LipsyncSession)
     frame = recorded(data)[0]["frames"][0]
