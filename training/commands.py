@@ -211,7 +211,6 @@ def _eval_gap(args: argparse.Namespace) -> int:
               **action_gap_report(model, clips, frames, args.clips, args.seeds, args.levels)}
     if lipsync is not None:   # the audio's part of the loss where the output is used: the mask box
         from runtime.lipsync import LipsyncSpec
-
         from training.teacher import region_weights
 
         cfg = bundle.config

@@ -10,8 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from forcekit.cli import (UsageError, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                          seed_int)
+from forcekit.cli import (
+    UsageError,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 
 
 def _threads(n: int) -> None:
