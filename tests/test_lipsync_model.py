@@ -148,7 +148,8 @@ def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_p
 
 def test_audio_tokens_reach_the_mask_box_tokens_directly():
     """With ``audio_region`` the tokens over the box get the audio added to their input: the audio changes
-    the output even with the adaLN audio path zeroed, and a model without the region refuses none of it."""
+    the output even with the adaLN audio path zeroed; a region outside the latent, or one without audio, is
+    refused."""
     from runtime.config import ModelConfig
     from runtime.model import CausalDiT
 
