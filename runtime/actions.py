@@ -123,3 +123,50 @@ class ActionSpace:
         if not torch.isfinite(t).all():
             raise ValueError(f"action vector must be finite (no NaN or infinity), got {t.tolist()}")
         return t
+
+
+def key_momentum(actions: torch.Tensor, decay: float, speed: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame actions ``[F, A]`` -> ``[F, 2A]``: each frame's action followed by the exponential
+    average of the actions so far, ``s_t = decay * s_(t-1) + (1 - decay) * a_t`` (from ``speed``,
+    default 0), and the last average, the state a stream carries into its next frames.
+
+    In a game with momentum the view does not move by the key held now: Doom keeps 90.6% of the
+    player's speed per tic, so walking starts slowly and goes on after the key is released. The
+    average is the speed the keys built up; a model conditioned on it is told how fast it moves
+    instead of having to read it from frames it generated itself (`ModelConfig.action_momentum`).
+    """
+    if not 0 <= decay < 1:
+        raise ValueError(f"momentum decay must be in [0, 1), got {decay}")
+    speed = torch.zeros(actions.shape[-1], dtype=actions.dtype) if speed is None else speed.to(actions.dtype)
+    out = torch.empty_like(actions)
+    for t in range(len(actions)):
+        speed = decay * speed + (1 - decay) * actions[t]
+        out[t] = speed
+    return torch.cat([actions, out], -1), speed
+
+
+class ActionCondition:
+    """A stream's per-frame action condition: encoded actions, followed by their exponential average
+    (`key_momentum`) when the model was trained with ``momentum`` > 0. The average is the stream's
+    state: `reset` it with the stream, and feed every frame's action through ``__call__`` in order
+    (context frames included)."""
+
+    def __init__(self, space: ActionSpace, momentum: float = 0.0) -> None:
+        self.space, self.momentum = space, momentum
+        self.reset()
+
+    @property
+    def dim(self) -> int:
+        return self.space.dim * (2 if self.momentum else 1)
+
+    def reset(self) -> None:
+        self.speed = torch.zeros(self.space.dim)
+
+    def __call__(self, actions: Iterable[Any]) -> torch.Tensor:
+        """Actions of the next frames -> their condition ``[n, dim]`` (advances the average)."""
+        vec = self.space.encode_many(list(actions))
+        if not self.momentum:
+            return vec
+        out, self.speed = key_momentum(vec, self.momentum, self.speed)
+        return out

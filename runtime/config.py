@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.actions import ActionSpace
+from runtime.actions import ActionCondition, ActionSpace
 from runtime.chunks import ChunkPattern
 
 # What a JSON value may be for each annotation used by the config dataclasses below.
@@ -78,6 +78,10 @@ class ModelConfig:
     # (the camera's motion, CausalDiT.camera_motion, measured from the data by training.camera)
     # before the model reads them.
     camera_warp: bool = False
+    # > 0: each frame's action condition also holds the exponential average of the actions so far with
+    # this decay per frame (runtime.actions.key_momentum): the speed the keys built up in a game with
+    # momentum, which decides how far a walking view moves. A stream keeps the average as its state.
+    action_momentum: float = 0.0
     # With audio: the latent-pixel box (y0, x0, y1, x1) whose tokens also get each frame's audio embedding
     # added to their input (a lip-sync model's mask box): the mouth's tokens read the audio directly, not
     # only through the per-frame adaLN modulation every token shares with the timestep.
@@ -114,6 +118,9 @@ class ModelConfig:
                              f"{self.still_prior} with stack_frames {self.stack_frames}")
         if self.camera_warp and not (self.stack_frames and self.actions.dim):
             raise ValueError("camera_warp needs stack_frames >= 1 and an action space")
+        if not 0 <= self.action_momentum < 1 or (self.action_momentum and not self.actions.dim):
+            raise ValueError(f"action_momentum must be in [0, 1) and needs an action space, got "
+                             f"{self.action_momentum}")
         if self.patch_overlap < 0:
             raise ValueError(f"patch_overlap must be >= 0, got {self.patch_overlap}")
         if self.audio_region is not None:
@@ -139,6 +146,16 @@ class ModelConfig:
     @property
     def actions(self) -> ActionSpace:
         return ActionSpace.from_dict(self.action_space)
+
+    @property
+    def action_condition_dim(self) -> int:
+        """Width of the per-frame action condition the model reads: the actions, and their average
+        when ``action_momentum`` > 0."""
+        return self.actions.dim * (2 if self.action_momentum else 1)
+
+    def action_condition(self) -> ActionCondition:
+        """A fresh per-stream encoder of this model's action condition."""
+        return ActionCondition(self.actions, self.action_momentum)
 
     @property
     def chunk_pattern(self) -> ChunkPattern:

@@ -91,7 +91,7 @@ class ConditionEmbedder(nn.Module):
         self.act_fn = nn.SiLU()
         self.time_proj = nn.Linear(d, 6 * d)
         self.text_embedder = MLPEmbedder(cfg.text_dim, d, nn.GELU(approximate="tanh")) if cfg.text_dim else None
-        action_dim = cfg.actions.dim
+        action_dim = cfg.action_condition_dim
         self.action_embedder = MLPEmbedder(action_dim, d, nn.SiLU()) if action_dim else None
         self.audio_embedder = MLPEmbedder(cfg.audio_dim, d, nn.SiLU()) if cfg.audio_dim else None
 
@@ -300,7 +300,8 @@ class CausalDiT(nn.Module):
                 raise ValueError(f"this model stacks {cfg.stack_frames} previous frame(s): pass previous "
                                  f"{list(want)} (runtime.stacking.previous_frames), got {got}")
             if self.camera_motion is not None and action is not None:
-                previous = warp_frames(previous, action.to(self.camera_motion.dtype) @ self.camera_motion)
+                keys = action[..., :cfg.actions.dim]   # the held keys, not their average (action_momentum)
+                previous = warp_frames(previous, keys.to(self.camera_motion.dtype) @ self.camera_motion)
             x = torch.cat([x, previous.to(x.dtype)], dim=2)
         if cfg.text_dim and text is None:
             raise ValueError(f"this model has text cross-attention: pass text [B, L, {cfg.text_dim}]")

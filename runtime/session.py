@@ -61,6 +61,7 @@ class StreamSession:
         self.sampler = bundle.sampler if guidance is None else replace(bundle.sampler, guidance_scale=guidance)
         self.kv_cache = kv_cache
         self.action_space: ActionSpace = bundle.config.actions
+        self._actions = bundle.config.action_condition()   # its momentum average is stream state
         self.frames_per_chunk = self.config.frames_per_chunk
         self.frame_size = bundle.frame_size
         self.text = self._check_text(text)
@@ -85,6 +86,7 @@ class StreamSession:
         self.seed = seed
         self._generator.manual_seed(seed)
         self._rollout.reset()
+        self._actions.reset()
         self.decoder.reset()
         self._chunk_ms.clear()
         self._chunk_frames.clear()
@@ -158,7 +160,7 @@ class StreamSession:
         cfg = self.config
         act = None
         if self.action_space.dim:
-            act = self.action_space.encode_many(actions).to(self.device)[None]
+            act = self._actions(actions).to(self.device)[None]
         aud = None
         if cfg.audio_dim:
             if audio is None:

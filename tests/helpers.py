@@ -6,6 +6,7 @@ import torch
 
 from runtime import ChunkCondition, ModelConfig, Rollout, SamplerConfig
 from runtime.model import CausalDiT
+from training.latents import LatentClips
 
 
 def tiny_model(seed: int = 0, **overrides) -> CausalDiT:
@@ -28,6 +29,21 @@ def rollout_latents(model: CausalDiT, sampler: SamplerConfig, chunks: int, kv_ca
             noise = torch.randn(1, n, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
             out.append(ro.generate_chunk(noise, ChunkCondition(action=action)))
     return torch.cat(out, dim=1)
+
+
+def moving_clips(shifts: dict[int, int], frames: int = 400, action_dim: int = 3) -> LatentClips:
+    """One episode of random latents where holding key a rolls the view by shifts[a] pixels."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randint(len(shifts) + 1, (frames,), generator=gen)  # the last index: no key
+    lat = [torch.randn(3, 8, 12, generator=gen)]
+    cond = torch.zeros(frames, action_dim)
+    for f in range(1, frames):
+        k = int(keys[f])
+        if k < len(shifts):
+            cond[f, k] = 1
+        nxt = torch.roll(lat[-1], shifts.get(k, 0), -1) + 0.05 * torch.randn(3, 8, 12, generator=gen)
+        lat.append(nxt)
+    return LatentClips(torch.stack(lat).half(), cond, [(0, frames, 0)])
 
 
 def run(coro, timeout: float = 120):

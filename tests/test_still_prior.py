@@ -7,9 +7,8 @@ from runtime import ChunkCondition, SamplerConfig
 from runtime.config import ModelConfig
 from runtime.model import still_velocity, warp_frames
 from runtime.rollout import Rollout
-from tests.helpers import rollout_latents, tiny_model
+from tests.helpers import moving_clips, rollout_latents, tiny_model
 from training.camera import calibrate_camera_motion
-from training.latents import LatentClips
 
 
 def _posterior_velocity(x_t, t, prev, sigma):
@@ -110,23 +109,8 @@ def test_warp_frames_moves_by_whole_pixels_exactly_and_repeats_the_uncovered_edg
     assert not torch.allclose(warp_frames(frames, zoom), frames, atol=1e-3)
 
 
-def _moving_clips(shifts: dict[int, int], frames: int = 400, action_dim: int = 3) -> LatentClips:
-    """One episode of random latents where holding key a rolls the view by shifts[a] pixels."""
-    gen = torch.Generator().manual_seed(0)
-    keys = torch.randint(len(shifts) + 1, (frames,), generator=gen)  # the last index: no key
-    lat = [torch.randn(3, 8, 12, generator=gen)]
-    cond = torch.zeros(frames, action_dim)
-    for f in range(1, frames):
-        k = int(keys[f])
-        if k < len(shifts):
-            cond[f, k] = 1
-        nxt = torch.roll(lat[-1], shifts.get(k, 0), -1) + 0.05 * torch.randn(3, 8, 12, generator=gen)
-        lat.append(nxt)
-    return LatentClips(torch.stack(lat).half(), cond, [(0, frames, 0)])
-
-
 def test_calibration_finds_how_far_and_which_way_each_key_moves_the_view():
-    clips = _moving_clips({0: 1, 1: -2})
+    clips = moving_clips({0: 1, 1: -2})
     motion, report = calibrate_camera_motion(clips, 3)
     assert report[0]["right_px"] == pytest.approx(1, abs=0.1) and report[1]["right_px"] == pytest.approx(-2, abs=0.1)
     assert abs(report[0]["down_px"]) < 0.1
@@ -167,7 +151,7 @@ def test_a_camera_warp_teacher_measures_the_motion_before_it_trains_and_keeps_it
     from runtime.codec import PixelCodec
     from training.teacher import TeacherTrainConfig, train_teacher
 
-    clips = _moving_clips({0: 1, 1: -2}, frames=200, action_dim=5)
+    clips = moving_clips({0: 1, 1: -2}, frames=200, action_dim=5)
     cfg = ModelConfig.tiny(in_channels=3, latent_height=8, latent_width=12, stack_frames=1, still_prior=0.5,
                            camera_warp=True, window_frames=3, sink_frames=0)
     train = TeacherTrainConfig(out=str(tmp_path), steps=2, batch=2, clip_frames=4, sample_steps=2)

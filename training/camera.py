@@ -39,9 +39,9 @@ def calibrate_camera_motion(clips: LatentClips, action_dim: int, max_shift: int 
                             min_frames: int = 32, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Per-key motion ``[action_dim, 3]`` (`runtime.model.warp_frames` units) and a report per key:
     the frames used, the translation in latent pixels, and the error of copy and of the shifted copy."""
-    actions = clips.cond
-    if not isinstance(actions, torch.Tensor):
+    if not isinstance(clips.cond, torch.Tensor):
         raise ValueError("camera calibration needs action-conditioned clips")
+    actions = clips.cond[:, :action_dim]   # the held keys (not an action_momentum average after them)
     rows = torch.tensor([r + i for r, n, _ in clips.episodes for i in range(1, n)], dtype=torch.long)
     held = actions[rows]
     gen = torch.Generator().manual_seed(seed)

@@ -9,6 +9,7 @@ import sys
 from forcekit.cli import (
     CommandError,
     UsageError,
+    fraction,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -126,7 +127,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
                             num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
                             action_space=space, frames_per_chunk=1, stack_frames=args.stack_frames,
                             still_prior=args.still_prior, patch_overlap=args.patch_overlap,
-                            camera_warp=args.camera_warp,
+                            camera_warp=args.camera_warp, action_momentum=args.action_momentum,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
     extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
@@ -350,6 +351,10 @@ def register(commands) -> None:
     p.add_argument("--camera-warp", action="store_true",
                    help="with stacking: the held keys move the stacked frames by the camera's motion per key, "
                         "measured from the training data before training, before the model reads them")
+    p.add_argument("--action-momentum", type=fraction, default=0.0,
+                   help="each frame's actions also carry their running average with this decay per frame (the "
+                        "speed the keys built up in a game with momentum: Doom keeps 0.906 of the speed per tic, "
+                        "0.82 per recorded frame of 2 tics); 0: off")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)

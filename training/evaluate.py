@@ -70,20 +70,21 @@ class BidirectionalSession:
         self.steps = steps or bundle.sampler.steps
         self.guidance = bundle.sampler.guidance_scale if guidance is None else guidance
         self.window = bundle.config.window_frames + bundle.config.sink_frames
-        self.action_space = bundle.config.actions
+        self.actions = bundle.config.action_condition()
 
     @torch.no_grad()
     def reset(self, seed: int, context: np.ndarray, context_actions) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.latents = self.codec.encode(torch.as_tensor(context))
-        self.cond = self.action_space.encode_many(list(context_actions))
+        self.actions.reset()
+        self.cond = self.actions(context_actions)
 
     @torch.no_grad()
     def step(self, action) -> np.ndarray:
         from training.teacher import sample_clip
 
         ctx, cond = self.latents[-self.window:], self.cond[-self.window:]
-        cond = torch.cat([cond, self.action_space.encode(action)[None]])
+        cond = torch.cat([cond, self.actions([action])])
         x = sample_clip(self.model, ctx[None], cond[None], self.steps, self.guidance, self.generator)[0]
         self.latents, self.cond = torch.cat([ctx, x]), cond
         return self.codec.decode(x).numpy()

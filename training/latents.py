@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from runtime.actions import key_momentum
 from runtime.codec import Codec
+from runtime.config import ModelConfig
 from training.conditions import Conditions
 from training.data import ClipDataset
 
@@ -38,6 +40,27 @@ class LatentClips:
     cond: Conditions             # per row: the action that produced the frame (float32 [N, D]), or FrameConditions
     episodes: list[tuple[int, int, int]]   # (start row, length, seed)
     reference: torch.Tensor | None = None  # long [N]: the row whose latent joins the frame's video condition
+
+    def with_momentum(self, decay: float) -> LatentClips:
+        """These clips with each action row followed by the episode's running average of the actions
+        (`runtime.actions.key_momentum`, from 0 at each episode's first frame): the condition a model
+        with ``ModelConfig.action_momentum = decay`` reads. ``decay`` 0: the clips unchanged."""
+        if not decay:
+            return self
+        if not isinstance(self.cond, torch.Tensor):
+            raise ValueError("action momentum needs action-conditioned clips")
+        rows = [key_momentum(self.cond[r:r + n], decay)[0] for r, n, _ in self.episodes]
+        return replace(self, cond=torch.cat(rows))
+
+    def for_model(self, model_cfg: ModelConfig) -> LatentClips:
+        """These clips with the action condition ``model_cfg`` reads (`with_momentum`; clips that hold it
+        already are returned as they are); refuses clips whose actions fit neither."""
+        if not isinstance(self.cond, torch.Tensor) or self.cond.shape[-1] == model_cfg.action_condition_dim:
+            return self
+        if self.cond.shape[-1] != model_cfg.actions.dim:
+            raise ValueError(f"the clips hold {self.cond.shape[-1]} action channels; the model reads "
+                             f"{model_cfg.actions.dim} actions ({model_cfg.action_condition_dim} with momentum)")
+        return self.with_momentum(model_cfg.action_momentum)
 
     def starts(self, clip_frames: int) -> torch.Tensor:
         s = [r + i for r, n, _ in self.episodes for i in range(n - clip_frames + 1)]

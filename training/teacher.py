@@ -168,7 +168,7 @@ def action_gap_report(model: torch.nn.Module, clips: LatentClips, clip_frames: i
     the mean gap, its spread over the seeds, and the gap relative to the true-action loss (over
     ``region``, see `action_losses`). One seed on 32 clips, as the training log measures it, is too noisy
     to rank recipes by."""
-    out = {}
+    clips, out = clips.for_model(model.config), {}
     for level in levels:
         gaps, rel = [], []
         for seed in range(seeds):
@@ -260,6 +260,7 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
     if model_cfg.window_frames + model_cfg.sink_frames + 1 > cfg.clip_frames:
         raise ValueError(f"clip_frames {cfg.clip_frames} must cover the session context: window_frames "
                          f"{model_cfg.window_frames} + sink_frames {model_cfg.sink_frames} + 1")
+    clips = clips.for_model(model_cfg)
     torch.manual_seed(cfg.seed)                        # identical initial weights on every rank
     model = CausalDiT(model_cfg)
     if model.camera_motion is not None and ckpt is None:   # a resumed model has it in its state

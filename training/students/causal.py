@@ -25,6 +25,7 @@ from training.students.common import (
     eval_batch,
     few_step_eval,
     grad_step,
+    model_clips,
     run_stage,
     save_bundle,
     tf_velocity,
@@ -62,6 +63,7 @@ def train_causal(teacher: Bundle, clips: LatentClips, cfg: CausalConfig, eval_cl
     torch.manual_seed(cfg.seed)
     model = trainable_copy(teacher.model)
     check_clip(model, cfg.clip_frames)
+    clips, eval_clips = model_clips(model, clips, eval_clips)
     ema = trainable_copy(teacher.model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)

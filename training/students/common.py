@@ -48,6 +48,12 @@ class StageConfig:
     eval_steps: tuple[int, ...] = (1, 2)  # few-step sampler steps the teacher-forcing eval reports
 
 
+def model_clips(model: CausalDiT, clips: LatentClips, eval_clips: LatentClips | None
+                ) -> tuple[LatentClips, LatentClips | None]:
+    """The training and evaluation clips with the action condition ``model`` reads (`LatentClips.for_model`)."""
+    return clips.for_model(model.config), None if eval_clips is None else eval_clips.for_model(model.config)
+
+
 def check_clip(model: CausalDiT, clip_frames: int) -> None:
     """Teacher forcing shows a noisy chunk every clean frame before it; a session shows it only its sink +
     window. The last chunk of the clip sees the most, so it must fit: its first frame <= sink + window."""

@@ -29,6 +29,7 @@ from training.students.common import (
     frozen_copy,
     grad_step,
     guided_tf_velocity,
+    model_clips,
     per_chunk,
     run_stage,
     save_bundle,
@@ -80,6 +81,7 @@ def train_dcm(teacher: Bundle, clips: LatentClips, cfg: DCMConfig, eval_clips: L
     torch.manual_seed(cfg.seed)
     frozen = frozen_copy(teacher.model)
     check_clip(frozen, cfg.clip_frames)
+    clips, eval_clips = model_clips(frozen, clips, eval_clips)
     student = trainable_copy(teacher.model)
     target = frozen_copy(teacher.model)
     guidance = teacher.sampler.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale

@@ -37,6 +37,7 @@ from training.students.common import (
     few_step_eval,
     frozen_copy,
     guided_tf_velocity,
+    model_clips,
     run_stage,
     save_bundle,
     trainable_copy,
@@ -222,6 +223,7 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
     critic = trainable_copy(teacher.model)
     if generator.config.to_dict() != real.config.to_dict():
         raise ValueError("student and teacher bundles have different model configs")
+    clips, eval_clips = model_clips(generator, clips, eval_clips)
     pattern = generator.config.chunk_pattern
     k = pattern.first_frames if cfg.context_frames is None else cfg.context_frames
     if not pattern.is_whole(k) or k < 1:

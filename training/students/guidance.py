@@ -30,6 +30,7 @@ from training.students.common import (
     frozen_copy,
     grad_step,
     guided_tf_velocity,
+    model_clips,
     per_chunk,
     run_stage,
     save_bundle,
@@ -71,6 +72,7 @@ def train_guidance(student_bundle: Bundle, clips: LatentClips, cfg: GuidanceConf
     torch.manual_seed(cfg.seed)
     frozen = frozen_copy(student_bundle.model)
     check_clip(frozen, cfg.clip_frames)
+    clips, eval_clips = model_clips(frozen, clips, eval_clips)
     student = trainable_copy(student_bundle.model)
     base = student_bundle.sampler
     steps = cfg.sample_steps or base.steps

@@ -32,6 +32,7 @@ from training.students.common import (
     frozen_copy,
     grad_step,
     guided_tf_velocity,
+    model_clips,
     per_chunk,
     run_stage,
     save_bundle,
@@ -88,6 +89,7 @@ def train_scm(teacher: Bundle, clips: LatentClips, cfg: SCMConfig, eval_clips: L
     torch.manual_seed(cfg.seed)
     frozen = frozen_copy(teacher.model)
     check_clip(frozen, cfg.clip_frames)
+    clips, eval_clips = model_clips(frozen, clips, eval_clips)
     student = trainable_copy(teacher.model)
     guidance = teacher.sampler.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
