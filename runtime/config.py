@@ -82,6 +82,10 @@ class ModelConfig:
     # this decay per frame (runtime.actions.key_momentum): the speed the keys built up in a game with
     # momentum, which decides how far a walking view moves. A stream keeps the average as its state.
     action_momentum: float = 0.0
+    # With camera_warp and action_momentum: the keys' averages also move the stacked frames by a flow field
+    # per key (CausalDiT.camera_flow, latent-pixel offsets per unit of the average, measured from the data by
+    # training.camera): walking is parallax, the floor and ceiling streaming past at a speed set by the average.
+    camera_flow: bool = False
     # With audio: the latent-pixel box (y0, x0, y1, x1) whose tokens also get each frame's audio embedding
     # added to their input (a lip-sync model's mask box): the mouth's tokens read the audio directly, not
     # only through the per-frame adaLN modulation every token shares with the timestep.
@@ -121,6 +125,8 @@ class ModelConfig:
         if not 0 <= self.action_momentum < 1 or (self.action_momentum and not self.actions.dim):
             raise ValueError(f"action_momentum must be in [0, 1) and needs an action space, got "
                              f"{self.action_momentum}")
+        if self.camera_flow and not (self.camera_warp and self.action_momentum):
+            raise ValueError("camera_flow needs camera_warp and action_momentum > 0")
         if self.patch_overlap < 0:
             raise ValueError(f"patch_overlap must be >= 0, got {self.patch_overlap}")
         if self.audio_region is not None:

@@ -53,15 +53,18 @@ def still_velocity(x_t: torch.Tensor, t: torch.Tensor, previous: torch.Tensor, s
     return v.to(x_t.dtype)
 
 
-def warp_frames(frames: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
+def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor | None = None) -> torch.Tensor:
     """Move frames ``[B, F, C, H, W]`` by per-frame ``motion`` ``[B, F, 3]``: translation right and
-    down (in grid units, 2 = the whole width or height) and log zoom about the centre. Bilinear,
-    edges repeated where the move uncovers them; zero motion is the identity."""
+    down (in grid units, 2 = the whole width or height) and log zoom about the centre, and by a per-pixel
+    ``flow`` ``[B, F, 2, H, W]`` (right and down, grid units) on top. Bilinear, edges repeated where the
+    move uncovers them; zero motion is the identity."""
     b, f, c, h, w = frames.shape
     tx, ty, log_zoom = motion.float().flatten(0, 1).unbind(-1)
     inv, zero = torch.exp(-log_zoom), torch.zeros_like(tx)
     theta = torch.stack([torch.stack([inv, zero, -tx], -1), torch.stack([zero, inv, -ty], -1)], 1)
     grid = F.affine_grid(theta, [b * f, c, h, w], align_corners=False)
+    if flow is not None:   # content moves by +flow: each pixel samples from where it came from
+        grid = grid - flow.float().flatten(0, 1).permute(0, 2, 3, 1)
     out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode="bilinear", padding_mode="border",
                         align_corners=False)
     return out.view(b, f, c, h, w).to(frames.dtype)
@@ -224,6 +227,12 @@ class CausalDiT(nn.Module):
             self.register_buffer("camera_motion", torch.zeros(cfg.actions.dim, 3))
         else:
             self.camera_motion = None
+        # camera_flow: channel a is how a unit of key a's running average (action_momentum) moves each latent
+        # pixel per frame, right and down in warp_frames units; measured from the data too (training.camera).
+        if cfg.camera_flow:
+            self.register_buffer("camera_flow", torch.zeros(cfg.actions.dim, 2, cfg.latent_height, cfg.latent_width))
+        else:
+            self.camera_flow = None
         if cfg.audio_region is not None:
             self.audio_token_embedder = MLPEmbedder(cfg.audio_dim, d, nn.SiLU())
             self.register_buffer("audio_tokens", self._region_tokens(cfg), persistent=False)
@@ -300,8 +309,12 @@ class CausalDiT(nn.Module):
                 raise ValueError(f"this model stacks {cfg.stack_frames} previous frame(s): pass previous "
                                  f"{list(want)} (runtime.stacking.previous_frames), got {got}")
             if self.camera_motion is not None and action is not None:
-                keys = action[..., :cfg.actions.dim]   # the held keys, not their average (action_momentum)
-                previous = warp_frames(previous, keys.to(self.camera_motion.dtype) @ self.camera_motion)
+                a = cfg.actions.dim
+                keys = action[..., :a].to(self.camera_motion.dtype)   # the held keys move by camera_motion,
+                flow = None                                         # their averages by camera_flow
+                if self.camera_flow is not None:
+                    flow = torch.einsum("bfa,aqhw->bfqhw", action[..., a:].to(self.camera_flow.dtype), self.camera_flow)
+                previous = warp_frames(previous, keys @ self.camera_motion, flow)
             x = torch.cat([x, previous.to(x.dtype)], dim=2)
         if cfg.text_dim and text is None:
             raise ValueError(f"this model has text cross-attention: pass text [B, L, {cfg.text_dim}]")

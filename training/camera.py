@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime.model import warp_frames
 from training.latents import LatentClips
 
 
@@ -64,3 +65,74 @@ def calibrate_camera_motion(clips: LatentClips, action_dim: int, max_shift: int 
         report[a] = {"frames": int(len(pick)), "right_px": round(dx, 3), "down_px": round(dy, 3),
                      "copy_mse": round(float(ex[max_shift]), 4), "shifted_mse": round(float(ex.min()), 4)}
     return motion, report
+
+
+def _pixel_flow(prev: torch.Tensor, cur: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Per-pixel move ``[2, H, W]`` (right, down; pixels) from frames ``[N, H, W, 3]``: for each pixel, the
+    whole-pixel shift of ``prev`` (edges repeated, no wrap-around) with the lowest squared error over all frames."""
+    x, y = prev.permute(0, 3, 1, 2).float(), cur.permute(0, 3, 1, 2).float()
+    h, w = y.shape[-2:]
+    m = max_shift
+    padded = torch.nn.functional.pad(x, (m, m, m, m), mode="replicate")
+    shifts = [(dy, dx) for dy in range(-m, m + 1) for dx in range(-m, m + 1)]
+    err = torch.stack([(padded[..., m - dy:m - dy + h, m - dx:m - dx + w] - y).pow(2).sum((0, 1))
+                       for dy, dx in shifts])
+    size = torch.tensor([abs(dy) + abs(dx) for dy, dx in shifts], dtype=torch.float32)[:, None, None]
+    err = err * (1 + 1e-6 * size)   # ties (an edge, where repeated pixels match a shift too) go to the smaller move
+    best = torch.tensor(shifts, dtype=torch.float32)[err.argmin(0)]    # [H, W, 2] (down, right)
+    return best.permute(2, 0, 1).flip(0)
+
+
+def calibrate_camera_flow(clips: LatentClips, codec, action_dim: int, motion: torch.Tensor, max_shift: int = 4,
+                          frames: int = 512, min_frames: int = 32, min_speed: float = 0.7, seed: int = 0,
+                          gains: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+                          ) -> tuple[torch.Tensor, dict]:
+    """Per-key flow ``[action_dim, 2, h, w]`` (`runtime.model.warp_frames` units per unit of the key's running
+    average) for a `camera_flow` model, and a report per key.
+
+    ``clips`` hold the keys and their running averages (`LatentClips.with_momentum`). For each key whose
+    held-key translation (``motion``, `calibrate_camera_motion`) is nothing, the frames where its average is
+    at least ``min_speed`` and every other key's is below 0.1 are decoded, and each pixel's whole-pixel move
+    is found by block matching in the frames themselves: at a latent pixel of 4x4 pixels, walking moves most
+    of the view by less than one latent pixel, so shifts of whole latent pixels see almost none of it, and a
+    resampled latent would blur. The pixel moves, averaged over each latent pixel and divided by the mean
+    average of the frames used, give the flow's shape; its gain is the one of ``gains`` under which the
+    latents warped as the model warps them (bilinear, which blurs) come closest to the next latents."""
+    if not isinstance(clips.cond, torch.Tensor) or clips.cond.shape[-1] != 2 * action_dim:
+        raise ValueError("flow calibration needs clips with the keys' running averages (LatentClips.with_momentum)")
+    speeds = clips.cond[:, action_dim:]
+    rows = torch.tensor([r + i for r, n, _ in clips.episodes for i in range(1, n)], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    h, w = clips.latents.shape[-2:]
+    flow = torch.zeros(action_dim, 2, h, w)
+    report = {}
+    for a in range(action_dim):
+        if bool(motion[a, :2].abs().gt(0.25 * 2 / min(h, w)).any()):   # the key's translation moves the view
+            report[a] = {"frames": 0, "note": "moved by its translation"}
+            continue
+        others = torch.cat([speeds[rows, :a], speeds[rows, a + 1:]], 1)
+        fast = rows[(speeds[rows, a] >= min_speed) & (others < 0.1).all(1)]
+        if len(fast) < min_frames:
+            report[a] = {"frames": int(len(fast))}
+            continue
+        pick = fast[torch.randperm(len(fast), generator=gen)[:frames]]
+        with torch.no_grad():
+            prev, cur = (torch.cat([codec.decode(clips.latents[p].float()) for p in part.split(128)])
+                         for part in (pick - 1, pick))
+        pixels = _pixel_flow(prev, cur, max_shift)                         # [2, H, W] pixels
+        stride_y, stride_x = prev.shape[1] // h, prev.shape[2] // w
+        latent = torch.nn.functional.avg_pool2d(pixels[None], (stride_y, stride_x))[0]
+        latent = latent / torch.tensor([stride_x, stride_y], dtype=torch.float32)[:, None, None]
+        speed = float(speeds[pick, a].mean())
+        shape = torch.stack([latent[0] * 2 / w, latent[1] * 2 / h]) / speed
+        prev, cur = clips.latents[pick - 1].float()[:, None], clips.latents[pick].float()[:, None]
+        unit = speeds[pick, a][:, None, None, None, None] * shape   # [N, 1, 2, h, w]
+        err = [float((warp_frames(prev, torch.zeros(len(pick), 1, 3), g * unit) - cur).pow(2).mean()) for g in gains]
+        gain = gains[min(range(len(gains)), key=err.__getitem__)]
+        flow[a] = gain * shape
+        rows_down = gain * latent[1].mean(1)   # latent pixels per frame, per row: the floor and ceiling stream apart
+        report[a] = {"frames": int(len(pick)), "mean_speed": round(speed, 3), "gain": gain,
+                     "copy_mse": round(float((prev - cur).pow(2).mean()), 4), "warped_mse": round(min(err), 4),
+                     "down_px_top_row": round(float(rows_down[0]), 2),
+                     "down_px_bottom_row": round(float(rows_down[-1]), 2)}
+    return flow, report

@@ -128,6 +128,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
                             action_space=space, frames_per_chunk=1, stack_frames=args.stack_frames,
                             still_prior=args.still_prior, patch_overlap=args.patch_overlap,
                             camera_warp=args.camera_warp, action_momentum=args.action_momentum,
+                            camera_flow=args.camera_flow,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
     extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
@@ -355,6 +356,9 @@ def register(commands) -> None:
                    help="each frame's actions also carry their running average with this decay per frame (the "
                         "speed the keys built up in a game with momentum: Doom keeps 0.906 of the speed per tic, "
                         "0.82 per recorded frame of 2 tics); 0: off")
+    p.add_argument("--camera-flow", action="store_true",
+                   help="with --camera-warp and --action-momentum: the keys' running averages also move the stacked "
+                        "frames by a per-pixel flow per key (walking's parallax), measured from the training data")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)

@@ -33,7 +33,7 @@ import torch
 from runtime import Bundle, CausalDiT, ModelConfig, SamplerConfig
 from runtime.codec import Codec
 from runtime.stacking import noised, previous_frames
-from training.camera import calibrate_camera_motion
+from training.camera import calibrate_camera_flow, calibrate_camera_motion
 from training.checkpoint import Every, load_checkpoint, save_checkpoint, tensorboard_writer
 from training.conditions import Conditions, cat, dropped, frame_count, model_inputs, null
 from training.latents import LatentClips
@@ -268,6 +268,10 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
         model.camera_motion.copy_(motion)
         keys = list(model_cfg.actions.keys) + list(model_cfg.actions.values)
         cfg.extra["camera_motion"] = {keys[a]: r for a, r in report.items()}
+        if model.camera_flow is not None:
+            flow, report = calibrate_camera_flow(clips, codec, model_cfg.actions.dim, motion, seed=cfg.seed)
+            model.camera_flow.copy_(flow)
+            cfg.extra["camera_flow"] = {keys[a]: r for a, r in report.items()}
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)   # own clips and noise per rank
