@@ -78,15 +78,19 @@ class StreamSession:
     # -- public API -----------------------------------------------------------------------------------
     @torch.no_grad()
     def reset(self, seed: int = 0, context: np.ndarray | None = None, context_actions: Any = None,
-              start_scene: bool = True) -> None:
+              start_scene: bool = True, action_history: Any = None) -> None:
         """Start a new stream. ``context``: optional real frames uint8 ``[n, H, W, 3]`` to continue from
-        (``n`` must end on a chunk boundary); ``context_actions``: one action per context frame.
+        (``n`` must end on a chunk boundary); ``context_actions``: one action per context frame;
+        ``action_history``: the actions of the frames before the context, oldest first, from which a model
+        with action momentum starts its running average (without them it starts from rest).
         Without ``context``, a bundle that carries start scenes starts from scene ``seed % S``
         (``start_scene=False``: from noise)."""
         self.seed = seed
         self._generator.manual_seed(seed)
         self._rollout.reset()
         self._actions.reset()
+        if action_history is not None:
+            self._actions(action_history)   # advances the running average only
         self.decoder.reset()
         self._chunk_ms.clear()
         self._chunk_frames.clear()

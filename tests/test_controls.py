@@ -39,7 +39,7 @@ class ShiftEnv:
 class OracleSession(ShiftEnv):
     """Knows the engine's rule: as responsive as the engine."""
 
-    def reset(self, seed, context, context_actions):
+    def reset(self, seed, context, context_actions, action_history=None):
         assert len(context_actions) == len(context)
         self.seed, self.x = seed % 1_000_003, int(context[-1, 0, 0, 0])
 

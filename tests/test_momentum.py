@@ -67,8 +67,9 @@ def _recorded_conditions(model) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["session", "bidirectional"])
 def test_a_stream_hands_the_model_the_average_its_training_clips_hold(mode):
-    """Context frames and their actions, then held keys: every frame's condition in the stream equals the
-    row a training clip of the same episode holds, and a reset starts the average from rest again."""
+    """The actions before the context, context frames and their actions, then held keys: every frame's
+    condition in the stream equals the row a training clip of the same episode holds, and a reset starts
+    the average afresh."""
     from runtime import open_session
     from training.evaluate import BidirectionalSession
 
@@ -79,13 +80,14 @@ def test_a_stream_hands_the_model_the_average_its_training_clips_hold(mode):
     session = open_session(bundle, steps=1) if mode == "session" else BidirectionalSession(bundle, steps=1)
     seen = _recorded_conditions(bundle.model)
     keys = cfg.actions.keys
-    recorded = [None, [keys[0]], [keys[0]]]                   # the actions that produced the context frames
+    history = [None, [keys[0]], [keys[0], keys[3]], [keys[0]]]   # the frames before the context
+    recorded = [[keys[0]], [keys[0]], []]                     # the actions that produced the context frames
     held = [[], [keys[2]], [keys[1]], [keys[1], keys[2]]]
-    want = key_momentum(cfg.actions.encode_many([*recorded, *held]), 0.7)[0]   # the rows a training clip holds
+    want = key_momentum(cfg.actions.encode_many([*history, *recorded, *held]), 0.7)[0]   # a training clip's rows
     frames = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
     for _ in range(2):
-        session.reset(0, context=frames, context_actions=recorded)
-        for frame, action in enumerate(held, start=len(recorded)):
+        session.reset(0, context=frames, context_actions=recorded, action_history=history)
+        for frame, action in enumerate(held, start=len(history) + len(recorded)):
             session.step(action)
             assert torch.allclose(seen[-1][-1], want[frame], atol=1e-6), (frame, seen[-1][-1], want[frame])
         if mode == "bidirectional":   # the whole window: context and generated frames

@@ -39,7 +39,7 @@ class StepEnv:
 class OracleSession:
     """A 'world model' that knows the engine's rule: right iff actions are aligned as documented."""
 
-    def reset(self, seed, context, context_actions):
+    def reset(self, seed, context, context_actions, action_history=None):
         assert len(context_actions) == len(context)
         self.t = int(context[-1, 0, 0, 0])
 

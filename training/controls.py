@@ -48,10 +48,10 @@ class ControlEvalConfig:
     mode: str = "session"          # or "bidirectional": a teacher, as eval world plays it (BidirectionalSession)
 
 
-def _start(env, seed: int, cfg: ControlEvalConfig) -> tuple[list, np.ndarray, list] | None:
+def _start(env, seed: int, cfg: ControlEvalConfig) -> tuple[list, np.ndarray, list, list] | None:
     """Play the random policy from ``reset(seed)`` to a random start. Returns the actions played,
-    the context frames, and the action that produced each context frame (None where the episode
-    began); None if the episode ends first."""
+    the context frames, the action that produced each context frame (None where the episode
+    began) and those that produced the frames before them; None if the episode ends first."""
     rng = np.random.default_rng([seed, 11])
     policy = RandomSticky(env.action_spec, rng, cfg.max_hold)
     start = int(rng.integers(0, cfg.start_max + 1))
@@ -63,7 +63,7 @@ def _start(env, seed: int, cfg: ControlEvalConfig) -> tuple[list, np.ndarray, li
             return None
         frames.append(frame)
     producers = [None, *actions]
-    return actions, np.stack(frames[start:]), producers[start:]
+    return actions, np.stack(frames[start:]), producers[start:], producers[:start]
 
 
 def _engine_hold(env, seed: int, prefix: list, key: np.ndarray, hold: int, last_context: np.ndarray
@@ -86,9 +86,9 @@ def _engine_hold(env, seed: int, prefix: list, key: np.ndarray, hold: int, last_
     return np.stack(out)
 
 
-def _model_hold(session, seed: int, context: np.ndarray, context_actions: list, key: np.ndarray, hold: int
-                ) -> np.ndarray:
-    session.reset(seed, context=context, context_actions=context_actions)
+def _model_hold(session, seed: int, start: tuple, key: np.ndarray, hold: int) -> np.ndarray:
+    _, context, context_actions, history = start
+    session.reset(seed, context=context, context_actions=context_actions, action_history=history)
     return np.stack([session.step(key)[0] for _ in range(hold)])
 
 
@@ -139,11 +139,11 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
         start = _start(env, seed, cfg)
         if start is None:
             continue
-        prefix, context, context_actions = start
+        prefix, context = start[:2]
         real = {k: _engine_hold(env, seed, prefix, a, cfg.hold, context[-1]) for k, a in options.items()}
         if any(r is None for r in real.values()):
             continue                                # the episode ended while a key was held
-        gen = {k: _model_hold(session, seed, context, context_actions, a, cfg.hold) for k, a in options.items()}
+        gen = {k: _model_hold(session, seed, start, a, cfg.hold) for k, a in options.items()}
         for k in keys:
             engine[k].append(_diff(real[k], real[None]))
             model[k].append(_diff(gen[k], gen[None]))
@@ -153,9 +153,9 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
             still_real = _engine_hold(env, seed, prefix, options[None], cfg.still, context[-1])
             if still_real is not None:
                 still_engine.append(stillness(context[-1], still_real))
-                still_model.append(stillness(context[-1], _model_hold(session, seed, context, context_actions,
-                                                                      options[None], cfg.still)))
-        other_noise = _model_hold(session, seed + OTHER_NOISE, context, context_actions, options[None], cfg.hold)
+                still_model.append(stillness(context[-1], _model_hold(session, seed, start, options[None],
+                                                                      cfg.still)))
+        other_noise = _model_hold(session, seed + OTHER_NOISE, start, options[None], cfg.hold)
         spread.append(_diff(other_noise, gen[None]))
         seeds.append(seed)
         bar.update(1)

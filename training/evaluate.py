@@ -45,7 +45,7 @@ class WorldEvalConfig:
 class CopyLastFrame:
     """The trivial baseline: every 'generated' frame repeats the last context frame."""
 
-    def reset(self, seed: int, context: np.ndarray, context_actions) -> None:
+    def reset(self, seed: int, context: np.ndarray, context_actions, action_history=None) -> None:
         self.last = np.asarray(context)[-1:]
 
     def step(self, action) -> np.ndarray:
@@ -73,10 +73,12 @@ class BidirectionalSession:
         self.actions = bundle.config.action_condition()
 
     @torch.no_grad()
-    def reset(self, seed: int, context: np.ndarray, context_actions) -> None:
+    def reset(self, seed: int, context: np.ndarray, context_actions, action_history=None) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.latents = self.codec.encode(torch.as_tensor(context))
         self.actions.reset()
+        if action_history is not None:
+            self.actions(action_history)   # the running average only (StreamSession.reset)
         self.cond = self.actions(context_actions)
 
     @torch.no_grad()
@@ -128,9 +130,9 @@ def rollout_pair(env, session, seed: int, cfg: WorldEvalConfig) -> dict:
         frames.append(frame)
     real = np.stack(frames[start:])                 # [context + horizon, H, W, 3]
     acts = np.stack(actions[start:])                # acts[i] produced real[i + 1]
-    prev = actions[start - 1] if start > 0 else None
-    context_actions = [prev] + [acts[i] for i in range(cfg.context - 1)]
-    session.reset(seed, context=real[: cfg.context], context_actions=context_actions)
+    producers = [None, *actions]                     # producers[i] produced frames[i]
+    session.reset(seed, context=real[: cfg.context], context_actions=producers[start:start + cfg.context],
+                  action_history=producers[:start])
     gen = []
     for h in range(cfg.horizon):
         gen.append(session.step(acts[cfg.context - 1 + h])[0])
