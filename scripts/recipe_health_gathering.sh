@@ -9,8 +9,8 @@
 #   DATA=/work/data RUNS=/work/runs scripts/recipe_health_gathering.sh [stage ...]
 #
 # Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
-# ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking) and still (the still prior,
-# both docs/world_controls.md) run only when named.
+# ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
+# walk (the keys' running average and the flow of walking; all three docs/world_controls.md) run only when named.
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
 # override the step counts below.
 set -euo pipefail
@@ -143,24 +143,38 @@ stage_still() {
     # The still prior and the camera warp (docs/world_controls.md, second sitting): stacking, the stacked frame
     # moved by each key's measured camera motion, the velocity predicted on top of "nothing moved but the
     # camera", overlapping patches; action CFG 1 everywhere (guidance would push the view past the key's move).
-    local S=$RUNS/still
+    warp_recipe still "${STILL_TEACHER_STEPS:-1000}"
+}
+stage_walk() {
+    # Walking (docs/world_controls.md, fourth sitting): the still recipe, with the keys' running average as a
+    # condition (Doom keeps 0.906 of the speed per tic: 0.82 per recorded frame of 2 tics) and the average
+    # moving the stacked frame by the per-pixel flow of walking (the floor and ceiling streaming past).
+    warp_recipe walk "${WALK_TEACHER_STEPS:-1000}" --action-momentum 0.82 --camera-flow
+}
+# A camera-warp teacher NAME (TEACHER_STEPS, extra teacher flags) and its students, with their quality and control rows.
+warp_recipe() {
+    local name=$1 steps=$2; shift 2
+    local S=$RUNS/$name
     local T=$S/teacher/bundle
-    [[ -f $T/config.json ]] || timed still_teacher "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" \
-        --out "$S/teacher" --steps "${STILL_TEACHER_STEPS:-1000}" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
+    [[ -f $T/config.json ]] || timed "${name}_teacher" "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" \
+        --out "$S/teacher" --steps "$steps" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
         --head-dim 32 --ffn 512 --patch 2 --guidance 1.0 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
-        --timestep-shift 3 --still-prior 0.5 --patch-overlap 1 --camera-warp
-    [[ -f $S/causal/bundle/config.json ]] || timed still_causal "$FK" train causal --bundle "$T" --out "$S/causal" \
-        --steps "${STILL_CAUSAL_STEPS:-600}" --lr 2e-4 --stack-noise 0.3 "${STUDENT[@]}"
-    [[ -f $S/dcm/bundle/config.json ]] || timed still_dcm "$FK" train dcm --bundle "$S/causal/bundle" --out "$S/dcm" \
-        --steps "${STILL_DCM_STEPS:-300}" --lr 1e-4 --guidance 1.0 "${STUDENT[@]}"
-    [[ -f $S/dmd/bundle/config.json ]] || timed still_dmd "$FK" train dmd --bundle "$S/dcm/bundle" --teacher "$T" \
-        --out "$S/dmd" --steps "${STILL_DMD_STEPS:-200}" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --guidance 1.0 \
+        --timestep-shift 3 --still-prior 0.5 --patch-overlap 1 --camera-warp "$@"
+    [[ -f $S/causal/bundle/config.json ]] || timed "${name}_causal" "$FK" train causal --bundle "$T" \
+        --out "$S/causal" --steps "${WARP_CAUSAL_STEPS:-600}" --lr 2e-4 --stack-noise 0.3 "${STUDENT[@]}"
+    [[ -f $S/dcm/bundle/config.json ]] || timed "${name}_dcm" "$FK" train dcm --bundle "$S/causal/bundle" \
+        --out "$S/dcm" --steps "${WARP_DCM_STEPS:-300}" --lr 1e-4 --guidance 1.0 "${STUDENT[@]}"
+    [[ -f $S/dmd/bundle/config.json ]] || timed "${name}_dmd" "$FK" train dmd --bundle "$S/dcm/bundle" --teacher "$T" \
+        --out "$S/dmd" --steps "${WARP_DMD_STEPS:-200}" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --guidance 1.0 \
         "${STUDENT[@]}"
     [[ -f $S/gap_teacher.json ]] || "$FK" eval gap --bundle "$T" --data "$HELDOUT" --latents-cache "$RUNS/teacher" \
         > "$S/gap_teacher.json"
     mkdir -p "$RUNS/eval" "$RUNS/controls"
-    for row in "still_causal_10 $S/causal/bundle 10" "still_dcm_2 $S/dcm/bundle 2" "still_dmd_1 $S/dmd/bundle 1" \
-               "still_dmd_2 $S/dmd/bundle 2"; do
+    [[ -f $RUNS/controls/${name}_teacher_8.json ]] || "$FK" eval controls --bundle "$T" --env $ENV_NAME --episodes 4 \
+        --still 16 --mode bidirectional --steps 8 --guidance 1.0 --threads 1 --json \
+        --out "$RUNS/controls/${name}_teacher_8.json" > /dev/null
+    for row in "${name}_causal_10 $S/causal/bundle 10" "${name}_dcm_2 $S/dcm/bundle 2" "${name}_dmd_1 $S/dmd/bundle 1" \
+               "${name}_dmd_2 $S/dmd/bundle 2"; do
         set -- $row
         eval_row "$1" "$2" "$3"
         [[ -f $RUNS/controls/$1.json ]] || "$FK" eval controls --bundle "$2" --env $ENV_NAME --episodes 8 --steps "$3" \
