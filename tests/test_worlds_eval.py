@@ -139,6 +139,20 @@ def test_horizontal_pan_finds_the_shift_and_its_sign():
         horizontal_pan(frames, moved, max_shift=32)
 
 
+def test_floor_stream_is_positive_when_the_floor_moves_down_and_the_ceiling_up():
+    from training.metrics import floor_stream
+
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 24, 16, 3), dtype=np.uint8))
+    moved = frames.clone()
+    for i, s in enumerate((2, -1, 0, 3)):   # bottom third moves down by s, top third up by s
+        moved[i, 16:] = torch.roll(frames[i, 16:], s, 0)
+        moved[i, :8] = torch.roll(frames[i, :8], -s, 0)
+    assert floor_stream(frames, moved).tolist() == [4, -2, 0, 6]
+    assert floor_stream(frames, frames).tolist() == [0, 0, 0, 0]   # a still view streams nothing
+    with pytest.raises(ValueError, match="max_shift"):
+        floor_stream(frames, moved, max_shift=8)
+
+
 def test_laplacian_variance_is_lower_for_a_blurred_frame():
     from training.metrics import laplacian_variance
 

@@ -11,12 +11,14 @@ engine's is its *response ratio*: 1 reacts as strongly as the game, 0 ignores th
 *sampling spread* (the no-key rollout under another noise seed) says how much of a model's
 response could be noise rather than control.
 
-A response says "something moved", not "the right thing moved". Two more checks a player
+A response says "something moved", not "the right thing moved". Three more checks a player
 makes at once: the *pan* (per key, the horizontal shift of the view in pixels per frame,
-`training.metrics.horizontal_pan`, in engine and model: a turn must pan the same way), and
-*stillness* (no key held for ``still`` frames: the engine's frame does not change, so the
-model's must not drift either; reported as the mean absolute frame-to-frame change and the
-lowest PSNR of any generated frame against the last real one).
+`training.metrics.horizontal_pan`, in engine and model: a turn must pan the same way); the
+*floor stream* (per key, how far the bottom third of the view moves down minus the top third,
+`training.metrics.floor_stream`: walking forward streams the floor down and the ceiling up, so a
+walk must stream the same way); and *stillness* (no key held for ``still`` frames: the engine's
+frame does not change, so the model's must not drift either; reported as the mean absolute
+frame-to-frame change and the lowest PSNR of any generated frame against the last real one).
 """
 
 from __future__ import annotations
@@ -98,12 +100,21 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def mean_pan(last_context: np.ndarray, rollout: np.ndarray) -> float:
     """Mean horizontal pan in pixels per frame over a rollout that follows ``last_context``."""
+    return _mean_motion("horizontal_pan", last_context, rollout)
+
+
+def mean_stream(last_context: np.ndarray, rollout: np.ndarray) -> float:
+    """Mean floor stream (`training.metrics.floor_stream`: walking forward > 0) in pixels per frame."""
+    return _mean_motion("floor_stream", last_context, rollout)
+
+
+def _mean_motion(metric: str, last_context: np.ndarray, rollout: np.ndarray) -> float:
     import torch
 
-    from training.metrics import horizontal_pan
+    from training import metrics
 
     seq = torch.from_numpy(np.concatenate([last_context[None], rollout]))
-    return float(horizontal_pan(seq[:-1], seq[1:]).float().mean())
+    return float(getattr(metrics, metric)(seq[:-1], seq[1:]).float().mean())
 
 
 def stillness(last_context: np.ndarray, rollout: np.ndarray) -> dict[str, float]:
@@ -131,6 +142,8 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
     model: dict[str, list[float]] = {k: [] for k in keys}
     pan_engine: dict[str, list[float]] = {k: [] for k in keys}
     pan_model: dict[str, list[float]] = {k: [] for k in keys}
+    stream_engine: dict[str, list[float]] = {k: [] for k in keys}
+    stream_model: dict[str, list[float]] = {k: [] for k in keys}
     still_engine, still_model, spread, seeds = [], [], [], []
     bar = tqdm(total=cfg.episodes, desc="eval controls", disable=not progress)
     for seed in range(cfg.seed, cfg.seed + 10 * cfg.episodes):
@@ -149,6 +162,8 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
             model[k].append(_diff(gen[k], gen[None]))
             pan_engine[k].append(mean_pan(context[-1], real[k]))
             pan_model[k].append(mean_pan(context[-1], gen[k]))
+            stream_engine[k].append(mean_stream(context[-1], real[k]))
+            stream_model[k].append(mean_stream(context[-1], gen[k]))
         if cfg.still:
             still_real = _engine_hold(env, seed, prefix, options[None], cfg.still, context[-1])
             if still_real is not None:
@@ -163,7 +178,8 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
     if not seeds:
         raise RuntimeError(f"no held-out episode lasted {cfg.context + cfg.hold} frames from its start")
     per_key = {k: {"engine": round(float(np.mean(engine[k])), 3), "model": round(float(np.mean(model[k])), 3),
-                   "ratio": _ratio(model[k], engine[k]), **_pan(pan_engine[k], pan_model[k], cfg.pan_threshold)}
+                   "ratio": _ratio(model[k], engine[k]), **_pan(pan_engine[k], pan_model[k], cfg.pan_threshold),
+                   **_pan(stream_engine[k], stream_model[k], cfg.pan_threshold, "stream")}
                for k in keys}
     every_engine, every_model = sum(engine.values(), []), sum(model.values(), [])
     return {"env": cfg.env, "bundle": cfg.bundle, "episodes": len(seeds), "seeds": seeds, "hold": cfg.hold,
@@ -174,13 +190,13 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
             "still": _still(still_engine, still_model, cfg.still)}
 
 
-def _pan(engine: list[float], model: list[float], threshold: float) -> dict:
-    """Mean pan of engine and model for one key, and on the starts where the engine pans at least
-    ``threshold`` pixels per frame, the share where the model pans the same way."""
-    turning = [(e, m) for e, m in zip(engine, model) if abs(e) >= threshold]
-    agree = sum(np.sign(e) == np.sign(m) for e, m in turning)
-    return {"pan_engine": round(float(np.mean(engine)), 3), "pan_model": round(float(np.mean(model)), 3),
-            "pan_same_way": round(agree / len(turning), 3) if turning else None}
+def _pan(engine: list[float], model: list[float], threshold: float, name: str = "pan") -> dict:
+    """Mean pan (or floor stream) of engine and model for one key, and on the starts where the engine's is
+    at least ``threshold`` pixels per frame, the share where the model's goes the same way."""
+    moving = [(e, m) for e, m in zip(engine, model) if abs(e) >= threshold]
+    agree = sum(np.sign(e) == np.sign(m) for e, m in moving)
+    return {f"{name}_engine": round(float(np.mean(engine)), 3), f"{name}_model": round(float(np.mean(model)), 3),
+            f"{name}_same_way": round(agree / len(moving), 3) if moving else None}
 
 
 def _still(engine: list[dict], model: list[dict], frames: int) -> dict | None:

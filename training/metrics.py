@@ -102,3 +102,18 @@ def horizontal_pan(before: torch.Tensor, after: torch.Tensor, max_shift: int = 8
         else:
             errors.append((b[..., :w + s] - a[..., -s:]).abs().mean((-2, -1)))
     return torch.stack(errors, -1).argmin(-1) - max_shift
+
+
+def floor_stream(before: torch.Tensor, after: torch.Tensor, max_shift: int = 4) -> torch.Tensor:
+    """Per frame pair, how far the bottom third of the view moved down minus how far its top third did, in
+    pixels (integer shifts, `horizontal_pan` along the rows). Walking forward streams the floor down and the
+    ceiling up (positive), walking backward the other way (negative); a still view gives 0."""
+    a, b = _float(before), _float(after)
+    third = a.shape[-3] // 3
+    if not 0 < max_shift < third:
+        raise ValueError(f"max_shift must be in [1, {third - 1}] for frames {a.shape[-3]} high, got {max_shift}")
+
+    def down(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:   # rows become the axis horizontal_pan reads
+        return horizontal_pan(x.transpose(-3, -2), y.transpose(-3, -2), max_shift)
+
+    return down(a[..., -third:, :, :], b[..., -third:, :, :]) - down(a[..., :third, :, :], b[..., :third, :, :])
