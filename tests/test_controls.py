@@ -90,6 +90,7 @@ def test_pan_direction_and_stillness():
     left, right = oracle["keys"]["left"], oracle["keys"]["right"]
     assert left["pan_engine"] == -1 and left["pan_model"] == -1 and right["pan_model"] == 1
     assert left["pan_same_way"] == 1 and oracle["keys"]["fire"]["pan_same_way"] is None
+    assert {"stream_engine", "stream_model", "stream_same_way"} <= set(left)   # walking's direction, per key
     assert oracle["still"]["engine_change"] == 0 and oracle["still"]["model_change"] == 0
     assert oracle["still"]["model_min_psnr"] == 100 and oracle["still"]["starts"] == 2
     mirrored = control_response(ShiftEnv(), MirroredSession(), cfg)
