@@ -85,7 +85,7 @@ def _pixel_flow(prev: torch.Tensor, cur: torch.Tensor, max_shift: int) -> torch.
 
 def calibrate_camera_flow(clips: LatentClips, codec, action_dim: int, motion: torch.Tensor, max_shift: int = 4,
                           frames: int = 512, min_frames: int = 32, min_speed: float = 0.7, seed: int = 0,
-                          gains: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+                          gains: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
                           ) -> tuple[torch.Tensor, dict]:
     """Per-key flow ``[action_dim, 2, h, w]`` (`runtime.model.warp_frames` units per unit of the key's running
     average) for a `camera_flow` model, and a report per key.
@@ -96,8 +96,11 @@ def calibrate_camera_flow(clips: LatentClips, codec, action_dim: int, motion: to
     is found by block matching in the frames themselves: at a latent pixel of 4x4 pixels, walking moves most
     of the view by less than one latent pixel, so shifts of whole latent pixels see almost none of it, and a
     resampled latent would blur. The pixel moves, averaged over each latent pixel and divided by the mean
-    average of the frames used, give the flow's shape; its gain is the one of ``gains`` under which the
-    latents warped as the model warps them (bilinear, which blurs) come closest to the next latents."""
+    average of the frames used, give the flow's shape. Its gain is the one of ``gains`` under which the
+    latents warped as the model warps them (bilinear), decoded, move as the real frames do, by the same
+    block matching: not the gain that brings the warped latents closest to the next ones, because a
+    bilinear move blurs, a blur lowers that error too, and the closest warp moved the decoded view forward
+    by nothing at all (docs/world_controls.md, fourth sitting)."""
     if not isinstance(clips.cond, torch.Tensor) or clips.cond.shape[-1] != 2 * action_dim:
         raise ValueError("flow calibration needs clips with the keys' running averages (LatentClips.with_momentum)")
     speeds = clips.cond[:, action_dim:]
@@ -121,18 +124,26 @@ def calibrate_camera_flow(clips: LatentClips, codec, action_dim: int, motion: to
                          for part in (pick - 1, pick))
         pixels = _pixel_flow(prev, cur, max_shift)                         # [2, H, W] pixels
         stride_y, stride_x = prev.shape[1] // h, prev.shape[2] // w
-        latent = torch.nn.functional.avg_pool2d(pixels[None], (stride_y, stride_x))[0]
-        latent = latent / torch.tensor([stride_x, stride_y], dtype=torch.float32)[:, None, None]
+        strides = torch.tensor([stride_x, stride_y], dtype=torch.float32)[:, None, None]
+        latent = torch.nn.functional.avg_pool2d(pixels[None], (stride_y, stride_x))[0] / strides
         speed = float(speeds[pick, a].mean())
         shape = torch.stack([latent[0] * 2 / w, latent[1] * 2 / h]) / speed
-        prev, cur = clips.latents[pick - 1].float()[:, None], clips.latents[pick].float()[:, None]
+        before, after = clips.latents[pick - 1].float()[:, None], clips.latents[pick].float()[:, None]
         unit = speeds[pick, a][:, None, None, None, None] * shape   # [N, 1, 2, h, w]
-        err = [float((warp_frames(prev, torch.zeros(len(pick), 1, 3), g * unit) - cur).pow(2).mean()) for g in gains]
-        gain = gains[min(range(len(gains)), key=err.__getitem__)]
-        flow[a] = gain * shape
-        rows_down = gain * latent[1].mean(1)   # latent pixels per frame, per row: the floor and ceiling stream apart
-        report[a] = {"frames": int(len(pick)), "mean_speed": round(speed, 3), "gain": gain,
-                     "copy_mse": round(float((prev - cur).pow(2).mean()), 4), "warped_mse": round(min(err), 4),
+        mismatch, latent_mse = [], []
+        for g in gains:
+            warped = warp_frames(before, torch.zeros(len(pick), 1, 3), g * unit)[:, 0]
+            with torch.no_grad():
+                decoded = torch.cat([codec.decode(x) for x in warped.split(128)])
+            moved = torch.nn.functional.avg_pool2d(_pixel_flow(prev, decoded, max_shift)[None], (stride_y, stride_x))[0]
+            mismatch.append(float((moved / strides - latent).pow(2).mean()))
+            latent_mse.append(float((warped - after[:, 0]).pow(2).mean()))
+        best = min(range(len(gains)), key=mismatch.__getitem__)
+        flow[a] = gains[best] * shape
+        rows_down = gains[best] * latent[1].mean(1)   # latent pixels per frame, per row: floor and ceiling
+        report[a] = {"frames": int(len(pick)), "mean_speed": round(speed, 3), "gain": gains[best],
+                     "copy_mse": round(float((before - after).pow(2).mean()), 4),
+                     "warped_mse": round(latent_mse[best], 4), "move_mismatch": round(mismatch[best], 4),
                      "down_px_top_row": round(float(rows_down[0]), 2),
                      "down_px_bottom_row": round(float(rows_down[-1]), 2)}
     return flow, report
