@@ -116,3 +116,19 @@ def test_conv_codec_is_registered_and_travels_in_a_bundle(tmp_path):
     session = open_session(loaded)
     session.reset(0, context=f.numpy())
     assert session.step(["forward"]).shape == (1, 16, 16, 3)
+
+
+def test_codec_arg_reads_a_bundles_codec_and_names_a_bad_dir(tmp_path):
+    from runtime import Bundle, ModelConfig
+    from training.commands import load_codec_arg
+
+    torch.manual_seed(0)
+    codec = ConvAutoencoder(ConvAEConfig(**TINY))
+    cfg = ModelConfig.tiny(in_channels=4, latent_height=8, latent_width=8)
+    Bundle.random(cfg, codec=codec).save(tmp_path / "b")
+    got = load_codec_arg(str(tmp_path / "b"))
+    f = _frames(2, 16)
+    assert isinstance(got, ConvAutoencoder) and torch.equal(got.encode(f), codec.eval().encode(f))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no codec.json"):
+        load_codec_arg(str(tmp_path / "empty"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from forcekit.cli import (
     CommandError,
@@ -93,7 +94,9 @@ def _eval_codec(args: argparse.Namespace) -> int:
 
 
 def load_codec_arg(spec: str):
-    """`pixel` or `pixel:N` (identity codec, average-pooled by N) or a trained codec dir."""
+    """`pixel` or `pixel:N` (identity codec, average-pooled by N), a trained codec dir, or a bundle dir (its
+    codec: a teacher can be trained on the shipped model's latents without the codec's run dir)."""
+    from runtime.bundle import Bundle
     from runtime.codec import PixelCodec
     from training.codec import load_codec
 
@@ -102,6 +105,8 @@ def load_codec_arg(spec: str):
         if not factor.isdigit() or int(factor) < 1:
             raise UsageError(f"--codec {spec!r}: expected pixel, pixel:N with N a positive integer, or a codec dir")
         return PixelCodec(int(factor))
+    if not (Path(spec) / "codec.json").is_file() and (Path(spec) / "config.json").is_file():
+        return Bundle.load(spec).codec.eval()
     return load_codec(spec)
 
 
@@ -316,7 +321,8 @@ def register(commands) -> None:
     p = commands.add("teacher", help="train the bidirectional action-conditioned flow-matching teacher "
                      "(resumable; torchrun for DDP)", func=_train_teacher, group="train")
     p.add_argument("--data", required=True, help="training data dir (forcekit record)")
-    p.add_argument("--codec", required=True, help="codec dir (forcekit train codec), or pixel / pixel:N")
+    p.add_argument("--codec", required=True,
+                   help="codec dir (forcekit train codec), a bundle dir (its codec), or pixel / pixel:N")
     p.add_argument("--out", required=True, help="run dir: ckpt.pt, tb/, bundle/")
     p.add_argument("--steps", type=positive_int, default=2000, help="total optimizer steps")
     p.add_argument("--batch", type=positive_int, default=8, help="clips per step per rank")
