@@ -21,6 +21,7 @@ DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
 THREADS=${THREADS:-2}
 ENV_NAME=doom:health_gathering
+CODEC=${CODEC:-$RUNS/codec}   # or a bundle dir, whose codec is used (e.g. models/default)
 TRAIN=$DATA/hg_train
 HELDOUT=$DATA/hg_heldout
 CODEC_STEPS=${CODEC_STEPS:-5000}
@@ -49,7 +50,7 @@ stage_codec() {
 }
 stage_teacher() {
     [[ -f $RUNS/teacher/bundle/config.json ]] && return
-    timed teacher "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" --out "$RUNS/teacher" \
+    timed teacher "$FK" train teacher --data "$TRAIN" --codec "$CODEC" --out "$RUNS/teacher" \
         --steps "$TEACHER_STEPS" --batch 8 --clip-frames 6 --layers 6 --heads 4 --head-dim 32 --ffn 512 --patch 2 \
         --guidance 1.5 --threads "$THREADS"
 }
@@ -118,7 +119,7 @@ stage_stack() {
     local S=$RUNS/stack T=models/health_gathering_teacher_stack
     if [[ ! -f $T/config.json ]]; then
         T=$S/teacher/bundle
-        [[ -f $T/config.json ]] || timed stack_teacher "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" \
+        [[ -f $T/config.json ]] || timed stack_teacher "$FK" train teacher --data "$TRAIN" --codec "$CODEC" \
             --out "$S/teacher" --steps "${STACK_TEACHER_STEPS:-2500}" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
             --head-dim 32 --ffn 512 --patch 2 --guidance 1.5 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
             --timestep-shift 3
@@ -156,7 +157,7 @@ warp_recipe() {
     local name=$1 steps=$2; shift 2
     local S=$RUNS/$name
     local T=$S/teacher/bundle
-    [[ -f $T/config.json ]] || timed "${name}_teacher" "$FK" train teacher --data "$TRAIN" --codec "$RUNS/codec" \
+    [[ -f $T/config.json ]] || timed "${name}_teacher" "$FK" train teacher --data "$TRAIN" --codec "$CODEC" \
         --out "$S/teacher" --steps "$steps" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
         --head-dim 32 --ffn 512 --patch 2 --guidance 1.0 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
         --timestep-shift 3 --still-prior 0.5 --patch-overlap 1 --camera-warp "$@"
