@@ -208,7 +208,8 @@ class SamplerConfig:
     ``guidance_scale`` applies classifier-free guidance on the actions (1.0: off).
     ``stack_noise`` (frame stacking): the stacked previous frames are mixed with this much noise
     at inference (`runtime.stacking.noised_at`), which keeps long rollouts of a model fed back its
-    own frames from running away.
+    own frames from running away. ``noise_scale`` multiplies the noise each chunk starts from (a sampling
+    temperature: below 1 a few-step student draws closer to its mean, so a still world shimmers less).
     """
 
     kind: str = "consistency"
@@ -219,8 +220,11 @@ class SamplerConfig:
     cache_from: str = "clean"
     guidance_scale: float = 1.0
     stack_noise: float = 0.0
+    noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.noise_scale <= 1:
+            raise ValueError(f"noise_scale must be in [0, 1], got {self.noise_scale}")
         if not 0 <= self.stack_noise < 1:
             raise ValueError(f"stack_noise must be in [0, 1), got {self.stack_noise}")
         if self.kind not in ("euler", "consistency"):

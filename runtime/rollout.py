@@ -255,7 +255,7 @@ class Rollout:
             raise ValueError("cache_from='last_step' needs the chunk to stop after step >= 1 (exit_step >= 1 "
                              "and steps >= 2): at step 0 the keys kept would be those of pure noise")
         given, cond = cond, self._denoising(cond, noise.shape[1])
-        x = noise
+        x = noise * self.sampler.noise_scale if self.sampler.noise_scale != 1.0 else noise
         for i, (t, t_next) in enumerate(zip(levels[:-1], levels[1:])):
             writes = last_step and i == len(levels) - 2
             mode = "append" if writes else "transient"

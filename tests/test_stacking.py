@@ -145,3 +145,21 @@ def test_ship_sets_the_inference_stack_noise_of_a_stacking_bundle_only(tmp_path)
 
     Bundle.random(ModelConfig.tiny(stack_frames=1), seed=0).save(tmp_path / "stacked")
     assert Bundle.load(ship(tmp_path / "stacked", tmp_path / "out", stack_noise=0.1)).sampler.stack_noise == 0.1
+
+
+def test_noise_scale_is_a_sampling_temperature_that_ship_writes(tmp_path):
+    from runtime import Bundle
+    from training.ship import ship
+
+    model = tiny_model()
+    zero = SamplerConfig(kind="consistency", steps=1, noise_scale=0.0)
+    one = SamplerConfig(kind="consistency", steps=1)
+    # no noise: the stream no longer depends on the noise drawn, only on the actions and the context
+    assert torch.equal(rollout_latents(model, zero, 3, kv_cache=True, seed=0),
+                       rollout_latents(model, zero, 3, kv_cache=True, seed=5))
+    assert not torch.equal(rollout_latents(model, one, 3, kv_cache=True, seed=0),
+                           rollout_latents(model, one, 3, kv_cache=True, seed=5))
+    with pytest.raises(ValueError, match="noise_scale"):
+        SamplerConfig(noise_scale=1.5)
+    Bundle.random(model.config, seed=0).save(tmp_path / "b")
+    assert Bundle.load(ship(tmp_path / "b", tmp_path / "out", noise_scale=0.5)).sampler.noise_scale == 0.5

@@ -233,7 +233,8 @@ def _ship(args: argparse.Namespace) -> int:
     from training.ship import ship
 
     out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
-               card=args.card, name=args.name, seed=args.seed, steps=args.steps, stack_noise=args.stack_noise)
+               card=args.card, name=args.name, seed=args.seed, steps=args.steps, stack_noise=args.stack_noise,
+               noise_scale=args.noise_scale)
     print(json.dumps({"bundle": str(out)}))
     return 0
 
@@ -277,6 +278,9 @@ def register(commands) -> None:
     p.add_argument("--stack-noise", type=nonnegative_float, default=None,
                    help="frame stacking: noise mixed into the stacked previous frames at inference, in [0, 1) "
                         "(default: as trained)")
+    p.add_argument("--noise-scale", type=nonnegative_float, default=None,
+                   help="sampling temperature: the scale of the noise each chunk starts from, in [0, 1] (default: as "
+                        "trained, 1)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)

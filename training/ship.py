@@ -42,11 +42,13 @@ def scenes_from_data(data: str | os.PathLike, scenes: int, frames: int, seed: in
 
 def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | None = None, scenes: int = 8,
          scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0,
-         steps: int | None = None, stack_noise: float | None = None) -> Path:
+         steps: int | None = None, stack_noise: float | None = None, noise_scale: float | None = None) -> Path:
     """Copy ``bundle`` to ``out`` with start scenes from ``start_data``, the card file ``card`` and,
     given ``steps``, that many sampler steps per chunk by default (``stack_noise``: the sampler's
-    inference-time noise on the stacked frames)."""
+    inference-time noise on the stacked frames; ``noise_scale``: its sampling temperature)."""
     b = Bundle.load(bundle)
+    if noise_scale is not None:
+        b.sampler = replace(b.sampler, noise_scale=noise_scale)
     if stack_noise is not None:
         if not b.config.stack_frames:
             raise ValueError(f"--stack-noise needs a frame-stacking bundle; {bundle} stacks no frames")
