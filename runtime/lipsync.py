@@ -9,6 +9,11 @@ the model was trained with. Per frame, the video condition is
 the frame's log-mel window (`runtime.audio_features`), and the output is the decoded frame with,
 by default, only the masked box pasted into the input (so nothing outside it can change).
 
+With a ``crop_box`` the model sees and draws only that crop of the face (the lower face around the
+mouth, as Wav2Lip and MuseTalk regenerate the lower half): the mouth is then most of what the model
+draws instead of a few pixels of a few tokens, at the same native resolution; the session crops its
+input frames, and pastes the crop's mask box back into the whole frame.
+
 `open_session` returns a `LipsyncSession` for such a bundle: ``step(audio=features, video=frame)``.
 The reference is the first frame the stream sees after `reset` (or the one passed to `reset`).
 """
@@ -31,6 +36,7 @@ from runtime.rollout import ChunkCondition
 from runtime.session import StreamSession
 
 REFERENCES = ("first", "none")
+CONDITIONS = ("audio", "oracle_mouth")
 
 
 @dataclass
@@ -43,12 +49,25 @@ class LipsyncSpec:
     composite: bool = True                 # output = input frame with only the box taken from the model
     feather: int = 2                       # pixels over which the pasted box blends into the input
     audio: dict = field(default_factory=lambda: AudioFeatureConfig().to_dict())
+    crop_box: tuple[int, int, int, int] | None = None   # the part of the frame the model sees and draws
+    face_size: tuple[int, int] | None = None            # (H, W) of the input frames, given with a crop_box
+    condition: str = "audio"   # what the audio slot holds: "audio" features, or "oracle_mouth" (a diagnostic:
+                               # the renderer's true mouth parameters, training.lipsync.latents.oracle_features)
 
     def __post_init__(self) -> None:
-        self.mask_box = tuple(int(v) for v in self.mask_box)
-        y0, x0, y1, x1 = self.mask_box
-        if not (0 <= y0 < y1 and 0 <= x0 < x1):
-            raise ValueError(f"mask_box must be (y0, x0, y1, x1) with y0 < y1 and x0 < x1, got {self.mask_box}")
+        self.mask_box = _box("mask_box", self.mask_box)
+        if (self.crop_box is None) != (self.face_size is None):
+            raise ValueError("crop_box and face_size go together: the crop and the size of the frames it is cut from")
+        if self.crop_box is not None:
+            self.crop_box, self.face_size = _box("crop_box", self.crop_box), tuple(int(v) for v in self.face_size)
+            (cy0, cx0, cy1, cx1), (y0, x0, y1, x1) = self.crop_box, self.mask_box
+            if not (cy0 <= y0 and cx0 <= x0 and y1 <= cy1 and x1 <= cx1):
+                raise ValueError(f"mask_box {self.mask_box} must lie inside crop_box {self.crop_box}")
+            if cy1 > self.face_size[0] or cx1 > self.face_size[1]:
+                raise ValueError(f"crop_box {self.crop_box} does not fit {self.face_size[0]}x{self.face_size[1]} "
+                                 "frames")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if not 0 <= self.fill <= 255 or self.feather < 0:
@@ -64,28 +83,82 @@ class LipsyncSpec:
         return latent_channels * (2 if self.reference != "none" else 1)
 
     def check_frame(self, height: int, width: int) -> None:
+        """Fails unless the spec fits input frames of ``height`` x ``width``."""
+        if self.face_size is not None and (height, width) != self.face_size:
+            raise ValueError(f"this spec crops {self.face_size[0]}x{self.face_size[1]} frames, got {height}x{width}")
         y0, x0, y1, x1 = self.mask_box
         if y1 > height or x1 > width:
             raise ValueError(f"mask_box {self.mask_box} does not fit {height}x{width} frames")
 
+    def model_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) of the frames the model sees, for input frames of ``height`` x ``width``."""
+        self.check_frame(height, width)
+        if self.crop_box is None:
+            return height, width
+        y0, x0, y1, x1 = self.crop_box
+        return y1 - y0, x1 - x0
+
+    def crop(self, frames: np.ndarray) -> np.ndarray:
+        """The part of uint8 frames ``[n, H, W, 3]`` the model sees (all of them without a crop_box)."""
+        if self.crop_box is None:
+            return frames
+        y0, x0, y1, x1 = self.crop_box
+        return frames[:, y0:y1, x0:x1]
+
+    @property
+    def model_mask_box(self) -> tuple[int, int, int, int]:
+        """The mask box in the coordinates of the model's frames (the crop's)."""
+        oy, ox = self.crop_box[:2] if self.crop_box is not None else (0, 0)
+        y0, x0, y1, x1 = self.mask_box
+        return y0 - oy, x0 - ox, y1 - oy, x1 - ox
+
+    def model_inputs(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the model's frames, the same masked) for uint8 input frames ``[n, H, W, 3]``: what the codec
+        encodes into the target and into the video condition, in training and in a session alike."""
+        seen = self.crop(frames)
+        return seen, mask_frames(seen, self.model_mask_box, self.fill)
+
     def latent_box(self, frame_size: tuple[int, int], latent_size: tuple[int, int], margin: int = 1
                    ) -> tuple[int, int, int, int]:
-        """(y0, x0, y1, x1) in latent pixels: those whose decoded area touches the mask box, grown by
-        ``margin`` (the decoder reads neighbours, so those shape the pasted pixels too). Where a lip-sync
-        model's output is used: where its losses are measured and its audio is injected."""
+        """(y0, x0, y1, x1) in latent pixels of the model's frames (``frame_size``, the crop's with a
+        crop_box): those whose decoded area touches the mask box, grown by ``margin`` (the decoder reads
+        neighbours, so those shape the pasted pixels too). Where a lip-sync model's output is used: where
+        its losses are measured and its audio is injected."""
         (fh, fw), (h, w) = frame_size, latent_size
-        y0, x0, y1, x1 = self.mask_box
+        y0, x0, y1, x1 = self.model_mask_box
         return (max(0, y0 * h // fh - margin), max(0, x0 * w // fw - margin),
                 min(h, -(-y1 * h // fh) + margin), min(w, -(-x1 * w // fw) + margin))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["mask_box"] = list(self.mask_box)
+        for k in ("mask_box", "crop_box", "face_size"):
+            d[k] = list(d[k]) if d[k] is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LipsyncSpec:
         return cls(**d)
+
+
+def _box(name: str, box: Any) -> tuple[int, int, int, int]:
+    box = tuple(int(v) for v in box)
+    if len(box) != 4 or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+        raise ValueError(f"{name} must be (y0, x0, y1, x1) with 0 <= y0 < y1 and 0 <= x0 < x1, got {box}")
+    return box
+
+
+def crop_around(box: tuple[int, int, int, int], frame_size: tuple[int, int], margin: int, multiple: int
+                ) -> tuple[int, int, int, int]:
+    """A crop of a ``frame_size`` frame holding ``box`` grown by ``margin`` pixels, its sides grown to a
+    multiple of ``multiple`` (the codec's stride) and kept inside the frame."""
+    def side(lo: int, hi: int, size: int) -> tuple[int, int]:
+        lo, hi = max(0, lo - margin), min(size, hi + margin)
+        length = min(size - size % multiple, -(-(hi - lo) // multiple) * multiple)
+        lo = max(0, min(lo - (length - (hi - lo)) // 2, size - length))
+        return lo, lo + length
+
+    (y0, y1), (x0, x1) = side(box[0], box[2], frame_size[0]), side(box[1], box[3], frame_size[1])
+    return y0, x0, y1, x1
 
 
 def mask_frames(frames: np.ndarray, box: tuple[int, int, int, int], fill: int) -> np.ndarray:
@@ -115,8 +188,7 @@ def composite(generated: np.ndarray, inputs: np.ndarray, alpha: np.ndarray) -> n
 def lipsync_config(codec: Codec, frame_size: tuple[int, int], spec: LipsyncSpec, **model: Any) -> ModelConfig:
     """The model geometry for a lip-sync bundle: latents from ``codec`` at ``frame_size``, audio and video
     conditions from ``spec``, no actions; ``model`` sets the rest (layers, heads, patch, window, ...)."""
-    c, h, w = codec.latent_shape(*frame_size)
-    spec.check_frame(*frame_size)
+    c, h, w = codec.latent_shape(*spec.model_size(*frame_size))
     return ModelConfig(**{"frames_per_chunk": 1, "window_frames": 8, "sink_frames": 1, **model,
                           "in_channels": c, "latent_height": h, "latent_width": w, "action_space": {},
                           "audio_dim": spec.audio_config.dim, "video_channels": spec.video_channels(c)})
@@ -177,14 +249,18 @@ class LipsyncSession(StreamSession):
         cfg = bundle.config
         if bundle.codec.temporal:
             raise ValueError(f"lip-sync needs a per-frame codec; {bundle.codec.type_name!r} is temporal")
-        self.spec.check_frame(*bundle.frame_size)
+        face_size = self.spec.face_size or bundle.frame_size
+        if self.spec.model_size(*face_size) != tuple(bundle.frame_size):
+            raise ValueError(f"bundle {bundle.name!r}: its model draws {bundle.frame_size[0]}x{bundle.frame_size[1]} "
+                             f"frames, its lip-sync spec crops {self.spec.model_size(*face_size)}")
         want = (self.spec.video_channels(cfg.in_channels), self.spec.audio_config.dim)
         if (cfg.video_channels, cfg.audio_dim) != want:
             raise ValueError(f"bundle {bundle.name!r}: model takes video_channels {cfg.video_channels} and audio_dim "
                              f"{cfg.audio_dim}, its lip-sync spec implies {want[0]} and {want[1]}")
-        self._alpha = box_alpha(*bundle.frame_size, self.spec.mask_box, self.spec.feather)
+        self._alpha = box_alpha(*bundle.frame_size, self.spec.model_mask_box, self.spec.feather)
         self._reference: torch.Tensor | None = None
         super().__init__(bundle, **kwargs)
+        self.frame_size = tuple(face_size)   # the input frames; the model draws the crop of them
 
     @property
     def audio_config(self) -> AudioFeatureConfig:
@@ -197,7 +273,7 @@ class LipsyncSession(StreamSession):
         super().reset(seed, start_scene=False)
         self._reference = None
         if reference is not None:
-            self._reference = self._encode(self._frames(reference, 1))
+            self._reference = self._encode(self.spec.crop(self._frames(reference, 1)))
 
     @torch.no_grad()
     def step(self, action: Any = None, audio: Any = None, video: Any = None) -> np.ndarray:
@@ -207,9 +283,15 @@ class LipsyncSession(StreamSession):
         n = self._rollout.next_chunk_frames()
         frames = self._frames(video, n)
         x0 = self.generate_latents(action, audio, frames)
-        out = self.decoder.decode_chunk(x0).cpu().numpy()
+        drawn = self.decoder.decode_chunk(x0).cpu().numpy()
         if self.spec.composite:
-            out = composite(out, frames, self._alpha)
+            drawn = composite(drawn, self.spec.crop(frames), self._alpha)
+        if self.spec.crop_box is None:
+            out = drawn
+        else:
+            y0, x0_, y1, x1 = self.spec.crop_box
+            out = frames.copy()
+            out[:, y0:y1, x0_:x1] = drawn
         self.record_chunk((time.perf_counter() - start) * 1000, len(out))
         return out
 
@@ -244,10 +326,10 @@ class LipsyncSession(StreamSession):
                              f"got {list(np.asarray(audio).shape)}")
         if not np.isfinite(aud).all():
             raise ValueError("audio features contain NaN or inf")
-        frames = self._frames(video, n)
+        seen, masked = self.spec.model_inputs(self._frames(video, n))
         if self._reference is None and self.spec.reference != "none":
-            self._reference = self._encode(frames[:1])
-        parts = [self._encode(mask_frames(frames, self.spec.mask_box, self.spec.fill))]
+            self._reference = self._encode(seen[:1])
+        parts = [self._encode(masked)]
         if self.spec.reference != "none":
             parts.append(self._reference.expand(n, *self._reference.shape[1:]))
         vid = torch.cat(parts, 1)[None]

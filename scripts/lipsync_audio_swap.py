@@ -9,6 +9,8 @@ mask box there at any step count (docs/lipsync.md).
 Printed (JSON): the mask box's PSNR against the true frames with the true audio and with the other
 clip's, and the correlation of the box's change over the window with the truth's. A teacher that
 follows the audio scores clearly better with the true audio; one that ignores it scores the same.
+An oracle teacher (`train lipsync-teacher --oracle-mouth`) is given the true clip's mouth parameters
+and the other clip's instead: can it draw the mouth it is told?
 
     .venv/bin/python scripts/lipsync_audio_swap.py --bundle models/lipsync_teacher --clips data/lipsync_heldout
 """
@@ -22,8 +24,9 @@ import numpy as np
 import torch
 
 from runtime.bundle import Bundle
-from runtime.lipsync import LipsyncSpec, mask_frames
+from runtime.lipsync import LipsyncSpec
 from training.conditions import FrameConditions
+from training.lipsync.latents import oracle_features
 from training.lipsync.record import load_clips
 from training.teacher import sample_clip
 
@@ -50,22 +53,27 @@ def main() -> None:
     bundle = Bundle.load(args.bundle)
     spec = LipsyncSpec.from_dict(bundle.extra["lipsync"])
     model, codec, n, s = bundle.model.eval(), bundle.codec, args.frames, args.start
-    _, clips = load_clips(args.clips, ("frames", "actions"), 2 * args.pairs)
+    _, clips = load_clips(args.clips, ("frames", "actions", "mouth"), 2 * args.pairs)
+    if spec.condition == "oracle_mouth":   # an oracle is told the true (or the other clip's) mouth, not the audio
+        for c in clips:
+            c["actions"] = oracle_features(c["mouth"], c["actions"].shape[1])
     scores: dict[str, list[tuple[float, float]]] = {"true_audio": [], "other_audio": []}
     with torch.no_grad():
         for i in range(args.pairs):
             clip, other = clips[2 * i], clips[2 * i + 1]
-            frames = clip["frames"][s:s + n]
-            if len(frames) < n or len(other["actions"]) < s + n:
+            if len(clip["frames"]) < s + n or len(other["actions"]) < s + n:
                 raise SystemExit(f"clips {2 * i}, {2 * i + 1}: shorter than --start + --frames = {s + n}")
-            latents = codec.encode(torch.from_numpy(np.ascontiguousarray(frames)))
-            masked = codec.encode(torch.from_numpy(mask_frames(frames, spec.mask_box, spec.fill)))
-            video = torch.cat([masked, codec.encode(torch.from_numpy(clip["frames"][:1])).expand(n, -1, -1, -1)], 1)
+            frames, masked = (torch.from_numpy(np.ascontiguousarray(f))
+                              for f in spec.model_inputs(clip["frames"][s:s + n]))
+            latents, masked = codec.encode(frames), codec.encode(masked)
+            first = torch.from_numpy(np.ascontiguousarray(spec.crop(clip["frames"][:1])))
+            video = torch.cat([masked, codec.encode(first).expand(n, -1, -1, -1)], 1)
             for name, audio in (("true_audio", clip["actions"]), ("other_audio", other["actions"])):
                 cond = FrameConditions(None, torch.from_numpy(audio[s:s + n].astype(np.float32))[None], video[None])
                 new = sample_clip(model, latents[None, :1], cond, args.steps, bundle.sampler.guidance_scale,
                                   torch.Generator().manual_seed(i))
-                scores[name].append(box_scores(codec.decode(new[0]).numpy(), frames[1:], spec.mask_box))
+                scores[name].append(box_scores(codec.decode(new[0]).numpy(), frames[1:].numpy(),
+                                               spec.model_mask_box))
     out = {"bundle": args.bundle, "clips": args.clips, "pairs": args.pairs, "frames": n, "steps": args.steps}
     for name, rows in scores.items():
         out[name] = {"box_psnr": round(float(np.mean([r[0] for r in rows])), 2),

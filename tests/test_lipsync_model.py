@@ -3,6 +3,7 @@ teacher and the student stages on them, and the bundle they write playing in a l
 
 import json
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -79,6 +80,28 @@ def test_lipsync_latents_mask_the_box_carry_the_audio_and_the_reference(data, tm
     assert len(list(tmp_path.glob("lipsync-latents-*.pt"))) == 1
 
 
+def test_cropped_and_oracle_latents(data, tmp_path):
+    from runtime.lipsync import crop_around
+    from training.data.shards import ShardStore, open_shard
+    from training.lipsync.latents import oracle_features
+
+    box = union_mouth_box(data, margin=1)
+    crop = crop_around(box, (32, 32), 1, 4)
+    spec = LipsyncSpec(mask_box=box, fill=0, crop_box=crop, face_size=(32, 32), condition="oracle_mouth")
+    clips = encode_lipsync_latents(data, PixelCodec(1), spec, cache_dir=tmp_path, progress=False)
+    frames = np.concatenate([c["frames"] for c in recorded(data)])
+    y0, x0, y1, x1 = crop
+    assert torch.allclose(clips.latents.float(), PixelCodec(1).encode(torch.from_numpy(
+        np.ascontiguousarray(frames[:, y0:y1, x0:x1]))), atol=1e-2)
+    mouth = np.concatenate([open_shard(p, ("mouth",))["mouth"] for p in ShardStore(data).shard_paths()])
+    assert torch.equal(clips.cond.audio, torch.from_numpy(oracle_features(mouth, 512)))
+    assert torch.equal(clips.cond.audio[:, 3:6], clips.cond.audio[:, :3])   # the three parameters, tiled
+    plain = encode_lipsync_latents(data, PixelCodec(1), replace(spec, condition="audio"), cache_dir=tmp_path,
+                                   progress=False)
+    assert not torch.equal(plain.cond.audio, clips.cond.audio)              # cached apart from the oracle's
+    assert len(list(tmp_path.glob("lipsync-latents-*.pt"))) == 2
+
+
 def test_plain_latents_of_lipsync_data_need_the_spec(data):
     from training.latents import encode_latents
 
@@ -107,7 +130,8 @@ def test_teacher_learns_to_read_the_audio():
     assert bundle.extra["lipsync"]["mask_box"] == [6, 0, 8, 8]
 
 
-def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_path, capsys):
+@pytest.mark.parametrize("crop", [[], ["--crop-margin", "1"]], ids=["whole", "crop"])
+def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_path, capsys, crop):
     """Teacher -> causal -> dCM -> SF-DMD through the CLI at toy size (the recipe's dry run in a test)."""
     from forcekit.cli import main
 
@@ -115,7 +139,7 @@ def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_p
     run = tmp_path / "runs"
     assert main(["train", "lipsync-teacher", "--data", data, "--codec", "pixel:4", "--out", str(run / "teacher"),
                  "--steps", "2", "--batch", "2", "--clip-frames", "4", "--sink-frames", "1", *model,
-                 "--audio-tokens", "--outside-weight", "0.1", "--context-prob", "0.25"]) == 0
+                 "--audio-tokens", "--outside-weight", "0.1", "--context-prob", "0.25", *crop]) == 0
     stage = ["--batch", "2", "--clip-frames", "4", "--steps", "2", "--eval-every", "2", "--heldout", data,
              "--heldout-episodes", "1"]
     assert main(["train", "causal", "--bundle", str(run / "teacher/bundle"), "--out", str(run / "causal"),
@@ -127,7 +151,10 @@ def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_p
     config = json.loads((run / "dmd/bundle/config.json").read_text())
     assert config["extra"]["lipsync"]["reference"] == "first" and config["model"]["video_channels"] == 6
     spec = LipsyncSpec.from_dict(config["extra"]["lipsync"])   # the students keep the teacher's audio tokens
-    assert config["model"]["audio_region"] == list(spec.latent_box((32, 32), (8, 8)))
+    drawn = spec.model_size(32, 32)
+    assert (spec.crop_box is not None) == bool(crop) and (drawn != (32, 32)) == bool(crop)
+    assert [config["model"]["latent_height"], config["model"]["latent_width"]] == [drawn[0] // 4, drawn[1] // 4]
+    assert config["model"]["audio_region"] == list(spec.latent_box(drawn, (drawn[0] // 4, drawn[1] // 4)))
     s = open_session(str(run / "dmd/bundle"))
     assert isinstance(s, LipsyncSession)
     frame = recorded(data)[0]["frames"][0]

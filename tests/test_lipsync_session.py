@@ -98,3 +98,42 @@ def test_spec_checks_and_helpers():
 def test_a_plain_bundle_is_not_a_lipsync_session():
     with pytest.raises(ValueError, match="not a lip-sync bundle"):
         LipsyncSession(Bundle.random())
+
+
+def test_a_cropped_spec_draws_only_its_crop_and_pastes_only_the_mask_box():
+    from runtime.codec import PixelCodec
+    from runtime.lipsync import crop_around, random_lipsync_bundle
+
+    box = (18, 9, 27, 23)
+    crop = crop_around(box, (32, 32), 2, 8)
+    y0, x0, y1, x1 = crop
+    assert (y1 - y0) % 8 == 0 and (x1 - x0) % 8 == 0 and y0 <= 16 and y1 >= 29 and x0 <= 7 and x1 >= 25
+    assert crop_around((0, 0, 30, 31), (32, 32), 4, 8) == (0, 0, 32, 32)      # kept inside the frame
+    spec = LipsyncSpec(mask_box=box, crop_box=crop, face_size=(32, 32))
+    assert LipsyncSpec.from_dict(spec.to_dict()) == spec
+    assert spec.model_size(32, 32) == (y1 - y0, x1 - x0)
+    with pytest.raises(ValueError, match="crops 32x32"):
+        spec.model_size(40, 40)
+    with pytest.raises(ValueError, match="inside crop_box"):
+        LipsyncSpec(mask_box=box, crop_box=(20, 0, 32, 32), face_size=(32, 32))
+    with pytest.raises(ValueError, match="go together"):
+        LipsyncSpec(mask_box=box, crop_box=crop)
+    seen, masked = spec.model_inputs(np.full((1, 32, 32, 3), 7, np.uint8))
+    my0, mx0, my1, mx1 = spec.model_mask_box
+    assert seen.shape[1:3] == spec.model_size(32, 32) and (masked[0, my0:my1, mx0:mx1] == spec.fill).all()
+    boxed = 3 * (my1 - my0) * (mx1 - mx0)
+    assert masked.sum() == 7 * (seen[0].size - boxed) + spec.fill * boxed
+
+    b = random_lipsync_bundle(PixelCodec(4), (32, 32), spec, patch_size=(1, 2, 2), num_attention_heads=2,
+                              attention_head_dim=16, num_layers=2, ffn_dim=64, freq_dim=32, window_frames=4)
+    assert b.frame_size == spec.model_size(32, 32)
+    s = open_session(b)
+    assert s.frame_size == (32, 32)                      # the session takes whole faces
+    frame, dim = face(), b.config.audio_dim
+    outside = np.ones((32, 32), bool)
+    outside[box[0]:box[2], box[1]:box[3]] = False
+    out = s.step(audio=np.ones(dim, np.float32), video=frame)
+    assert out.shape == (1, 32, 32, 3) and np.array_equal(out[0][outside], frame[outside])
+    assert not np.array_equal(out[0], frame)
+    with pytest.raises(ValueError, match="video must be uint8"):
+        s.step(audio=np.ones(dim, np.float32), video=seen[0])

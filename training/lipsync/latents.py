@@ -7,6 +7,7 @@ Per frame t of a clip (alignment: ``actions[t]`` belongs to ``frames[t]``, see r
            channel axis (`LatentClips.reference`: the clip's first frame, spoken in the lead silence,
            so its mouth is at rest; a session uses the first frame it sees)
 
+With the spec's ``crop_box`` the frames are cut to the crop first (`LipsyncSpec.model_inputs`).
 The mask box is one box for every frame, the same in training and at inference
 (`runtime.lipsync.LipsyncSpec`): `union_mouth_box` takes the union of the recorded per-frame
 ``mouth_box`` over the training data, grown by a margin, so it covers the mouth wherever the head
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from runtime.codec import Codec
-from runtime.lipsync import LipsyncSpec, mask_frames
+from runtime.lipsync import LipsyncSpec
 from training.conditions import FrameConditions
 from training.data import ClipDataset
 from training.data.shards import open_shard
@@ -50,10 +51,18 @@ def _encode(codec: Codec, frames: np.ndarray, batch: int) -> torch.Tensor:
                       for i in range(0, len(frames), batch)])
 
 
+def oracle_features(mouth: np.ndarray, dim: int) -> np.ndarray:
+    """The renderer's true mouth parameters ``[n, 3]`` tiled to ``dim`` audio inputs: the condition of
+    an oracle model, told exactly which mouth to draw (can the model draw a mouth it is told?)."""
+    reps = -(-dim // mouth.shape[1])
+    return np.tile(mouth.astype(np.float32), (1, reps))[:, :dim]
+
+
 def encode_lipsync_latents(data: str, codec: Codec, spec: LipsyncSpec, max_episodes: int = 0, batch: int = 256,
                            cache_dir: str | Path | None = None, progress: bool = True) -> LatentClips:
     """Encode a lip-sync recording (the first ``max_episodes`` clips, 0 = all) as `LatentClips` with
-    `FrameConditions` (audio, masked video) and reference rows; cached in ``cache_dir``."""
+    `FrameConditions` (audio, masked video) and reference rows; cached in ``cache_dir``. A spec whose
+    ``condition`` is ``oracle_mouth`` gets the true mouth parameters in the audio slot (`oracle_features`)."""
     from tqdm import tqdm
 
     ds = ClipDataset(data, clip_frames=1)
@@ -73,13 +82,15 @@ def encode_lipsync_latents(data: str, codec: Codec, spec: LipsyncSpec, max_episo
         for si, start, length, seed in tqdm(rows, desc="encode lip-sync latents", disable=not progress):
             if si not in shards:
                 shards.clear()   # one shard at a time: episodes are stored in shard order
-                shards[si] = open_shard(ds.paths[si], ("frames", "actions"))
+                shards[si] = open_shard(ds.paths[si], ("frames", "actions", "mouth"))
             shard = shards[si]
-            frames = shard["frames"][start:start + length]
-            masked = mask_frames(frames, spec.mask_box, spec.fill)
+            frames, masked = spec.model_inputs(shard["frames"][start:start + length])
             lat.append(_encode(codec, frames, batch).half())
             vid.append(_encode(codec, masked, batch).half())
-            aud.append(torch.from_numpy(shard["actions"][start:start + length]).float())
+            audio = shard["actions"][start:start + length]
+            if spec.condition == "oracle_mouth":
+                audio = oracle_features(shard["mouth"][start:start + length], audio.shape[1])
+            aud.append(torch.from_numpy(np.ascontiguousarray(audio)).float())
             ref.append(torch.full((length,), row, dtype=torch.long))   # the clip's first frame
             episodes.append((row, length, seed))
             row += length

@@ -30,7 +30,7 @@ def _threads(n: int) -> None:
 
 def _train_lipsync_teacher(args: argparse.Namespace) -> int:
     """The teacher stage of the lip-sync recipe: `training.teacher.train_teacher` on lip-sync latent clips."""
-    from runtime.lipsync import LipsyncSpec, lipsync_config
+    from runtime.lipsync import LipsyncSpec, crop_around, lipsync_config
     from training.commands import load_codec_arg
     from training.data.shards import ShardStore
     from training.lipsync.latents import encode_lipsync_latents, union_mouth_box
@@ -45,11 +45,16 @@ def _train_lipsync_teacher(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: not a lip-sync recording (forcekit record --env lipsync:train)")
     codec = load_codec_arg(args.codec)
     box = tuple(args.mask_box) if args.mask_box else union_mouth_box(args.data, args.mask_margin, args.max_episodes)
-    spec = LipsyncSpec(mask_box=box, reference=args.reference, audio=dict(meta["audio_features"]))
-    frame_size = tuple(meta["resolution"])
+    face_size = tuple(meta["resolution"])
+    crop = {} if args.crop_margin is None else {
+        "crop_box": crop_around(box, face_size, args.crop_margin, codec.spatial_factor * args.patch),
+        "face_size": face_size}
+    spec = LipsyncSpec(mask_box=box, reference=args.reference, audio=dict(meta["audio_features"]),
+                       condition="oracle_mouth" if args.oracle_mouth else "audio", **crop)
+    frame_size = spec.model_size(*face_size)
     latent_size = tuple(codec.latent_shape(*frame_size)[1:])
     region = spec.latent_box(frame_size, latent_size)
-    model_cfg = lipsync_config(codec, frame_size, spec, patch_size=(1, args.patch, args.patch),
+    model_cfg = lipsync_config(codec, face_size, spec, patch_size=(1, args.patch, args.patch),
                                audio_region=region if args.audio_tokens else None,
                                num_attention_heads=args.heads, attention_head_dim=args.head_dim,
                                num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
@@ -99,6 +104,12 @@ def register(commands) -> None:
                    help="the masked (regenerated) box in pixels (default: the union of the recorded mouth boxes)")
     p.add_argument("--mask-margin", type=nonnegative_int, default=2,
                    help="pixels added around the union of the mouth boxes")
+    p.add_argument("--crop-margin", type=nonnegative_int, default=None,
+                   help="draw only a crop of the face: the mask box grown by this many pixels (to a multiple of the "
+                        "codec stride x patch); default: the whole frame")
+    p.add_argument("--oracle-mouth", action="store_true",
+                   help="diagnostic: condition on the renderer's true mouth parameters instead of the audio (does the "
+                        "model draw the mouth it is told? scripts/lipsync_audio_swap.py scores it); not for sessions")
     p.add_argument("--reference", choices=("first", "none"), default="first",
                    help="a reference frame of the identity on the channel axis: the clip's first frame, or none")
     p.add_argument("--audio-tokens", action="store_true",
