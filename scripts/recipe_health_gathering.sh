@@ -10,8 +10,11 @@
 #
 # Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
-# walk (the keys' running average and the flow of walking; all three docs/world_controls.md) run only when named.
+# walk (the keys' running average and the flow of walking; all three docs/world_controls.md) run only when named;
+# ship_walk ships the walk stage's student as models/default (the shipped default since the fifth sitting:
+# DATA=... RUNS=... CODEC=models/default scripts/recipe_health_gathering.sh record walk ship_walk bench longplay).
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
+# (WARP_CAUSAL_STEPS: a causal stage before dCM in the still and walk recipes, default 0: none)
 # override the step counts below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -151,6 +154,19 @@ stage_walk() {
     # condition (Doom keeps 0.906 of the speed per tic: 0.82 per recorded frame of 2 tics) and the average
     # moving the stacked frame by the per-pixel flow of walking (the floor and ceiling streaming past).
     warp_recipe walk "${WALK_TEACHER_STEPS:-1000}" --action-momentum 0.82 --camera-flow
+    # Then SF-DMD again from the SF-DMD student, on its own 24-frame rollouts scored in the teacher's 6-frame
+    # windows (docs/world_controls.md, fifth sitting): the shipped default's weights.
+    local S=$RUNS/walk
+    [[ -f $S/dmd_long/bundle/config.json ]] || timed walk_dmd_long "$FK" train dmd --bundle "$S/dmd/bundle" \
+        --teacher "$S/teacher/bundle" --out "$S/dmd_long" --steps "${WALK_LONG_STEPS:-150}" --lr 1e-5 --critic-lr 2e-4 \
+        --critic-steps 5 --guidance 1.0 --rollout-chunks 24 "${STUDENT[@]}"
+}
+stage_ship_walk() {
+    # The shipped default (models/default, fifth sitting): the walking student at 1 step, inference noise 0.1 on
+    # the stacked frame (without it a still world runs away past ~30 frames) and sampling temperature 0.6.
+    "$FK" ship --bundle "$RUNS/walk/dmd_long/bundle" --out models/default --start-data "$HELDOUT" --scenes 8 \
+        --scene-frames 4 --steps 1 --seed 1 --stack-noise 0.1 --noise-scale 0.6 --card models/default/card.md \
+        --name default
 }
 # A camera-warp teacher NAME (TEACHER_STEPS, extra teacher flags) and its students, with their quality and control rows.
 warp_recipe() {
@@ -161,9 +177,16 @@ warp_recipe() {
         --out "$S/teacher" --steps "$steps" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
         --head-dim 32 --ffn 512 --patch 2 --guidance 1.0 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
         --timestep-shift 3 --still-prior 0.5 --patch-overlap 1 --camera-warp "$@"
-    [[ -f $S/causal/bundle/config.json ]] || timed "${name}_causal" "$FK" train causal --bundle "$T" \
-        --out "$S/causal" --steps "${WARP_CAUSAL_STEPS:-600}" --lr 2e-4 --stack-noise 0.3 "${STUDENT[@]}"
-    [[ -f $S/dcm/bundle/config.json ]] || timed "${name}_dcm" "$FK" train dcm --bundle "$S/causal/bundle" \
+    # The stacking teacher already plays frame by frame in a causal session as it samples (docs/world_controls.md,
+    # fifth sitting), so by default dCM distils it directly: the causal stage (WARP_CAUSAL_STEPS > 0) lost half
+    # of its turns and two thirds of its walk.
+    local base=$T rows=()
+    if [[ ${WARP_CAUSAL_STEPS:-0} -gt 0 ]]; then
+        [[ -f $S/causal/bundle/config.json ]] || timed "${name}_causal" "$FK" train causal --bundle "$T" \
+            --out "$S/causal" --steps "$WARP_CAUSAL_STEPS" --lr 2e-4 --stack-noise 0.3 "${STUDENT[@]}"
+        base=$S/causal/bundle rows=("${name}_causal_10 $S/causal/bundle 10")
+    fi
+    [[ -f $S/dcm/bundle/config.json ]] || timed "${name}_dcm" "$FK" train dcm --bundle "$base" \
         --out "$S/dcm" --steps "${WARP_DCM_STEPS:-300}" --lr 1e-4 --guidance 1.0 "${STUDENT[@]}"
     [[ -f $S/dmd/bundle/config.json ]] || timed "${name}_dmd" "$FK" train dmd --bundle "$S/dcm/bundle" --teacher "$T" \
         --out "$S/dmd" --steps "${WARP_DMD_STEPS:-200}" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --guidance 1.0 \
@@ -174,8 +197,11 @@ warp_recipe() {
     [[ -f $RUNS/controls/${name}_teacher_8.json ]] || "$FK" eval controls --bundle "$T" --env $ENV_NAME --episodes 4 \
         --still 16 --mode bidirectional --steps 8 --guidance 1.0 --threads 1 --json \
         --out "$RUNS/controls/${name}_teacher_8.json" > /dev/null
-    for row in "${name}_causal_10 $S/causal/bundle 10" "${name}_dcm_2 $S/dcm/bundle 2" "${name}_dmd_1 $S/dmd/bundle 1" \
-               "${name}_dmd_2 $S/dmd/bundle 2"; do
+    [[ -f $RUNS/controls/${name}_teacher_session_8.json ]] || "$FK" eval controls --bundle "$T" --env $ENV_NAME \
+        --episodes 4 --still 16 --mode session --steps 8 --guidance 1.0 --threads 1 --json \
+        --out "$RUNS/controls/${name}_teacher_session_8.json" > /dev/null
+    rows+=("${name}_dcm_2 $S/dcm/bundle 2" "${name}_dmd_1 $S/dmd/bundle 1" "${name}_dmd_2 $S/dmd/bundle 2")
+    for row in "${rows[@]}"; do
         set -- $row
         eval_row "$1" "$2" "$3"
         [[ -f $RUNS/controls/$1.json ]] || "$FK" eval controls --bundle "$2" --env $ENV_NAME --episodes 8 --steps "$3" \
