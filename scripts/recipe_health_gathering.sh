@@ -10,9 +10,7 @@
 #
 # Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
-# walk (the keys' running average and the flow of walking; all three docs/world_controls.md) run only when named;
-# ship_walk ships the walk stage's student as models/default (the shipped default since the fifth sitting:
-# DATA=... RUNS=... CODEC=models/default scripts/recipe_health_gathering.sh record walk ship_walk bench longplay).
+# walk (the keys' running average and the flow of walking; all three docs/world_controls.md) run only when named.
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
 # (WARP_CAUSAL_STEPS: a causal stage before dCM in the still and walk recipes, default 0: none)
 # override the step counts below.
@@ -155,18 +153,11 @@ stage_walk() {
     # moving the stacked frame by the per-pixel flow of walking (the floor and ceiling streaming past).
     warp_recipe walk "${WALK_TEACHER_STEPS:-1000}" --action-momentum 0.82 --camera-flow
     # Then SF-DMD again from the SF-DMD student, on its own 24-frame rollouts scored in the teacher's 6-frame
-    # windows (docs/world_controls.md, fifth sitting): the shipped default's weights.
+    # windows (docs/world_controls.md, fifth sitting; not shipped: its long play melts into a flat texture).
     local S=$RUNS/walk
     [[ -f $S/dmd_long/bundle/config.json ]] || timed walk_dmd_long "$FK" train dmd --bundle "$S/dmd/bundle" \
         --teacher "$S/teacher/bundle" --out "$S/dmd_long" --steps "${WALK_LONG_STEPS:-150}" --lr 1e-5 --critic-lr 2e-4 \
         --critic-steps 5 --guidance 1.0 --rollout-chunks 24 "${STUDENT[@]}"
-}
-stage_ship_walk() {
-    # The shipped default (models/default, fifth sitting): the walking student at 1 step, inference noise 0.1 on
-    # the stacked frame (without it a still world runs away past ~30 frames) and sampling temperature 0.6.
-    "$FK" ship --bundle "$RUNS/walk/dmd_long/bundle" --out models/default --start-data "$HELDOUT" --scenes 8 \
-        --scene-frames 4 --steps 1 --seed 1 --stack-noise 0.1 --noise-scale 0.6 --card models/default/card.md \
-        --name default
 }
 # A camera-warp teacher NAME (TEACHER_STEPS, extra teacher flags) and its students, with their quality and control rows.
 warp_recipe() {
