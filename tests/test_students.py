@@ -167,6 +167,23 @@ def test_dcm_target_is_the_teacher_step_at_the_first_interval(causal, clips):
     assert loss.item() < 1e-8
 
 
+def test_dcm_stack_noise_reaches_every_model_of_a_stacking_student(clips):
+    """With ``stack_noise`` the student, its target and the teacher all see the same noised stacked frame
+    (so a student equal to the teacher still has zero loss at the first interval); without stacking it is
+    a no-op."""
+    stacking = Bundle.random(tiny_config(stack_frames=1), seed=0).model
+    x0, action = clips.sample(2, CLIP, torch.Generator().manual_seed(0))
+
+    def loss(model, noise, intervals=4, student=None):
+        cfg = DCMConfig(intervals=intervals, guidance_scale=1.0, stack_noise=noise)
+        return dcm_loss(student or model, model, model, x0, action, cfg, 1.0, torch.Generator().manual_seed(0))
+
+    assert loss(stacking, 0.3, intervals=1).item() < 1e-8
+    assert loss(stacking, 0.3).item() != loss(stacking, 0.0).item()
+    plain = Bundle.random(tiny_config(), seed=0).model
+    assert loss(plain, 0.3).item() == loss(plain, 0.0).item()
+
+
 # -- stage 3 ----------------------------------------------------------------------------------------
 def test_model_jvp_equals_finite_difference(clips):
     """torch.func.jvp through the whole model (teacher-forcing mask, attention, adaLN) against a central
@@ -470,7 +487,7 @@ def test_the_recipe_runs_with_frame_stacking(tmp_path, clips, extra):
     causal = train_causal(teacher, clips, CausalConfig(out=str(tmp_path / "c"), steps=4, stack_noise=0.3, **quick),
                           progress=False)
     dcm = train_dcm(Bundle.load(causal["bundle"]), clips, DCMConfig(out=str(tmp_path / "d"), steps=4, intervals=4,
-                                                                     **quick), progress=False)
+                                                                     stack_noise=0.3, **quick), progress=False)
     student = Bundle.load(dcm["bundle"])
     ro = runtime.rollout.Rollout(student.model, student.sampler, batch=2)
     x, action = clips.sample(2, 6, torch.Generator().manual_seed(3))

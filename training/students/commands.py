@@ -53,7 +53,7 @@ def _dcm(args: argparse.Namespace) -> int:
 
     teacher, clips, held = _inputs(args)
     cfg = _common(DCMConfig, args, intervals=args.intervals, guidance_scale=args.guidance, ema=args.ema,
-                  sample_steps=args.sample_steps)
+                  sample_steps=args.sample_steps, stack_noise=args.stack_noise)
     print(json.dumps(train_dcm(teacher, clips, cfg, held)))
     return 0
 
@@ -147,6 +147,9 @@ def register(commands) -> None:
                    help="CFG of the teacher step (default: bundle's)")
     p.add_argument("--ema", type=fraction, default=0.99, help="EMA decay of the target network, in [0, 1)")
     p.add_argument("--sample-steps", type=positive_int, default=2, help="student steps written into the bundle")
+    p.add_argument("--stack-noise", type=fraction, default=0.0,
+                   help="frame-stacking models: noise on the stacked frames the student, its target and the teacher "
+                        "see, a level up to this (the student then continues imperfect frames, as it will its own)")
 
     p = commands.add("scm", help="TF-CM continuous (sCM, flow-matching form): tangent by forward-mode JVP "
                      "through the whole model (resumable)", func=_scm, group="train")

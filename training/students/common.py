@@ -95,13 +95,13 @@ def tf_previous(model: CausalDiT, clean: torch.Tensor, previous: torch.Tensor | 
 
 
 def guided_tf_velocity(model: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
-                       action: Conditions, scale: float) -> torch.Tensor:
+                       action: Conditions, scale: float, previous: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free guidance: v_u + g (v_c - v_u), unconditional = zeroed actions and audio
     (`training.conditions.null`)."""
     if scale == 1.0:
-        return tf_velocity(model, clean, noisy, t, action)
+        return tf_velocity(model, clean, noisy, t, action, previous)
     v = tf_velocity(model, torch.cat([clean, clean]), torch.cat([noisy, noisy]), torch.cat([t, t]),
-                    cat([action, null(action)], 0))
+                    cat([action, null(action)], 0), None if previous is None else torch.cat([previous, previous]))
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + scale * (v_cond - v_uncond)
 

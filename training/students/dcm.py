@@ -36,6 +36,7 @@ from training.students.common import (
     tf_velocity,
     trainable_copy,
 )
+from training.teacher import stacked
 
 
 @dataclass
@@ -45,6 +46,7 @@ class DCMConfig(StageConfig):
     guidance_scale: float | None = None  # teacher CFG; None: the causal teacher bundle's
     ema: float = 0.99
     sample_steps: int = 2
+    stack_noise: float = 0.0  # frame stacking: noise on the stacked frames every model sees, a level up to this
 
 
 def level_grid(cfg: DCMConfig) -> torch.Tensor:
@@ -53,10 +55,10 @@ def level_grid(cfg: DCMConfig) -> torch.Tensor:
     return shift_timesteps(grid, cfg.shift) if cfg.shift != 1.0 else grid
 
 
-def consistency(model, clean: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor
-                ) -> torch.Tensor:
+def consistency(model, clean: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor,
+                previous: torch.Tensor | None = None) -> torch.Tensor:
     """f(x_t, t) = x_t - t v(x_t, t): the student's x0 prediction under teacher forcing."""
-    return x_t - t[:, :, None, None, None] * tf_velocity(model, clean, x_t, t, action)
+    return x_t - t[:, :, None, None, None] * tf_velocity(model, clean, x_t, t, action, previous)
 
 
 def dcm_loss(student, target, teacher, x0: torch.Tensor, action: torch.Tensor, cfg: DCMConfig, guidance: float,
@@ -68,11 +70,14 @@ def dcm_loss(student, target, teacher, x0: torch.Tensor, action: torch.Tensor, c
     t, t_prev = grid[n], grid[n - 1]
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     x_t = (1 - t[:, :, None, None, None]) * x0 + t[:, :, None, None, None] * noise
+    # noise on the stacked frames (as the teacher was trained): a student fed its own, imperfect frames at
+    # inference has seen a previous frame that is not the truth
+    previous = stacked(student, x0, generator, cfg.stack_noise) if cfg.stack_noise > 0 else None
     with torch.no_grad():
-        v = guided_tf_velocity(teacher, x0, x_t, t, action, guidance)
+        v = guided_tf_velocity(teacher, x0, x_t, t, action, guidance, previous)
         x_prev = x_t + (t_prev - t)[:, :, None, None, None] * v
-        y = consistency(target, x0, x_prev, t_prev, action)
-    return (consistency(student, x0, x_t, t, action).float() - y.float()).pow(2).mean()
+        y = consistency(target, x0, x_prev, t_prev, action, previous)
+    return (consistency(student, x0, x_t, t, action, previous).float() - y.float()).pow(2).mean()
 
 
 def train_dcm(teacher: Bundle, clips: LatentClips, cfg: DCMConfig, eval_clips: LatentClips | None = None,
