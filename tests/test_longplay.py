@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from runtime import Bundle, ModelConfig, SamplerConfig, open_session
-from training.longplay import LongPlayConfig, high_frequency_ratio, long_play, plot_long_play
+from training.longplay import LongPlayConfig, high_frequency_ratio, long_play, plot_long_play, row_structure
 
 
 def test_high_frequency_ratio_separates_noise_from_smooth_images():
@@ -16,13 +16,28 @@ def test_high_frequency_ratio_separates_noise_from_smooth_images():
     assert high_frequency_ratio(smooth) < 0.2
 
 
+def test_row_structure_tells_a_banded_view_from_a_melted_texture():
+    """A Doom-like view (dark sky, a wall band, a green floor) against the flat textured mush a melted
+    rollout becomes: their variances are alike, their layouts are not."""
+    rng = np.random.default_rng(0)
+    view = np.zeros((2, 48, 48, 3))
+    view[:, :18] = (5, 5, 30)
+    view[:, 18:26] = (140, 140, 110)
+    view[:, 26:] = (20, 90, 20)
+    view = np.clip(view + rng.normal(0, 8, view.shape), 0, 255).astype(np.uint8)
+    melt = np.clip(rng.normal(80, 40, (2, 48, 48, 3)), 0, 255).astype(np.uint8)
+    assert melt.astype(float).var() > 0.5 * view.astype(float).var()
+    assert row_structure(view) > 20 * row_structure(melt)
+
+
 def test_long_play_tracks_memory_and_frames(tmp_path):
     cfg = ModelConfig.tiny(num_layers=1, latent_height=4, latent_width=4, window_frames=4, sink_frames=1)
     session = open_session(Bundle.random(cfg, sampler=SamplerConfig(steps=1)))
     result = long_play(session, LongPlayConfig(frames=300, policy="random", window=50), progress=False)
     assert result["frames"] == 300 and len(result["points"]) == 6
     assert result["kv_cache_bytes_constant"]
-    assert all(p["spatial_var"] > 0 for p in result["points"])
+    assert all(p["spatial_var"] > 0 and p["row_structure"] >= 0 for p in result["points"])
+    assert result["row_structure_last"] == result["points"][-1]["row_structure"]
     plot_long_play([result], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
 

@@ -3,9 +3,11 @@
 Runs a session for many frames (no-op or random held keys) and tracks, per window of frames:
 spatial variance of the frames (collapse to a constant drives it to 0), frame-to-frame change
 (frozen video drives it to 0; noise drives it up to the level of unrelated frames), a
-high-frequency energy ratio (noise raises it), process memory and KV-cache bytes (both must
-stay flat), and, given an inverse-dynamics probe, how often the probe reads the commanded keys
-from consecutive generated frames (controls that fade over a long rollout drive it down).
+high-frequency energy ratio (noise raises it), the scene's layout (`row_structure`: a view that
+melts into one flat texture loses its sky, wall and floor bands while its variance and change still
+look alive), process memory and KV-cache bytes (both must stay flat), and, given an
+inverse-dynamics probe, how often the probe reads the commanded keys from consecutive generated
+frames (controls that fade over a long rollout drive it down).
 `forcekit eval longplay` prints the summary as JSON and plots the curves.
 """
 
@@ -45,6 +47,13 @@ def high_frequency_ratio(frames: np.ndarray) -> float:
     dx = np.diff(x, axis=-1).var() + np.diff(x, axis=-2).var()
     total = x.var(axis=(-1, -2)).mean()
     return float(dx / (2 * total)) if total > 1e-9 else 0.0
+
+
+def row_structure(frames: np.ndarray) -> float:
+    """Variance over the rows of each frame's row means (over width and colour), averaged over the frames
+    ``[n, H, W, 3]``: large for a view of bands (a sky, a wall, a floor), near 0 for one flat texture."""
+    rows = frames.astype(np.float64).mean(axis=(-1, -2))
+    return float(rows.var(axis=-1).mean())
 
 
 def probe_key_columns(probe, action_space) -> list[int]:
@@ -93,6 +102,7 @@ def long_play(session, cfg: LongPlayConfig, progress: bool = True, probe=None) -
                 "spatial_var": float(block.var(axis=(1, 2, 3)).mean()),
                 "change": float(np.abs(np.diff(seq, axis=0)).mean()) if len(seq) > 1 else 0.0,
                 "hf_ratio": high_frequency_ratio(block),
+                "row_structure": row_structure(block),
                 "rss_mb": rss_bytes() / 2**20,
                 "kv_cache_bytes": session.stats()["kv_cache_bytes"],
             })
@@ -112,6 +122,7 @@ def long_play(session, cfg: LongPlayConfig, progress: bool = True, probe=None) -
         "spatial_var_first": first["spatial_var"], "spatial_var_last": last["spatial_var"],
         "change_first": first["change"], "change_last": last["change"],
         "hf_ratio_first": first["hf_ratio"], "hf_ratio_last": last["hf_ratio"],
+        "row_structure_first": first["row_structure"], "row_structure_last": last["row_structure"],
         **({"probe_exact_first": first["probe_exact"], "probe_exact_last": last["probe_exact"],
             "probe_per_key_first": first["probe_per_key"], "probe_per_key_last": last["probe_per_key"]}
            if probe is not None else {}),
@@ -126,7 +137,8 @@ def plot_long_play(results: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("spatial_var", "frame variance"), ("change", "frame-to-frame change"),
-            ("hf_ratio", "high-frequency ratio (noise ~ 2)"), ("rss_mb", "process memory (MiB)")]
+            ("hf_ratio", "high-frequency ratio (noise ~ 2)"), ("row_structure", "layout (row-mean variance)"),
+            ("rss_mb", "process memory (MiB)")]
     if all("probe_per_key" in r["points"][0] for r in results):
         keys.append(("probe_per_key", "probe accuracy per key (commanded keys)"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
