@@ -65,7 +65,7 @@ def _train_lipsync_teacher(args: argparse.Namespace) -> int:
                              lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
                              action_dropout=args.audio_dropout, guidance_scale=args.guidance,
                              sample_steps=args.sample_steps, context_prob=args.context_prob, loss_region=region,
-                             outside_weight=args.outside_weight, extra=extra)
+                             outside_weight=args.outside_weight, timestep_shift=args.timestep_shift, extra=extra)
     clips = encode_lipsync_latents(args.data, codec, spec, args.max_episodes, cache_dir=args.out)
     print(json.dumps(train_teacher(cfg, model_cfg, clips, codec, fps=float(meta["fps"]))))
     return 0
@@ -120,6 +120,9 @@ def register(commands) -> None:
     p.add_argument("--context-prob", type=fraction, default=0.75,
                    help="share of clips with a clean prefix (whose mouths the model can copy instead of hearing "
                         "the audio); the rest are all noisy")
+    p.add_argument("--timestep-shift", type=positive_float, default=1.0,
+                   help="train on noise levels shifted toward t = 1 by this factor (very large: the model is "
+                        "trained as a regressor of the frame given its conditions)")
     p.add_argument("--audio-dropout", type=fraction, default=0.1, help="share of clips trained with silent audio (CFG)")
     p.add_argument("--guidance", type=positive_float, default=1.5,
                    help="audio CFG scale written into the bundle's sampler")
