@@ -105,6 +105,15 @@ class LipsyncSpec:
         y0, x0, y1, x1 = self.crop_box
         return frames[:, y0:y1, x0:x1]
 
+    def paste(self, frames: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+        """The input ``frames`` with the model's ``drawn`` frames put back where `crop` cut them from."""
+        if self.crop_box is None:
+            return drawn
+        y0, x0, y1, x1 = self.crop_box
+        out = frames.copy()
+        out[:, y0:y1, x0:x1] = drawn
+        return out
+
     @property
     def model_mask_box(self) -> tuple[int, int, int, int]:
         """The mask box in the coordinates of the model's frames (the crop's)."""
@@ -250,9 +259,10 @@ class LipsyncSession(StreamSession):
         if bundle.codec.temporal:
             raise ValueError(f"lip-sync needs a per-frame codec; {bundle.codec.type_name!r} is temporal")
         face_size = self.spec.face_size or bundle.frame_size
-        if self.spec.model_size(*face_size) != tuple(bundle.frame_size):
+        drawn_size = self.spec.model_size(*face_size)
+        if drawn_size != tuple(bundle.frame_size):
             raise ValueError(f"bundle {bundle.name!r}: its model draws {bundle.frame_size[0]}x{bundle.frame_size[1]} "
-                             f"frames, its lip-sync spec crops {self.spec.model_size(*face_size)}")
+                             f"frames, its lip-sync spec crops {drawn_size}")
         want = (self.spec.video_channels(cfg.in_channels), self.spec.audio_config.dim)
         if (cfg.video_channels, cfg.audio_dim) != want:
             raise ValueError(f"bundle {bundle.name!r}: model takes video_channels {cfg.video_channels} and audio_dim "
@@ -286,12 +296,7 @@ class LipsyncSession(StreamSession):
         drawn = self.decoder.decode_chunk(x0).cpu().numpy()
         if self.spec.composite:
             drawn = composite(drawn, self.spec.crop(frames), self._alpha)
-        if self.spec.crop_box is None:
-            out = drawn
-        else:
-            y0, x0_, y1, x1 = self.spec.crop_box
-            out = frames.copy()
-            out[:, y0:y1, x0_:x1] = drawn
+        out = self.spec.paste(frames, drawn)
         self.record_chunk((time.perf_counter() - start) * 1000, len(out))
         return out
 

@@ -53,8 +53,9 @@ def main() -> None:
     bundle = Bundle.load(args.bundle)
     spec = LipsyncSpec.from_dict(bundle.extra["lipsync"])
     model, codec, n, s = bundle.model.eval(), bundle.codec, args.frames, args.start
-    _, clips = load_clips(args.clips, ("frames", "actions", "mouth"), 2 * args.pairs)
-    if spec.condition == "oracle_mouth":   # an oracle is told the true (or the other clip's) mouth, not the audio
+    oracle = spec.condition == "oracle_mouth"   # an oracle is told the true (or the other clip's) mouth
+    _, clips = load_clips(args.clips, ("frames", "actions") + (("mouth",) if oracle else ()), 2 * args.pairs)
+    if oracle:
         for c in clips:
             c["actions"] = oracle_features(c["mouth"], c["actions"].shape[1])
     scores: dict[str, list[tuple[float, float]]] = {"true_audio": [], "other_audio": []}

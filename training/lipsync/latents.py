@@ -76,19 +76,20 @@ def encode_lipsync_latents(data: str, codec: Codec, spec: LipsyncSpec, max_episo
         return LatentClips(d["latents"], FrameConditions(audio=d["audio"], video=d["video"]), d["episodes"],
                            d["reference"])
     lat, vid, aud, ref, episodes, row = [], [], [], [], [], 0
+    oracle = spec.condition == "oracle_mouth"
     codec.eval()
     shards: dict[int, dict[str, np.ndarray]] = {}
     with torch.no_grad():
         for si, start, length, seed in tqdm(rows, desc="encode lip-sync latents", disable=not progress):
             if si not in shards:
                 shards.clear()   # one shard at a time: episodes are stored in shard order
-                shards[si] = open_shard(ds.paths[si], ("frames", "actions", "mouth"))
+                shards[si] = open_shard(ds.paths[si], ("frames", "actions") + (("mouth",) if oracle else ()))
             shard = shards[si]
             frames, masked = spec.model_inputs(shard["frames"][start:start + length])
             lat.append(_encode(codec, frames, batch).half())
             vid.append(_encode(codec, masked, batch).half())
             audio = shard["actions"][start:start + length]
-            if spec.condition == "oracle_mouth":
+            if oracle:
                 audio = oracle_features(shard["mouth"][start:start + length], audio.shape[1])
             aud.append(torch.from_numpy(np.ascontiguousarray(audio)).float())
             ref.append(torch.full((length,), row, dtype=torch.long))   # the clip's first frame
