@@ -23,7 +23,7 @@ RUNS=${RUNS:-runs}
 THREADS=${THREADS:-2}
 ENV_NAME=doom:health_gathering
 CODEC=${CODEC:-$RUNS/codec}   # or a bundle dir, whose codec is used (e.g. models/default)
-TRAIN=$DATA/hg_train
+TRAIN=${TRAIN:-$DATA/hg_train}
 HELDOUT=$DATA/hg_heldout
 CODEC_STEPS=${CODEC_STEPS:-5000}
 TEACHER_STEPS=${TEACHER_STEPS:-6000}
@@ -39,7 +39,9 @@ log() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
 timed() { local name=$1; shift; local t0=$SECONDS; "$@"; echo "$name $((SECONDS - t0)) s" >> "$RUNS/times.txt"; }
 
 stage_record() {
-    timed record_train "$FK" record --env $ENV_NAME --episodes 240 --seed 0 --out "$TRAIN"
+    # IDLE_PROB > 0: idle stretches in the policy, so the data holds a world at rest (docs/world_controls.md)
+    timed record_train "$FK" record --env $ENV_NAME --episodes 240 --seed 0 --out "$TRAIN" \
+        --idle-prob "${IDLE_PROB:-0}"
     timed record_heldout "$FK" record --env $ENV_NAME --episodes 24 --seed 100000 --out "$HELDOUT"
     "$FK" data check "$TRAIN" > "$RUNS/data_check.txt"
 }

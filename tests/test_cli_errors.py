@@ -251,6 +251,8 @@ USAGE = [
     (["record", "--env", "doom:basic", "--episodes", "-1", "--out", "x"], "--episodes"),
     (["record", "--env", "doom:basic", "--episodes", "1", "--out", "x", "--size", "0x8"], "--size"),
     (["record", "--env", "doom:basic", "--episodes", "1", "--out", "x", "--max-hold", "0"], "--max-hold"),
+    (["record", "--env", "doom:basic", "--episodes", "1", "--out", "x", "--idle-prob", "1.5"], "--idle-prob"),
+    (["record", "--env", "doom:basic", "--episodes", "1", "--out", "x", "--idle-hold", "9,3"], "--idle-hold"),
     # A missing bundle after the bad argument: should the argument get through, the command fails, not hangs.
     (["play", "--fps", "0", "--bundle", "no-such-bundle"], "--fps"),
     (["serve", "--fps", "0", "--bundle", "no-such-bundle"], "--fps"),

@@ -96,6 +96,36 @@ def test_random_sticky_holds_and_covers_every_key():
     assert changes < 0.35                      # actions are held, not resampled every frame
 
 
+def _idle_runs(acts: np.ndarray) -> list[int]:
+    """Lengths of the stretches with no key held."""
+    runs, run = [], 0
+    for idle in acts.sum(1) == 0:
+        if idle:
+            run += 1
+        elif run:
+            runs.append(run)
+            run = 0
+    return runs + ([run] if run else [])
+
+
+def test_idle_stretches_bring_the_world_to_rest_and_zero_draws_as_before():
+    spec = ActionSpec(keys=["forward", "backward", "turn_left", "turn_right"])
+    pol, base = RandomSticky(spec, np.random.default_rng(3), 8), RandomSticky(spec, np.random.default_rng(3), 8,
+                                                                                idle_prob=0.0)
+    np.testing.assert_array_equal(np.stack([pol(None) for _ in range(500)]),
+                                  np.stack([base(None) for _ in range(500)]))
+    idle = RandomSticky(spec, np.random.default_rng(3), 8, idle_prob=0.2, idle_hold=(16, 24))
+    acts = np.stack([idle(None) for _ in range(6000)])
+    long_runs = sum(r >= 16 for r in _idle_runs(acts))
+    plain_long_runs = sum(r >= 16 for r in _idle_runs(np.stack([base(None) for _ in range(6000)])))
+    assert long_runs > 20 and long_runs > 5 * plain_long_runs, (long_runs, plain_long_runs)
+    assert ((acts > 0).mean(0) > 0.1).all()                    # every key is still held in a good share
+    with pytest.raises(ValueError, match="idle_prob"):
+        RandomSticky(spec, np.random.default_rng(0), 8, idle_prob=1.5)
+    with pytest.raises(ValueError, match="idle_hold"):
+        RandomSticky(spec, np.random.default_rng(0), 8, idle_prob=0.1, idle_hold=(10, 5))
+
+
 def test_shard_round_trip(tmp_path):
     store = ShardStore(tmp_path)
     store.write_meta({"engine": "x", "resolution": [4, 4], "action_space": {"keys": ["a", "b"]}})

@@ -33,6 +33,16 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _hold_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad hold range {text!r}: expected MIN,MAX frames, e.g. 16,48") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"bad hold range {text!r}: need 1 <= MIN <= MAX")
+    return lo, hi
+
+
 def _levels(text: str) -> tuple[float, ...]:
     """Comma-separated noise levels, each in (0, 1]."""
     try:
@@ -49,7 +59,8 @@ def _record(args: argparse.Namespace) -> int:
 
     cfg = RecordConfig(env=args.env, episodes=args.episodes, policy=args.policy, seed=args.seed,
                        size=args.size, frame_skip=args.frame_skip, episodes_per_shard=args.episodes_per_shard,
-                       max_frames=args.max_frames, max_hold=args.max_hold)
+                       max_frames=args.max_frames, max_hold=args.max_hold, idle_prob=args.idle_prob,
+                       idle_hold=args.idle_hold)
     print(json.dumps(record(cfg, args.out)))
     return 0
 
@@ -295,6 +306,9 @@ def register(commands) -> None:
     p.add_argument("--episodes-per-shard", type=positive_int, default=8, help="episodes written per shard file")
     p.add_argument("--max-frames", type=positive_int, default=1000, help="cap on frames per episode")
     p.add_argument("--max-hold", type=positive_int, default=12, help="random-sticky: longest hold in frames")
+    p.add_argument("--idle-prob", type=fraction, default=0.0,
+                   help="random-sticky: chance that a new hold is an idle stretch (no key), so the world comes to rest")
+    p.add_argument("--idle-hold", type=_hold_range, default=(16, 48), help="idle stretch length MIN,MAX in frames")
 
     p = commands.add("check", help="verify every shard of a data dir and print a summary", func=_data_check,
                      group="data")

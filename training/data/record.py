@@ -31,27 +31,44 @@ class RecordConfig:
     episodes_per_shard: int = 8
     max_frames: int = 1000          # cap on frames per episode
     max_hold: int = 12              # random-sticky: hold an action for 1..max_hold frames
+    # random-sticky: the chance that a new hold is an idle stretch (no key for idle_hold[0]..idle_hold[1]
+    # frames). Doom keeps most of its speed from tic to tic, so only a long idle stretch reaches a world
+    # that stands still; plain sticky holds almost never do (0.07% of frames).
+    idle_prob: float = 0.0
+    idle_hold: tuple[int, int] = (16, 48)
 
 
 class RandomSticky:
     """Hold a uniformly drawn key combination for a uniformly drawn 1..max_hold frames.
 
     The combinations are noop, every single key, and every pair of non-opposite keys, so every
-    key is held in a good share of frames, alone and combined (e.g. forward + turn).
+    key is held in a good share of frames, alone and combined (e.g. forward + turn). With
+    ``idle_prob`` > 0 a new hold is, with that chance, no key for ``idle_hold`` frames instead: the
+    stretches in which a world with momentum comes to rest. ``idle_prob`` 0 draws exactly as before.
     """
 
-    def __init__(self, spec: ActionSpec, rng: np.random.Generator, max_hold: int) -> None:
+    def __init__(self, spec: ActionSpec, rng: np.random.Generator, max_hold: int, idle_prob: float = 0.0,
+                 idle_hold: tuple[int, int] = (16, 48)) -> None:
+        if not 0.0 <= idle_prob <= 1.0:
+            raise ValueError(f"idle_prob must be in [0, 1], got {idle_prob}")
+        if not 1 <= idle_hold[0] <= idle_hold[1]:
+            raise ValueError(f"idle_hold must be 1 <= min <= max, got {idle_hold}")
         keys = spec.keys
         combos = [()] + [(k,) for k in keys]
         combos += [c for c in itertools.combinations(keys, 2) if set(c) not in OPPOSITES]
         self.vectors = [spec.vector(list(c)) for c in combos]
         self.rng, self.max_hold = rng, max_hold
+        self.idle_prob, self.idle_hold = idle_prob, idle_hold
         self._left, self._current = 0, self.vectors[0]
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         if self._left <= 0:
-            self._current = self.vectors[self.rng.integers(len(self.vectors))]
-            self._left = int(self.rng.integers(1, self.max_hold + 1))
+            if self.idle_prob and self.rng.random() < self.idle_prob:
+                self._current = self.vectors[0]
+                self._left = int(self.rng.integers(self.idle_hold[0], self.idle_hold[1] + 1))
+            else:
+                self._current = self.vectors[self.rng.integers(len(self.vectors))]
+                self._left = int(self.rng.integers(1, self.max_hold + 1))
         self._left -= 1
         return self._current
 
@@ -95,7 +112,8 @@ def record(cfg: RecordConfig, out: str, progress: bool = True, env=None) -> dict
     store = ShardStore(out)
     env = env or make_env(cfg.env, size=cfg.size or (64, 64), frame_skip=cfg.frame_skip)
     try:
-        store.write_meta({**env.metadata(), "env": cfg.env, "policy": cfg.policy,
+        idle = {"idle_prob": cfg.idle_prob, "idle_hold": list(cfg.idle_hold)} if cfg.idle_prob else {}
+        store.write_meta({**env.metadata(), "env": cfg.env, "policy": cfg.policy, **idle,
                           "alignment": "actions[t] produced frames[t+1]"})
         store.remove_stale_temps()
         start = episodes_done(store)
@@ -105,7 +123,8 @@ def record(cfg: RecordConfig, out: str, progress: bool = True, env=None) -> dict
         for i in range(start, cfg.episodes):
             seed = cfg.seed + i
             # A per-episode policy RNG keeps a resumed recording identical to an uninterrupted one.
-            policy = POLICIES[cfg.policy](env.action_spec, np.random.default_rng([cfg.seed, i]), cfg.max_hold)
+            policy = POLICIES[cfg.policy](env.action_spec, np.random.default_rng([cfg.seed, i]), cfg.max_hold,
+                                          cfg.idle_prob, cfg.idle_hold)
             pending.append(record_episode(env, policy, seed, cfg.max_frames))
             bar.update(1)
             if len(pending) == cfg.episodes_per_shard or i == cfg.episodes - 1:
