@@ -13,6 +13,8 @@ from typing import Any
 from runtime.actions import ActionCondition, ActionSpace
 from runtime.chunks import ChunkPattern
 
+STACK_NOISE_FORMS = ("mix", "add")   # ModelConfig.stack_noise_form
+
 # What a JSON value may be for each annotation used by the config dataclasses below.
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
                                             "tuple": (list, tuple), "list": (list, tuple), "dict": (dict,)}
@@ -73,6 +75,10 @@ class ModelConfig:
     # With stacking: > 0 makes the network predict the velocity on top of the "nothing moved" estimate,
     # x0 ~ N(previous frame, still_prior^2), so a still world is the default (CausalDiT.still_velocity).
     still_prior: float = 0.0
+    # How noise augmentation mixes noise into the stacked frames (runtime.stacking): "mix" (1 - l) x + l n
+    # shrinks the frame, so the still prior learns to scale it back up, which a model fed its own frames
+    # compounds until the view runs away; "add" x + l n keeps the frame as the stacked input's mean.
+    stack_noise_form: str = "mix"
     patch_overlap: int = 0  # the patch embedding also reads this many latent pixels beyond each patch edge
     # With stacking: the held keys move the stacked frames by a global translation and zoom per key
     # (the camera's motion, CausalDiT.camera_motion, measured from the data by training.camera)
@@ -120,6 +126,8 @@ class ModelConfig:
         if self.still_prior < 0 or (self.still_prior and not self.stack_frames):
             raise ValueError(f"still_prior must be >= 0 and needs stack_frames >= 1, got still_prior "
                              f"{self.still_prior} with stack_frames {self.stack_frames}")
+        if self.stack_noise_form not in STACK_NOISE_FORMS:
+            raise ValueError(f"stack_noise_form must be one of {STACK_NOISE_FORMS}, got {self.stack_noise_form!r}")
         if self.camera_warp and not (self.stack_frames and self.actions.dim):
             raise ValueError("camera_warp needs stack_frames >= 1 and an action space")
         if not 0 <= self.action_momentum < 1 or (self.action_momentum and not self.actions.dim):

@@ -126,8 +126,9 @@ class Rollout:
         """``cond`` with the previous frames that the ``n`` frames of the chunk being denoised see."""
         if self._recent is None:
             return cond
-        newest = noised_at(next_previous(self._recent, self.model.config.stack_frames), self.sampler.stack_noise,
-                           self.generator)
+        cfg = self.model.config
+        newest = noised_at(next_previous(self._recent, cfg.stack_frames), self.sampler.stack_noise, self.generator,
+                           cfg.stack_noise_form)
         return replace(cond, previous=newest.expand(-1, n, *newest.shape[2:]))
 
     def _committing(self, cond: ChunkCondition, latents: torch.Tensor) -> ChunkCondition:
@@ -135,7 +136,8 @@ class Rollout:
         if self._recent is None:
             return cond
         previous = previous_frames(latents, self.model.config.stack_frames, self._recent)
-        return replace(cond, previous=noised_at(previous, self.sampler.stack_noise, self.generator))
+        return replace(cond, previous=noised_at(previous, self.sampler.stack_noise, self.generator,
+                                                self.model.config.stack_noise_form))
 
     def _push_recent(self, latents: torch.Tensor) -> None:
         """Keep the newest ``stack_frames`` clean latents (zeros before the first frame)."""

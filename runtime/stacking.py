@@ -47,17 +47,29 @@ def chunk_previous(previous: torch.Tensor, pattern: ChunkPattern) -> torch.Tenso
     return previous[:, starts]
 
 
-def noised_at(previous: torch.Tensor, level: float, generator: torch.Generator | None) -> torch.Tensor:
+def with_noise(previous: torch.Tensor, level: float | torch.Tensor, noise: torch.Tensor, form: str = "mix"
+               ) -> torch.Tensor:
+    """``previous`` with ``noise`` at ``level`` (`ModelConfig.stack_noise_form`): "mix" ``(1 - l) x + l n``,
+    "add" ``x + l n``, whose mean is the frame itself, so nothing is learnt that scales the frame up."""
+    if form == "add":
+        return previous + level * noise
+    if form == "mix":
+        return (1 - level) * previous + level * noise
+    raise ValueError(f"unknown stack noise form {form!r}")
+
+
+def noised_at(previous: torch.Tensor, level: float, generator: torch.Generator | None, form: str = "mix"
+              ) -> torch.Tensor:
     """Inference-time noise on the stacked frames at one fixed ``level`` (GameNGen): a model fed
     back its own frames amplifies its small errors frame after frame; a little noise on what it
     copies from (which training taught it to see through) keeps a long rollout from running away."""
     if level <= 0:
         return previous
     noise = torch.randn(previous.shape, generator=generator, device=previous.device, dtype=previous.dtype)
-    return (1 - level) * previous + level * noise
+    return with_noise(previous, level, noise, form)
 
 
-def noised(previous: torch.Tensor, max_level: float, generator: torch.Generator) -> torch.Tensor:
+def noised(previous: torch.Tensor, max_level: float, generator: torch.Generator, form: str = "mix") -> torch.Tensor:
     """Training-time noise augmentation of the stacked frames (GameNGen): each clip's previous
     frames mixed with noise at a random level in [0, max_level], so copying the past is not
     enough and the model must read the action; at inference the previous frames are the
@@ -67,4 +79,4 @@ def noised(previous: torch.Tensor, max_level: float, generator: torch.Generator)
     b = previous.shape[0]
     level = (max_level * torch.rand(b, generator=generator)).to(previous).view(b, *[1] * (previous.ndim - 1))
     noise = torch.randn(previous.shape, generator=generator).to(previous)
-    return (1 - level) * previous + level * noise
+    return with_noise(previous, level, noise, form)

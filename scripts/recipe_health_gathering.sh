@@ -10,7 +10,8 @@
 #
 # Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
-# walk (the keys' running average and the flow of walking; all three docs/world_controls.md) run only when named.
+# walk (the keys' running average and the flow of walking) and rest (walk with unbiased stack noise; all four
+# docs/world_controls.md) run only when named.
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
 # (WARP_CAUSAL_STEPS: a causal stage before dCM in the still and walk recipes, default 0: none)
 # override the step counts below.
@@ -160,6 +161,13 @@ stage_walk() {
     [[ -f $S/dmd_long/bundle/config.json ]] || timed walk_dmd_long "$FK" train dmd --bundle "$S/dmd/bundle" \
         --teacher "$S/teacher/bundle" --out "$S/dmd_long" --steps "${WALK_LONG_STEPS:-150}" --lr 1e-5 --critic-lr 2e-4 \
         --critic-steps 5 --guidance 1.0 --rollout-chunks 24 "${STUDENT[@]}"
+}
+stage_rest() {
+    # The walk recipe with noise added to the stacked frame (x + l n) instead of mixed in ((1 - l) x + l n): the
+    # mixed form taught the still prior to scale the frame back up, which a model fed its own frames compounds
+    # until a still view runs away (docs/world_controls.md, sixth sitting). Best on data with idle stretches
+    # (record with IDLE_PROB=0.06).
+    warp_recipe rest "${REST_TEACHER_STEPS:-1000}" --action-momentum 0.82 --camera-flow --stack-noise-form add
 }
 # A camera-warp teacher NAME (TEACHER_STEPS, extra teacher flags) and its students, with their quality and control rows.
 warp_recipe() {

@@ -5,7 +5,8 @@ import torch
 
 from runtime import ChunkCondition, SamplerConfig
 from runtime.rollout import Rollout
-from runtime.stacking import chunk_previous, next_previous, noised, previous_frames
+from runtime import ModelConfig
+from runtime.stacking import chunk_previous, next_previous, noised, noised_at, previous_frames
 from tests.helpers import rollout_latents, tiny_model
 from training.students.common import tf_velocity
 from training.teacher import sample_clip
@@ -36,6 +37,19 @@ def test_noised_mixes_each_clip_with_noise_up_to_the_level():
     levels = 1 - out.mean(dim=(1, 2, 3, 4))   # noise has mean ~0: the clean share is 1 - level
     assert levels.min() > -0.1 and levels.max() < 0.6 and levels.std() > 0.05
     assert noised(prev, 0.0, torch.Generator()) is prev
+
+
+def test_added_stack_noise_keeps_the_frame_as_its_mean_where_mixed_noise_shrinks_it():
+    prev = torch.full((256, 1, 3, 8, 8), 2.0)
+    added = noised(prev, 0.5, torch.Generator().manual_seed(0), "add")
+    mixed = noised(prev, 0.5, torch.Generator().manual_seed(0), "mix")
+    assert abs(added.mean().item() - 2.0) < 0.02          # unbiased: nothing to learn that scales the frame up
+    assert mixed.mean().item() < 1.7                       # shrunk by about 1 - E[level] = 0.75
+    assert (added - prev).std() > 0.1
+    at = noised_at(prev, 0.3, torch.Generator().manual_seed(1), "add")
+    assert abs(at.mean().item() - 2.0) < 0.02 and abs((at - prev).std().item() - 0.3) < 0.02
+    with pytest.raises(ValueError, match="stack_noise_form"):
+        ModelConfig(stack_frames=1, stack_noise_form="multiply")
 
 
 PATTERNS = [dict(frames_per_chunk=1, window_frames=3, sink_frames=1),

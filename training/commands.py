@@ -142,7 +142,8 @@ def _train_teacher(args: argparse.Namespace) -> int:
                             num_attention_heads=args.heads, attention_head_dim=args.head_dim,
                             num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
                             action_space=space, frames_per_chunk=1, stack_frames=args.stack_frames,
-                            still_prior=args.still_prior, patch_overlap=args.patch_overlap,
+                            still_prior=args.still_prior, stack_noise_form=args.stack_noise_form,
+                            patch_overlap=args.patch_overlap,
                             camera_warp=args.camera_warp, action_momentum=args.action_momentum,
                             camera_flow=args.camera_flow,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
@@ -367,6 +368,8 @@ def register(commands) -> None:
                         "channel axis (DIAMOND/GameNGen), so copying the last view, moved by the key, is local")
     p.add_argument("--stack-noise", type=nonnegative_float, default=0.0,
                    help="noise augmentation of the stacked frames during training, a random level up to this")
+    p.add_argument("--stack-noise-form", choices=("mix", "add"), default="mix",
+                   help="how the stacked frames take the noise: mix (1-l) x + l n, or add x + l n (unbiased)")
     p.add_argument("--still-prior", type=nonnegative_float, default=0.0,
                    help="with stacking: predict the velocity on top of the 'nothing moved' estimate (the previous "
                         "frame, with this std of change in latent units), so a fresh model is a still world")

@@ -118,11 +118,12 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: Condition
 def stacked(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
             noise: float = 0.0) -> torch.Tensor | None:
     """The previous frames a stacking model sees for clean clips ``x0`` (None without stacking)."""
-    k = getattr(getattr(getattr(model, "module", model), "config", None), "stack_frames", 0)  # DDP wraps models
+    cfg = getattr(getattr(model, "module", model), "config", None)  # DDP wraps models
+    k = getattr(cfg, "stack_frames", 0)
     if not k:
         return None
     previous = previous_frames(x0, k)
-    return noised(previous, noise, generator) if noise > 0 else previous
+    return noised(previous, noise, generator, cfg.stack_noise_form) if noise > 0 else previous
 
 
 @torch.no_grad()
