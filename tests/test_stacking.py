@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from runtime import ChunkCondition, SamplerConfig
+from runtime import ChunkCondition, ModelConfig, SamplerConfig
 from runtime.rollout import Rollout
-from runtime import ModelConfig
 from runtime.stacking import chunk_previous, next_previous, noised, noised_at, previous_frames
 from tests.helpers import rollout_latents, tiny_model
 from training.students.common import tf_velocity
