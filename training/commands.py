@@ -18,6 +18,7 @@ from forcekit.cli import (
     seed_int,
 )
 from runtime.commands import video_path
+from runtime.config import STACK_NOISE_FORMS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -368,7 +369,7 @@ def register(commands) -> None:
                         "channel axis (DIAMOND/GameNGen), so copying the last view, moved by the key, is local")
     p.add_argument("--stack-noise", type=nonnegative_float, default=0.0,
                    help="noise augmentation of the stacked frames during training, a random level up to this")
-    p.add_argument("--stack-noise-form", choices=("mix", "add"), default="mix",
+    p.add_argument("--stack-noise-form", choices=STACK_NOISE_FORMS, default="mix",
                    help="how the stacked frames take the noise: mix (1-l) x + l n, or add x + l n (unbiased)")
     p.add_argument("--still-prior", type=nonnegative_float, default=0.0,
                    help="with stacking: predict the velocity on top of the 'nothing moved' estimate (the previous "
