@@ -735,8 +735,10 @@ class Server:
                 return
             if peer.pipeline.error is not None:
                 await self.close_peer(peer, f"generation failed: {peer.pipeline.error!r}")
-            elif now() - peer.last_seen > self.config.idle_timeout_s:
+                return  # at once: a closed peer's tasks end with it, holding nothing of it
+            if now() - peer.last_seen > self.config.idle_timeout_s:
                 await self.close_peer(peer, f"idle for more than {self.config.idle_timeout_s} s")
+                return
 
     async def push_stats(self, peer: Peer) -> None:
         while True:
