@@ -79,6 +79,11 @@ class ModelConfig:
     # shrinks the frame, so the still prior learns to scale it back up, which a model fed its own frames
     # compounds until the view runs away; "add" x + l n keeps the frame as the stacked input's mean.
     stack_noise_form: str = "mix"
+    # With stacking: the model is told the stacked frames' noise level (an embedding of it added to the
+    # timestep's, as GameNGen does). A level-blind model must hedge between "copy" and "denoise" on every
+    # stacked frame, so even a clean one (level 0, what inference feeds) is shrunk toward the mean and a
+    # still view fades frame after frame; told the level, it copies a clean frame as it is.
+    stack_noise_condition: bool = False
     patch_overlap: int = 0  # the patch embedding also reads this many latent pixels beyond each patch edge
     # With stacking: the held keys move the stacked frames by a global translation and zoom per key
     # (the camera's motion, CausalDiT.camera_motion, measured from the data by training.camera)
@@ -126,6 +131,8 @@ class ModelConfig:
         if self.still_prior < 0 or (self.still_prior and not self.stack_frames):
             raise ValueError(f"still_prior must be >= 0 and needs stack_frames >= 1, got still_prior "
                              f"{self.still_prior} with stack_frames {self.stack_frames}")
+        if self.stack_noise_condition and not self.stack_frames:
+            raise ValueError("stack_noise_condition needs stack_frames >= 1")
         if self.stack_noise_form not in STACK_NOISE_FORMS:
             raise ValueError(f"stack_noise_form must be one of {STACK_NOISE_FORMS}, got {self.stack_noise_form!r}")
         if self.camera_warp and not (self.stack_frames and self.actions.dim):

@@ -97,12 +97,22 @@ class ConditionEmbedder(nn.Module):
         action_dim = cfg.action_condition_dim
         self.action_embedder = MLPEmbedder(action_dim, d, nn.SiLU()) if action_dim else None
         self.audio_embedder = MLPEmbedder(cfg.audio_dim, d, nn.SiLU()) if cfg.audio_dim else None
+        # stack_noise_condition: the stacked frames' noise level, embedded like a timestep; its output layer
+        # starts at zero, so a fresh model starts level-blind and learns what the level changes
+        self.stack_level_embedder = MLPEmbedder(cfg.freq_dim, d, nn.SiLU()) if cfg.stack_noise_condition else None
+        if self.stack_level_embedder is not None:
+            nn.init.zeros_(self.stack_level_embedder.linear_2.weight)
+            nn.init.zeros_(self.stack_level_embedder.linear_2.bias)
 
-    def forward(self, t: torch.Tensor, action: torch.Tensor | None, audio: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t`` ``[B, F]`` (already scaled) -> temb ``[B, F, D]``, modulation ``[B, F, 6, D]``."""
+    def forward(self, t: torch.Tensor, action: torch.Tensor | None, audio: torch.Tensor | None,
+                stack_level: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` and ``stack_level`` ``[B, F]`` (already scaled) -> temb ``[B, F, D]``, modulation ``[B, F, 6, D]``."""
         # features in the embedder's dtype: a bf16 model takes fp32 timesteps (levels stay exact)
-        temb = self.time_embedder(timestep_features(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype))
+        dtype = self.time_embedder.linear_1.weight.dtype
+        temb = self.time_embedder(timestep_features(t, self.freq_dim).to(dtype))
+        if self.stack_level_embedder is not None:
+            level = torch.zeros_like(t) if stack_level is None else stack_level
+            temb = temb + self.stack_level_embedder(timestep_features(level, self.freq_dim).to(dtype))
         if self.action_embedder is not None and action is not None:
             temb = temb + self.action_embedder(action.to(temb.dtype))
         if self.audio_embedder is not None and audio is not None:
@@ -264,7 +274,7 @@ class CausalDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, *, action: torch.Tensor | None = None,
                 audio: torch.Tensor | None = None, video: torch.Tensor | None = None,
-                previous: torch.Tensor | None = None,
+                previous: torch.Tensor | None = None, stack_level: torch.Tensor | float | None = None,
                 text: torch.Tensor | None = None, mask: KeyIntervals | None = None,
                 frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 cache_mode: str = "transient", cache_only: bool = False, commit_frames: int = 0
@@ -273,9 +283,11 @@ class CausalDiT(nn.Module):
 
         ``action`` ``[B, F, A]``, ``audio`` ``[B, F, audio_dim]``, ``video`` ``[B, F, Cv, H, W]``,
         ``previous`` ``[B, F, stack_frames*C, H, W]`` (frame stacking: the clean latents each frame
-        may see, `runtime.stacking`), ``text`` ``[B, L, text_dim]``. ``frame_positions`` ``[F]`` are the
-        frames' RoPE indices (default: consecutive from the cache's next frame, or from 0; with a cache,
-        a tensor of those same values, so that a captured pass reads them, and the sink's shift, from it).
+        may see, `runtime.stacking`), ``stack_level`` the noise level mixed into them (a number, ``[B]`` or
+        ``[B, F]``; None: 0, clean; read only by a ``stack_noise_condition`` model), ``text``
+        ``[B, L, text_dim]``. ``frame_positions`` ``[F]`` are the frames' RoPE indices (default:
+        consecutive from the cache's next frame, or from 0; with a cache, a tensor of those same values,
+        so that a captured pass reads them, and the sink's shift, from it).
         With a ``cache``, the chunk attends to the cache (``mask`` is then derived from it) and ``append`` commits it.
         ``cache_only`` (with ``append``): only fill the cache and return None, skipping the work
         whose result nobody reads (the last block after its keys and values, the output head):
@@ -326,7 +338,11 @@ class CausalDiT(nn.Module):
             frame_positions = torch.arange(start, start + nf, device=x.device)
         rope = rope_cos_sin(rope_angles(frame_positions, gh, gw, cfg.attention_head_dim, cfg.rope_theta))
 
-        temb, mod = self.condition_embedder(timestep * cfg.timestep_scale, action, audio)
+        if stack_level is not None and cfg.stack_noise_condition:
+            stack_level = torch.as_tensor(stack_level, dtype=timestep.dtype, device=timestep.device)
+            stack_level = (stack_level.view(b, 1) if stack_level.ndim == 1 else stack_level).expand(b, nf)
+            stack_level = stack_level * cfg.timestep_scale
+        temb, mod = self.condition_embedder(timestep * cfg.timestep_scale, action, audio, stack_level)
         text_ctx = self.condition_embedder.text_embedder(text) if cfg.text_dim else None
         h = self.patch_embedding(x.transpose(1, 2)).flatten(2).transpose(1, 2).contiguous()  # [B, F*gh*gw, D]
         if self.audio_token_embedder is not None and audio is not None:

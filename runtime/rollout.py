@@ -169,7 +169,8 @@ class Rollout:
              commit_frames: int = 0) -> torch.Tensor | None:
         if self.cache is not None:
             return self.model(x, t, action=cond.action, audio=cond.audio, video=cond.video,
-                              previous=cond.previous, text=cond.text, cache=self.cache, cache_mode=cache_mode,
+                              previous=cond.previous, stack_level=self.sampler.stack_noise, text=cond.text,
+                              cache=self.cache, cache_mode=cache_mode,
                               cache_only=cache_only, commit_frames=commit_frames)
         return self._recompute(x, t, cond)
 
@@ -196,7 +197,7 @@ class Rollout:
         out = self.model(gather([p[1] for p in parts]), gather([p[2] for p in parts]),
                          action=gather([c.action for c in conds]), audio=gather([c.audio for c in conds]),
                          video=gather([c.video for c in conds]), previous=gather([c.previous for c in conds]),
-                         text=cond.text, mask=mask,
+                         stack_level=self.sampler.stack_noise, text=cond.text, mask=mask,
                          frame_positions=torch.tensor(positions, device=x.device))
         return out[:, len(order) - x.shape[1]:]
 

@@ -69,14 +69,16 @@ def noised_at(previous: torch.Tensor, level: float, generator: torch.Generator |
     return with_noise(previous, level, noise, form)
 
 
-def noised(previous: torch.Tensor, max_level: float, generator: torch.Generator, form: str = "mix") -> torch.Tensor:
+def noised(previous: torch.Tensor, max_level: float, generator: torch.Generator, form: str = "mix"
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time noise augmentation of the stacked frames (GameNGen): each clip's previous
     frames mixed with noise at a random level in [0, max_level], so copying the past is not
     enough and the model must read the action; at inference the previous frames are the
-    model's own, imperfect outputs, which this also prepares it for."""
-    if max_level <= 0:
-        return previous
+    model's own, imperfect outputs, which this also prepares it for.
+
+    Returns the noised frames and each clip's level ``[B]`` (what a ``stack_noise_condition`` model is told).
+    """
     b = previous.shape[0]
-    level = (max_level * torch.rand(b, generator=generator)).to(previous).view(b, *[1] * (previous.ndim - 1))
+    level = (max(max_level, 0.0) * torch.rand(b, generator=generator)).to(previous)
     noise = torch.randn(previous.shape, generator=generator).to(previous)
-    return with_noise(previous, level, noise, form)
+    return with_noise(previous, level.view(b, *[1] * (previous.ndim - 1)), noise, form), level

@@ -10,8 +10,8 @@
 #
 # Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
-# walk (the keys' running average and the flow of walking) and rest (walk with unbiased stack noise; all four
-# docs/world_controls.md) run only when named.
+# walk (the keys' running average and the flow of walking), rest (walk with unbiased stack noise) and told (rest,
+# the model told the stack noise level; all five docs/world_controls.md) run only when named.
 # THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
 # (WARP_CAUSAL_STEPS: a causal stage before dCM in the still and walk recipes, default 0: none)
 # override the step counts below.
@@ -168,6 +168,13 @@ stage_rest() {
     # until a still view runs away (docs/world_controls.md, sixth sitting). Best on data with idle stretches
     # (record with IDLE_PROB=0.06).
     warp_recipe rest "${REST_TEACHER_STEPS:-1000}" --action-momentum 0.82 --camera-flow --stack-noise-form add
+}
+stage_told() {
+    # The rest recipe with the model told the stacked frame's noise level (--stack-noise-condition, GameNGen): a
+    # level-blind model shrinks every stacked frame toward the mean to hedge against the noise, even the clean
+    # ones a session feeds it, so a still view faded (docs/world_controls.md, seventh sitting).
+    warp_recipe told "${TOLD_TEACHER_STEPS:-1000}" --action-momentum 0.82 --camera-flow --stack-noise-form add \
+        --stack-noise-condition
 }
 # A camera-warp teacher NAME (TEACHER_STEPS, extra teacher flags) and its students, with their quality and control rows.
 warp_recipe() {

@@ -32,16 +32,19 @@ def test_chunk_previous_gives_every_frame_of_a_chunk_the_frames_before_the_chunk
 
 def test_noised_mixes_each_clip_with_noise_up_to_the_level():
     prev = torch.ones(64, 2, 3, 4, 4)
-    out = noised(prev, 0.5, torch.Generator().manual_seed(0))
+    out, level = noised(prev, 0.5, torch.Generator().manual_seed(0))
     levels = 1 - out.mean(dim=(1, 2, 3, 4))   # noise has mean ~0: the clean share is 1 - level
     assert levels.min() > -0.1 and levels.max() < 0.6 and levels.std() > 0.05
-    assert noised(prev, 0.0, torch.Generator()) is prev
+    assert level.shape == (64,) and 0 <= level.min() and level.max() <= 0.5
+    assert (levels - level).abs().max() < 0.1   # the level it reports is the level it mixed in
+    same, zero = noised(prev, 0.0, torch.Generator())
+    assert torch.equal(same, prev) and not zero.any()
 
 
 def test_added_stack_noise_keeps_the_frame_as_its_mean_where_mixed_noise_shrinks_it():
     prev = torch.full((256, 1, 3, 8, 8), 2.0)
-    added = noised(prev, 0.5, torch.Generator().manual_seed(0), "add")
-    mixed = noised(prev, 0.5, torch.Generator().manual_seed(0), "mix")
+    added, _ = noised(prev, 0.5, torch.Generator().manual_seed(0), "add")
+    mixed, _ = noised(prev, 0.5, torch.Generator().manual_seed(0), "mix")
     assert abs(added.mean().item() - 2.0) < 0.02          # unbiased: nothing to learn that scales the frame up
     assert mixed.mean().item() < 1.7                       # shrunk by about 1 - E[level] = 0.75
     assert (added - prev).std() > 0.1
@@ -49,6 +52,62 @@ def test_added_stack_noise_keeps_the_frame_as_its_mean_where_mixed_noise_shrinks
     assert abs(at.mean().item() - 2.0) < 0.02 and abs((at - prev).std().item() - 0.3) < 0.02
     with pytest.raises(ValueError, match="stack_noise_form"):
         ModelConfig(stack_frames=1, stack_noise_form="multiply")
+
+
+def test_a_level_conditioned_model_reads_the_stack_noise_level_and_starts_level_blind():
+    with pytest.raises(ValueError, match="stack_noise_condition needs stack_frames"):
+        ModelConfig(stack_noise_condition=True)
+    blind = tiny_model(stack_frames=1)
+    told = tiny_model(stack_frames=1, stack_noise_condition=True)
+    told.load_state_dict(blind.state_dict(), strict=False)     # the same weights but the level's embedder
+    cfg = told.config
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    prev = torch.randn(2, 3, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    t = torch.rand(2, 3, generator=gen)
+    with torch.no_grad():
+        ref = blind(x, t, previous=prev)
+        # fresh: the level's embedding starts at zero, so the model is the level-blind one at any level
+        assert (told(x, t, previous=prev, stack_level=0.3) - ref).abs().max() <= 1e-6
+        torch.nn.init.normal_(told.condition_embedder.stack_level_embedder.linear_2.weight)
+        at0, none = told(x, t, previous=prev, stack_level=0.0), told(x, t, previous=prev)
+        per_clip = told(x, t, previous=prev, stack_level=torch.tensor([0.0, 0.3]))
+        at3 = told(x, t, previous=prev, stack_level=0.3)
+    assert torch.equal(at0, none)                             # None is level 0: a clean stacked frame
+    assert (at0 - at3).abs().max() > 1e-3                     # trained, the level changes the prediction
+    assert torch.allclose(per_clip[0], at0[0], atol=1e-6) and torch.allclose(per_clip[1], at3[1], atol=1e-6)
+
+
+def test_a_session_tells_a_level_conditioned_model_the_inference_stack_noise():
+    model = tiny_model(stack_frames=1, stack_noise_condition=True, frames_per_chunk=1, window_frames=3,
+                       sink_frames=1)
+    torch.nn.init.normal_(model.condition_embedder.stack_level_embedder.linear_2.weight)
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("stack_level"))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    noisy = SamplerConfig(kind="consistency", steps=2, stack_noise=0.2)
+    cached = rollout_latents(model, noisy, 4, kv_cache=True)
+    assert seen and all(level == 0.2 for level in seen)
+    assert (cached - rollout_latents(model, noisy, 4, kv_cache=False)).abs().max() <= 1e-4
+
+
+def test_teacher_training_tells_the_model_the_level_and_the_students_refuse_noise_it_would_not_be_told():
+    from training.teacher import stacked, stacked_noised
+
+    model = tiny_model(stack_frames=1, stack_noise_condition=True)
+    cfg = model.config
+    x0 = torch.randn(8, 3, cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    previous, level = stacked_noised(model, x0, torch.Generator().manual_seed(0), 0.3)
+    assert level.shape == (8,) and 0 <= level.min() and level.max() <= 0.3 and level.std() > 0
+    assert (previous - previous_frames(x0, 1)).abs().max() > 0
+    assert stacked_noised(model, x0)[1] is None
+    with pytest.raises(ValueError, match="clean stacked frames"):
+        stacked(model, x0, torch.Generator(), 0.3)
 
 
 PATTERNS = [dict(frames_per_chunk=1, window_frames=3, sink_frames=1),

@@ -144,6 +144,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
                             num_layers=args.layers, ffn_dim=args.ffn, freq_dim=args.freq_dim,
                             action_space=space, frames_per_chunk=1, stack_frames=args.stack_frames,
                             still_prior=args.still_prior, stack_noise_form=args.stack_noise_form,
+                            stack_noise_condition=args.stack_noise_condition,
                             patch_overlap=args.patch_overlap,
                             camera_warp=args.camera_warp, action_momentum=args.action_momentum,
                             camera_flow=args.camera_flow,
@@ -371,6 +372,9 @@ def register(commands) -> None:
                    help="noise augmentation of the stacked frames during training, a random level up to this")
     p.add_argument("--stack-noise-form", choices=STACK_NOISE_FORMS, default="mix",
                    help="how the stacked frames take the noise: mix (1-l) x + l n, or add x + l n (unbiased)")
+    p.add_argument("--stack-noise-condition", action="store_true",
+                   help="tell the model the stacked frames' noise level (an embedding beside the timestep's), so "
+                        "it copies a clean stacked frame as it is instead of shrinking it toward the mean")
     p.add_argument("--still-prior", type=nonnegative_float, default=0.0,
                    help="with stacking: predict the velocity on top of the 'nothing moved' estimate (the previous "
                         "frame, with this std of change in latent units), so a fresh model is a still world")

@@ -107,23 +107,36 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: Condition
     cond = dropped(cond, drop)
     tt = t[:, :, None, None, None]
     x_t = (1 - tt) * x0 + tt * noise
-    previous = stacked(model, x0, generator, cfg.stack_noise)
-    v = model(x_t, t, **model_inputs(cond), previous=previous)
+    previous, level = stacked_noised(model, x0, generator, cfg.stack_noise)
+    v = model(x_t, t, **model_inputs(cond), previous=previous, stack_level=level)
     weight = (t > 0).to(x0)[:, :, None, None, None] * region_weights(x0.shape[-2:], cfg.loss_region,
                                                                       cfg.outside_weight).to(x0)
     err = (v.float() - (noise - x0)).pow(2) * weight
     return err.sum() / (weight.sum() * x0.shape[2]).clamp(min=1e-12), noise
 
 
-def stacked(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
-            noise: float = 0.0) -> torch.Tensor | None:
-    """The previous frames a stacking model sees for clean clips ``x0`` (None without stacking)."""
+def stacked_noised(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
+                   noise: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The previous frames a stacking model sees for clean clips ``x0``, noise-augmented up to level
+    ``noise``, and each clip's level ``[B]`` (None without noise; both None without stacking)."""
     cfg = getattr(getattr(model, "module", model), "config", None)  # DDP wraps models
     k = getattr(cfg, "stack_frames", 0)
     if not k:
-        return None
+        return None, None
     previous = previous_frames(x0, k)
-    return noised(previous, noise, generator, cfg.stack_noise_form) if noise > 0 else previous
+    if noise <= 0:
+        return previous, None
+    return noised(previous, noise, generator, cfg.stack_noise_form)
+
+
+def stacked(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
+            noise: float = 0.0) -> torch.Tensor | None:
+    """`stacked_noised`'s frames, for a model that is not told the level (the students' trainers)."""
+    previous, level = stacked_noised(model, x0, generator, noise)
+    if level is not None and getattr(getattr(model, "module", model).config, "stack_noise_condition", False):
+        raise ValueError("this model is told the stacked frames' noise level (stack_noise_condition): train its "
+                         "students on clean stacked frames (--stack-noise 0), as a session feeds them")
+    return previous
 
 
 @torch.no_grad()
