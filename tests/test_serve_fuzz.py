@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 
 import aiohttp
+import aiortc
 import pytest
 
 from apps import rtc_client
-from apps.serve import SERVER, ServeConfig, create_app
+from apps.pipeline import Pipeline
+from apps.serve import SERVER, Peer, PipelineTrack, ServeConfig, create_app
 from runtime import Bundle, ModelConfig, open_session
+from runtime.session import StreamSession
 from tests.helpers import client_offer_sdp, run, started, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,17 +247,16 @@ async def _clients_killed(base: str, n: int) -> None:
 
 
 # What one browser's session holds alive; a leaked session leaves one of each behind per client.
-PER_PEER_TYPES = ("Peer", "PipelineTrack", "Pipeline", "StreamSession", "RTCPeerConnection", "RTCDataChannel",
-                  "RTCSctpTransport", "RTCDtlsTransport", "RTCIceTransport", "RTCRtpSender")
+PER_PEER_TYPES = (Peer, PipelineTrack, Pipeline, StreamSession, aiortc.RTCPeerConnection, aiortc.RTCDataChannel,
+                  aiortc.RTCSctpTransport, aiortc.RTCDtlsTransport, aiortc.RTCIceTransport, aiortc.RTCRtpSender)
 
 
 def _live_per_peer_objects() -> dict[str, int]:
-    counts = dict.fromkeys(PER_PEER_TYPES, 0)
+    counts = {cls: 0 for cls in PER_PEER_TYPES}
     for obj in gc.get_objects():
-        name = type(obj).__name__
-        if name in counts:
-            counts[name] += 1
-    return counts
+        if type(obj) in counts:
+            counts[type(obj)] += 1
+    return {cls.__name__: n for cls, n in counts.items()}
 
 
 def test_abrupt_disconnects_leave_nothing_behind(bundle):

@@ -115,11 +115,16 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, cond: Condition
     return err.sum() / (weight.sum() * x0.shape[2]).clamp(min=1e-12), noise
 
 
+def _config(model: torch.nn.Module):
+    """The model's config, through a DDP wrapper (None for stand-ins without one)."""
+    return getattr(getattr(model, "module", model), "config", None)
+
+
 def stacked_noised(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
                    noise: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The previous frames a stacking model sees for clean clips ``x0``, noise-augmented up to level
     ``noise``, and each clip's level ``[B]`` (None without noise; both None without stacking)."""
-    cfg = getattr(getattr(model, "module", model), "config", None)  # DDP wraps models
+    cfg = _config(model)
     k = getattr(cfg, "stack_frames", 0)
     if not k:
         return None, None
@@ -133,7 +138,7 @@ def stacked(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator
             noise: float = 0.0) -> torch.Tensor | None:
     """`stacked_noised`'s frames, for a model that is not told the level (the students' trainers)."""
     previous, level = stacked_noised(model, x0, generator, noise)
-    if level is not None and getattr(getattr(model, "module", model).config, "stack_noise_condition", False):
+    if level is not None and _config(model).stack_noise_condition:
         raise ValueError("this model is told the stacked frames' noise level (stack_noise_condition): train its "
                          "students on clean stacked frames (--stack-noise 0), as a session feeds them")
     return previous
