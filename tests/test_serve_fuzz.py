@@ -240,7 +240,8 @@ async def _clients_killed(base: str, n: int) -> None:
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         if line.strip() != b"ready":
             proc.kill()
-            pytest.fail(f"the clients failed: {(await proc.stderr.read()).decode()[-2000:]}")
+            err = (await proc.stderr.read()).decode()
+            pytest.fail(f"the clients failed: {err[err.find('Traceback'):][:3000]}")  # the cause, not the teardown
     finally:
         proc.kill()
         await proc.wait()
