@@ -116,6 +116,26 @@ def fraction(text: str) -> float:
     return value
 
 
+def training_device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; a CUDA device this machine lacks is refused when the flag is read,
+    before any data is encoded."""
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if text != "cpu":
+        import torch
+
+        index = int(text[5:]) if ":" in text else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no such CUDA device "
+                                             f"({torch.cuda.device_count()} visible)")
+    return text
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=training_device, default="cpu",
+                   help="where the models and the latent clips sit while training: cpu, cuda or cuda:N")
+
+
 # -- parser -------------------------------------------------------------------------------------------
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with usage errors on one line (the full usage is one `--help` away)."""

@@ -29,6 +29,13 @@ def chunk_levels(cfg: SamplerConfig, chunk: int, steps: int | None = None) -> li
     return [float(t) for t in levels] + [0.0]
 
 
+def gaussian_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s: a run
+    seeded by a CPU generator draws the same stream whether its model sits on a CPU or a GPU."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def predict_x0(x_t: torch.Tensor, velocity: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     return x_t - t * velocity
 
@@ -42,6 +49,5 @@ def step(kind: str, x_t: torch.Tensor, velocity: torch.Tensor, t: float, t_next:
         x0 = predict_x0(x_t, velocity, t)
         if t_next <= 0:
             return x0
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return (1 - t_next) * x0 + t_next * noise
+        return (1 - t_next) * x0 + t_next * gaussian_like(x0, generator)
     raise ValueError(f"unknown sampler kind {kind!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from runtime.chunks import ChunkPattern
+from runtime.sampler import gaussian_like
 
 
 def previous_frames(clean: torch.Tensor, k: int, before: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,8 +66,7 @@ def noised_at(previous: torch.Tensor, level: float, generator: torch.Generator |
     copies from (which training taught it to see through) keeps a long rollout from running away."""
     if level <= 0:
         return previous
-    noise = torch.randn(previous.shape, generator=generator, device=previous.device, dtype=previous.dtype)
-    return with_noise(previous, level, noise, form)
+    return with_noise(previous, level, gaussian_like(previous, generator), form)
 
 
 def noised(previous: torch.Tensor, max_level: float, generator: torch.Generator, form: str = "mix"

@@ -62,6 +62,22 @@ def test_record_a_few_steps_from_each_engine(spec, tmp_path, monkeypatch):
     assert not (tmp_path / "_vizdoom.ini").exists()
 
 
+def test_parallel_recording_writes_the_shards_of_a_serial_one(tmp_path, monkeypatch):
+    """`--jobs N`: episode i keeps seed + i and its own policy RNG, and episodes are stored in order, so two
+    engine processes write the same shards as one (the GPU recipe records on all the machine's cores)."""
+    monkeypatch.chdir(tmp_path)
+    base = dict(env="doom:health_gathering", episodes=3, max_frames=12, episodes_per_shard=2, idle_prob=0.3)
+    record(RecordConfig(**base), str(tmp_path / "one"), progress=False)
+    record(RecordConfig(**base, jobs=2), str(tmp_path / "two"), progress=False)
+    one, two = (ShardStore(tmp_path / d).shard_paths() for d in ("one", "two"))
+    assert [p.name for p in one] == [p.name for p in two] == ["shard_00000.npz", "shard_00001.npz"]
+    for a, b in zip(one, two):
+        a, b = open_shard(a), open_shard(b)
+        assert np.array_equal(a["frames"], b["frames"]) and np.array_equal(a["actions"], b["actions"])
+    with pytest.raises(ValueError, match="jobs=1 with env"):
+        record(RecordConfig(env="counter", jobs=2), str(tmp_path / "x"), progress=False, env=CounterEnv())
+
+
 def test_doom_actions_change_the_view():
     env = make_env("doom:health_gathering")
     try:

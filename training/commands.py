@@ -10,6 +10,7 @@ from pathlib import Path
 from forcekit.cli import (
     CommandError,
     UsageError,
+    add_device_arg,
     fraction,
     nonnegative_float,
     nonnegative_int,
@@ -61,7 +62,7 @@ def _record(args: argparse.Namespace) -> int:
     cfg = RecordConfig(env=args.env, episodes=args.episodes, policy=args.policy, seed=args.seed,
                        size=args.size, frame_skip=args.frame_skip, episodes_per_shard=args.episodes_per_shard,
                        max_frames=args.max_frames, max_hold=args.max_hold, idle_prob=args.idle_prob,
-                       idle_hold=args.idle_hold)
+                       idle_hold=args.idle_hold, jobs=args.jobs)
     print(json.dumps(record(cfg, args.out)))
     return 0
 
@@ -154,7 +155,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
                              lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
                              guidance_scale=args.guidance, sample_steps=args.sample_steps,
                              timestep_shift=args.timestep_shift, stack_noise=args.stack_noise,
-                             save_rank_states=args.save_rank_states, extra=extra)
+                             save_rank_states=args.save_rank_states, device=args.device, extra=extra)
     clips = encode_latents(args.data, codec, args.max_episodes, cache_dir=args.out)
     result = train_teacher(cfg, model_cfg, clips, codec, fps=float(meta.get("fps", 15.0)))
     if result["rank"] == 0:
@@ -312,6 +313,8 @@ def register(commands) -> None:
     p.add_argument("--idle-prob", type=fraction, default=0.0,
                    help="random-sticky: chance that a new hold is an idle stretch (no key), so the world comes to rest")
     p.add_argument("--idle-hold", type=_hold_range, default=(16, 48), help="idle stretch length MIN,MAX in frames")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="engine processes recording in parallel (same shards as one; game engines only)")
 
     p = commands.add("check", help="verify every shard of a data dir and print a summary", func=_data_check,
                      group="data")
@@ -394,6 +397,7 @@ def register(commands) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
+    add_device_arg(p)
     p.add_argument("--save-rank-states", action="store_true", help="write rankN.pt (DDP consistency checks)")
 
     p = commands.add("probe", help="train the inverse-dynamics probe (frame pair -> action) on real pairs",

@@ -62,6 +62,16 @@ class LatentClips:
                              f"{model_cfg.actions.dim} actions ({model_cfg.action_condition_dim} with momentum)")
         return self.with_momentum(model_cfg.action_momentum)
 
+    def to(self, device: torch.device | str) -> LatentClips:
+        """These clips with their latents, conditions and reference rows on ``device`` (a GPU run samples its
+        batches there; the episode index stays a Python list)."""
+        ref = None if self.reference is None else self.reference.to(device)
+        return replace(self, latents=self.latents.to(device), cond=self.cond.to(device), reference=ref)
+
+    @property
+    def device(self) -> torch.device:
+        return self.latents.device
+
     def starts(self, clip_frames: int) -> torch.Tensor:
         s = [r + i for r, n, _ in self.episodes for i in range(n - clip_frames + 1)]
         if not s:
@@ -74,7 +84,7 @@ class LatentClips:
         FrameConditions with the reference latents appended to the video on the channel axis)."""
         starts = self.starts(clip_frames) if starts is None else starts
         pick = starts[torch.randint(len(starts), (batch,), generator=generator)]
-        rows = pick[:, None] + torch.arange(clip_frames)
+        rows = (pick[:, None] + torch.arange(clip_frames)).to(self.latents.device)
         cond = self.cond[rows].float()
         if self.reference is not None:
             ref = self.latents[self.reference[rows]].float()

@@ -65,6 +65,7 @@ class TeacherTrainConfig:
     guidance_scale: float = 1.5      # written into the bundle's sampler
     sample_steps: int = 50
     save_rank_states: bool = False   # write each rank's final weights (DDP consistency checks)
+    device: str = "cpu"              # where the model and the clips sit ("cuda": rank r of a DDP run takes cuda:r)
     extra: dict = field(default_factory=dict)
 
 
@@ -165,14 +166,14 @@ def action_losses(model: torch.nn.Module, x0: torch.Tensor, cond: Conditions, le
     same noise (`action_gap` is their difference); over the latent pixels where ``region`` ``[h, w]`` is
     1 (a lip-sync model's mask box: the only place its output is used), or the whole frame."""
     b, f = x0.shape[:2]
-    t = torch.zeros(b, f, dtype=x0.dtype)
+    t = torch.zeros(b, f, dtype=x0.dtype, device=x0.device)
     t[:, -1] = level
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     tt = t[:, :, None, None, None]
     x_t = (1 - tt) * x0 + tt * noise
     target = (noise - x0)[:, -1]
     previous = stacked(model, x0)
-    weight = torch.ones(x0.shape[-2:]) if region is None else region.float()
+    weight = (torch.ones(x0.shape[-2:]) if region is None else region.float()).to(x0)
     weight = weight / (weight.sum() * x0.shape[0] * x0.shape[2])
     true, zero = (((model(x_t, t, **model_inputs(c), previous=previous)[:, -1].float() - target).pow(2)
                    * weight).sum().item() for c in (cond, null(cond)))
@@ -263,7 +264,7 @@ def make_bundle(model: CausalDiT, codec: Codec, cfg: TeacherTrainConfig, fps: fl
                 ) -> Bundle:
     sampler = SamplerConfig(kind="euler", steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
                             cache_from="clean")
-    return Bundle(model.config, copy.deepcopy(model).eval(), codec, sampler, fps=fps, name=name, card=card,
+    return Bundle(model.config, copy.deepcopy(model).cpu().eval(), codec, sampler, fps=fps, name=name, card=card,
                   extra={"stage": "teacher", **cfg.extra})
 
 
@@ -292,6 +293,11 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
             flow, report = calibrate_camera_flow(clips, codec, model_cfg.actions.dim, motion, seed=cfg.seed)
             model.camera_flow.copy_(flow)
             cfg.extra["camera_flow"] = {keys[a]: r for a, r in report.items()}
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if cfg.device == "cuda" and world > 1
+                          else cfg.device)
+    if device.type == "cuda" and world > 1:
+        torch.cuda.set_device(device)             # NCCL's collectives run on the current device
+    model, clips = model.to(device), clips.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)   # own clips and noise per rank
@@ -307,7 +313,7 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model)
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     starts = clips.starts(cfg.clip_frames)
     is_main = rank == 0
     writer = tensorboard_writer(out / "tb") if is_main else None

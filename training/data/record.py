@@ -36,6 +36,7 @@ class RecordConfig:
     # that stands still; plain sticky holds almost never do (0.07% of frames).
     idle_prob: float = 0.0
     idle_hold: tuple[int, int] = (16, 48)
+    jobs: int = 1                   # engine processes recording in parallel (the shards are the same as with 1)
 
 
 class RandomSticky:
@@ -89,6 +90,25 @@ def record_episode(env, policy, seed: int, max_frames: int) -> Episode:
                    seed=seed)
 
 
+def _policy(cfg: RecordConfig, spec: ActionSpec, i: int):
+    # A per-episode policy RNG keeps a resumed (or parallel) recording identical to an uninterrupted one.
+    return POLICIES[cfg.policy](spec, np.random.default_rng([cfg.seed, i]), cfg.max_hold, cfg.idle_prob,
+                                cfg.idle_hold)
+
+
+_worker: dict = {}   # a recording worker's own engine and config
+
+
+def _start_worker(cfg: RecordConfig) -> None:
+    _worker["cfg"] = cfg
+    _worker["env"] = make_env(cfg.env, size=cfg.size or (64, 64), frame_skip=cfg.frame_skip)
+
+
+def _record_in_worker(i: int) -> Episode:
+    cfg, env = _worker["cfg"], _worker["env"]
+    return record_episode(env, _policy(cfg, env.action_spec, i), cfg.seed + i, cfg.max_frames)
+
+
 def episodes_done(store: ShardStore) -> int:
     return sum(len(open_shard(p, ("episode_lengths",))["episode_lengths"]) for p in store.shard_paths())
 
@@ -109,8 +129,13 @@ def record(cfg: RecordConfig, out: str, progress: bool = True, env=None) -> dict
         raise ValueError(f"unknown policy {cfg.policy!r}; known: {sorted(POLICIES)}")
     from tqdm import tqdm
 
+    if cfg.jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {cfg.jobs}")
+    if cfg.jobs > 1 and env is not None:
+        raise ValueError("parallel recording builds one engine per process from cfg.env: pass jobs=1 with env")
     store = ShardStore(out)
     env = env or make_env(cfg.env, size=cfg.size or (64, 64), frame_skip=cfg.frame_skip)
+    pool = None
     try:
         idle = {"idle_prob": cfg.idle_prob, "idle_hold": list(cfg.idle_hold)} if cfg.idle_prob else {}
         store.write_meta({**env.metadata(), "env": cfg.env, "policy": cfg.policy, **idle,
@@ -120,17 +145,24 @@ def record(cfg: RecordConfig, out: str, progress: bool = True, env=None) -> dict
         pending: list[Episode] = []
         bar = tqdm(total=cfg.episodes, initial=min(start, cfg.episodes), desc=f"record {cfg.env}",
                    unit="ep", disable=not progress)
-        for i in range(start, cfg.episodes):
-            seed = cfg.seed + i
-            # A per-episode policy RNG keeps a resumed recording identical to an uninterrupted one.
-            policy = POLICIES[cfg.policy](env.action_spec, np.random.default_rng([cfg.seed, i]), cfg.max_hold,
-                                          cfg.idle_prob, cfg.idle_hold)
-            pending.append(record_episode(env, policy, seed, cfg.max_frames))
+        todo = range(start, cfg.episodes)
+        if cfg.jobs > 1:   # episodes come back in order, so the shards are those of a serial recording
+            import multiprocessing
+
+            pool = multiprocessing.get_context("spawn").Pool(cfg.jobs, _start_worker, (cfg,))
+            episodes = pool.imap(_record_in_worker, todo)
+        else:
+            episodes = (record_episode(env, _policy(cfg, env.action_spec, i), cfg.seed + i, cfg.max_frames)
+                        for i in todo)
+        for i, episode in zip(todo, episodes):
+            pending.append(episode)
             bar.update(1)
             if len(pending) == cfg.episodes_per_shard or i == cfg.episodes - 1:
                 store.append(pending)
                 pending = []
         bar.close()
     finally:
+        if pool is not None:
+            pool.terminate()
         env.close()
     return {"out": str(store.root), "episodes": episodes_done(store), "shards": len(store.shard_paths())}

@@ -12,6 +12,7 @@ import json
 
 from forcekit.cli import (
     UsageError,
+    add_device_arg,
     fraction,
     nonnegative_float,
     nonnegative_int,
@@ -65,7 +66,8 @@ def _train_lipsync_teacher(args: argparse.Namespace) -> int:
                              lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
                              action_dropout=args.audio_dropout, guidance_scale=args.guidance,
                              sample_steps=args.sample_steps, context_prob=args.context_prob, loss_region=region,
-                             outside_weight=args.outside_weight, timestep_shift=args.timestep_shift, extra=extra)
+                             outside_weight=args.outside_weight, timestep_shift=args.timestep_shift,
+                             device=args.device, extra=extra)
     clips = encode_lipsync_latents(args.data, codec, spec, args.max_episodes, cache_dir=args.out)
     print(json.dumps(train_teacher(cfg, model_cfg, clips, codec, fps=float(meta["fps"]))))
     return 0
@@ -132,6 +134,7 @@ def register(commands) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: default)")
+    add_device_arg(p)
 
     p = commands.add("lipsync-generate", help="re-sync recorded clips with a lip-sync bundle, frame by frame as the "
                      "live loop does: OUT/own (own audio) and the A/B case OUT/ab (clip i's face, clip i+1's voice), "

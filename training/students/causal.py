@@ -61,10 +61,10 @@ def train_causal(teacher: Bundle, clips: LatentClips, cfg: CausalConfig, eval_cl
                  progress: bool = True) -> dict:
     """Train (or resume) in ``cfg.out``; writes ``out/bundle`` (EMA weights, Euler sampler with CFG)."""
     torch.manual_seed(cfg.seed)
-    model = trainable_copy(teacher.model)
+    model = trainable_copy(teacher.model, cfg.device)
     check_clip(model, cfg.clip_frames)
     clips, eval_clips = model_clips(model, clips, eval_clips)
-    ema = trainable_copy(teacher.model).requires_grad_(False)
+    ema = trainable_copy(teacher.model, cfg.device).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     starts = clips.starts(cfg.clip_frames)

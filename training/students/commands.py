@@ -9,7 +9,16 @@ import argparse
 import dataclasses
 import json
 
-from forcekit.cli import CommandError, UsageError, fraction, nonnegative_int, positive_float, positive_int, seed_int
+from forcekit.cli import (
+    CommandError,
+    UsageError,
+    add_device_arg,
+    fraction,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 
 
 def _inputs(args: argparse.Namespace):
@@ -34,7 +43,7 @@ def _inputs(args: argparse.Namespace):
 
 
 def _common(cfg_cls, args: argparse.Namespace, **fields):
-    names = ("out", "steps", "batch", "clip_frames", "lr", "seed", "ckpt_every_s", "eval_every")
+    names = ("out", "steps", "batch", "clip_frames", "lr", "seed", "ckpt_every_s", "eval_every", "device")
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     return cfg_cls(**given, **fields)
 
@@ -123,6 +132,7 @@ def _add_common(p: argparse.ArgumentParser, bundle_help: str, stage_cfg) -> None
     p.add_argument("--ckpt-every-s", type=positive_float, default=default["ckpt_every_s"],
                    help="checkpoint every N seconds")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: 0, torch's choice)")
+    add_device_arg(p)
 
 
 def register(commands) -> None:

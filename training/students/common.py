@@ -46,12 +46,16 @@ class StageConfig:
     eval_every: int = 50
     eval_batch: int = 8
     eval_steps: tuple[int, ...] = (1, 2)  # few-step sampler steps the teacher-forcing eval reports
+    device: str = "cpu"                   # where the models and the clips sit while training ("cuda" on a GPU)
 
 
 def model_clips(model: CausalDiT, clips: LatentClips, eval_clips: LatentClips | None
                 ) -> tuple[LatentClips, LatentClips | None]:
-    """The training and evaluation clips with the action condition ``model`` reads (`LatentClips.for_model`)."""
-    return clips.for_model(model.config), None if eval_clips is None else eval_clips.for_model(model.config)
+    """The training and evaluation clips with the action condition ``model`` reads (`LatentClips.for_model`),
+    on the model's device."""
+    device = next(model.parameters()).device
+    return (clips.for_model(model.config).to(device),
+            None if eval_clips is None else eval_clips.for_model(model.config).to(device))
 
 
 def check_clip(model: CausalDiT, clip_frames: int) -> None:
@@ -242,12 +246,12 @@ def grad_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optim
 
 
 # -- bundles -----------------------------------------------------------------------------------------
-def trainable_copy(model: CausalDiT) -> CausalDiT:
-    return copy.deepcopy(model).train().requires_grad_(True)
+def trainable_copy(model: CausalDiT, device: str | torch.device = "cpu") -> CausalDiT:
+    return copy.deepcopy(model).to(device).train().requires_grad_(True)
 
 
-def frozen_copy(model: CausalDiT) -> CausalDiT:
-    return copy.deepcopy(model).eval().requires_grad_(False)
+def frozen_copy(model: CausalDiT, device: str | torch.device = "cpu") -> CausalDiT:
+    return copy.deepcopy(model).to(device).eval().requires_grad_(False)
 
 
 def save_bundle(model: CausalDiT, base: Bundle, sampler: SamplerConfig, stage: str, cfg: StageConfig,

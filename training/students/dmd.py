@@ -218,9 +218,9 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
     if cfg.real_score not in ("bidirectional", "causal"):
         raise ValueError(f"real_score must be 'bidirectional' or 'causal', got {cfg.real_score!r}")
     torch.manual_seed(cfg.seed)
-    generator = trainable_copy(student.model)
-    real = frozen_copy(teacher.model)
-    critic = trainable_copy(teacher.model)
+    generator = trainable_copy(student.model, cfg.device)
+    real = frozen_copy(teacher.model, cfg.device)
+    critic = trainable_copy(teacher.model, cfg.device)
     if generator.config.to_dict() != real.config.to_dict():
         raise ValueError("student and teacher bundles have different model configs")
     clips, eval_clips = model_clips(generator, clips, eval_clips)

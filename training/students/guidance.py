@@ -70,10 +70,10 @@ def train_guidance(student_bundle: Bundle, clips: LatentClips, cfg: GuidanceConf
                    eval_clips: LatentClips | None = None, progress: bool = True) -> dict:
     """Distil ``student_bundle`` under action CFG ``cfg.guidance_scale`` into ``cfg.out/bundle`` (guidance 1)."""
     torch.manual_seed(cfg.seed)
-    frozen = frozen_copy(student_bundle.model)
+    frozen = frozen_copy(student_bundle.model, cfg.device)
     check_clip(frozen, cfg.clip_frames)
     clips, eval_clips = model_clips(frozen, clips, eval_clips)
-    student = trainable_copy(student_bundle.model)
+    student = trainable_copy(student_bundle.model, cfg.device)
     base = student_bundle.sampler
     steps = cfg.sample_steps or base.steps
     levels = visited_levels(base, max(steps, *cfg.eval_steps))

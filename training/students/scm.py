@@ -87,10 +87,10 @@ def train_scm(teacher: Bundle, clips: LatentClips, cfg: SCMConfig, eval_clips: L
               progress: bool = True) -> dict:
     """Distil the causal teacher bundle into a few-step student in ``cfg.out`` (writes ``out/bundle``)."""
     torch.manual_seed(cfg.seed)
-    frozen = frozen_copy(teacher.model)
+    frozen = frozen_copy(teacher.model, cfg.device)
     check_clip(frozen, cfg.clip_frames)
     clips, eval_clips = model_clips(frozen, clips, eval_clips)
-    student = trainable_copy(teacher.model)
+    student = trainable_copy(teacher.model, cfg.device)
     guidance = teacher.sampler.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
