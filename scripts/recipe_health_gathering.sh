@@ -12,7 +12,8 @@
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
 # walk (the keys' running average and the flow of walking), rest (walk with unbiased stack noise) and told (rest,
 # the model told the stack noise level; all five docs/world_controls.md) run only when named.
-# THREADS (default 2) is the torch thread count of the training stages; TEACHER_STEPS etc.
+# THREADS (default 2) is the torch thread count of the training stages, DEVICE (default cpu) where they train
+# (cuda on a GPU: scripts/gpu_recipe.sh), RECORD_JOBS (default 1) the engine processes recording; TEACHER_STEPS etc.
 # (WARP_CAUSAL_STEPS: a causal stage before dCM in the still and walk recipes, default 0: none)
 # override the step counts below.
 set -euo pipefail
@@ -22,6 +23,8 @@ FK=${FK:-.venv/bin/forcekit}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
 THREADS=${THREADS:-2}
+DEVICE=${DEVICE:-cpu}
+RECORD_JOBS=${RECORD_JOBS:-1}
 ENV_NAME=doom:health_gathering
 CODEC=${CODEC:-$RUNS/codec}   # or a bundle dir, whose codec is used (e.g. models/default)
 TRAIN=${TRAIN:-$DATA/hg_train}
@@ -33,7 +36,7 @@ CAUSAL_STEPS=${CAUSAL_STEPS:-300}
 DCM_STEPS=${DCM_STEPS:-200}
 DMD_STEPS=${DMD_STEPS:-150}
 EVAL_EPISODES=${EVAL_EPISODES:-16}   # held-out episodes per quality row (the bidirectional teacher's takes ~80 min at 16)
-STUDENT=(--heldout "$HELDOUT" --latents-cache "$RUNS/teacher" --threads "$THREADS" --ckpt-every-s 120
+STUDENT=(--heldout "$HELDOUT" --latents-cache "$RUNS/teacher" --threads "$THREADS" --device "$DEVICE" --ckpt-every-s 120
          --batch 8 --clip-frames 6 --eval-every 50)
 
 log() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
@@ -41,9 +44,10 @@ timed() { local name=$1; shift; local t0=$SECONDS; "$@"; echo "$name $((SECONDS 
 
 stage_record() {
     # IDLE_PROB > 0: idle stretches in the policy, so the data holds a world at rest (docs/world_controls.md)
-    timed record_train "$FK" record --env $ENV_NAME --episodes 240 --seed 0 --out "$TRAIN" \
-        --idle-prob "${IDLE_PROB:-0}"
-    timed record_heldout "$FK" record --env $ENV_NAME --episodes 24 --seed 100000 --out "$HELDOUT"
+    timed record_train "$FK" record --env $ENV_NAME --episodes "${TRAIN_EPISODES:-240}" --seed 0 --out "$TRAIN" \
+        --idle-prob "${IDLE_PROB:-0}" --max-frames "${MAX_FRAMES:-1000}" --jobs "$RECORD_JOBS"
+    timed record_heldout "$FK" record --env $ENV_NAME --episodes "${HELDOUT_EPISODES:-24}" --seed 100000 \
+        --out "$HELDOUT" --max-frames "${MAX_FRAMES:-1000}" --jobs "$RECORD_JOBS"
     "$FK" data check "$TRAIN" > "$RUNS/data_check.txt"
 }
 stage_codec() {
@@ -56,7 +60,7 @@ stage_teacher() {
     [[ -f $RUNS/teacher/bundle/config.json ]] && return
     timed teacher "$FK" train teacher --data "$TRAIN" --codec "$CODEC" --out "$RUNS/teacher" \
         --steps "$TEACHER_STEPS" --batch 8 --clip-frames 6 --layers 6 --heads 4 --head-dim 32 --ffn 512 --patch 2 \
-        --guidance 1.5 --threads "$THREADS"
+        --guidance 1.5 --threads "$THREADS" --device "$DEVICE"
 }
 stage_probe() {
     [[ -f $RUNS/probe/probe.json ]] && return
@@ -182,9 +186,10 @@ warp_recipe() {
     local S=$RUNS/$name
     local T=$S/teacher/bundle
     [[ -f $T/config.json ]] || timed "${name}_teacher" "$FK" train teacher --data "$TRAIN" --codec "$CODEC" \
-        --out "$S/teacher" --steps "$steps" --batch 8 --clip-frames 6 --layers 6 --heads 4 \
-        --head-dim 32 --ffn 512 --patch 2 --guidance 1.0 --threads "$THREADS" --stack-frames 1 --stack-noise 0.3 \
-        --timestep-shift 3 --still-prior 0.5 --patch-overlap 1 --camera-warp "$@"
+        --out "$S/teacher" --steps "$steps" --batch "${WARP_TEACHER_BATCH:-8}" --clip-frames 6 --layers 6 --heads 4 \
+        --head-dim 32 --ffn 512 --patch 2 --guidance 1.0 --threads "$THREADS" --device "$DEVICE" --stack-frames 1 \
+        --stack-noise 0.3 --timestep-shift 3 --still-prior 0.5 --patch-overlap 1 --camera-warp \
+        --max-seconds "${WARP_TEACHER_MAX_SECONDS:-0}" "$@"
     # The stacking teacher already plays frame by frame in a causal session as it samples (docs/world_controls.md,
     # fifth sitting), so by default dCM distils it directly: the causal stage (WARP_CAUSAL_STEPS > 0) lost half
     # of its turns and two thirds of its walk.
@@ -199,6 +204,7 @@ warp_recipe() {
     [[ -f $S/dmd/bundle/config.json ]] || timed "${name}_dmd" "$FK" train dmd --bundle "$S/dcm/bundle" --teacher "$T" \
         --out "$S/dmd" --steps "${WARP_DMD_STEPS:-200}" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --guidance 1.0 \
         "${STUDENT[@]}"
+    [[ ${WARP_EVAL:-1} == 1 ]] || return 0   # the GPU recipe runs the evaluations itself, in parallel
     [[ -f $S/gap_teacher.json ]] || "$FK" eval gap --bundle "$T" --data "$HELDOUT" --latents-cache "$RUNS/teacher" \
         > "$S/gap_teacher.json"
     mkdir -p "$RUNS/eval" "$RUNS/controls"
@@ -255,6 +261,7 @@ stage_longplay() {
         --probe "$RUNS/probe" --plot "$RUNS/longplay.png" --json > "$RUNS/longplay.json"
 }
 
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0   # sourced (scripts/gpu_recipe.sh): the stages only
 mkdir -p "$RUNS"
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay)

@@ -87,3 +87,15 @@ def test_recipe_chain_trains_on_cuda_and_ships_cpu_bundles(tmp_path):
                       progress=False)                     # resumes from a checkpoint written on the GPU
     assert again["steps_this_run"] == 1
     assert next(Bundle.load(again["bundle"]).model.parameters()).device.type == "cpu"
+
+
+def test_teacher_stops_at_its_wall_time_budget_with_a_bundle(tmp_path):
+    """`--max-seconds`: a GPU run's teacher ends on time and still writes its bundle; a rerun without the
+    budget continues from the checkpoint."""
+    clips = synthetic_latents(3, 10, (3, 4, 4), 3)
+    cfg = TeacherTrainConfig(out=str(tmp_path), steps=10_000, batch=2, clip_frames=4, sample_steps=1,
+                             max_seconds=2.0)
+    short = train_teacher(cfg, stacking_cfg(), clips, PixelCodec(1), progress=False)
+    assert 0 < short["step"] < 10_000 and (tmp_path / "bundle" / "config.json").is_file()
+    cfg.max_seconds, cfg.steps = 0.0, short["step"] + 2
+    assert train_teacher(cfg, stacking_cfg(), clips, PixelCodec(1), progress=False)["steps_this_run"] == 2

@@ -155,7 +155,8 @@ def _train_teacher(args: argparse.Namespace) -> int:
                              lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
                              guidance_scale=args.guidance, sample_steps=args.sample_steps,
                              timestep_shift=args.timestep_shift, stack_noise=args.stack_noise,
-                             save_rank_states=args.save_rank_states, device=args.device, extra=extra)
+                             save_rank_states=args.save_rank_states, device=args.device,
+                             max_seconds=args.max_seconds, extra=extra)
     clips = encode_latents(args.data, codec, args.max_episodes, cache_dir=args.out)
     result = train_teacher(cfg, model_cfg, clips, codec, fps=float(meta.get("fps", 15.0)))
     if result["rank"] == 0:
@@ -398,6 +399,8 @@ def register(commands) -> None:
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
     add_device_arg(p)
+    p.add_argument("--max-seconds", type=nonnegative_float, default=0.0,
+                   help="stop after this much wall time of this run and write the bundle (0: run every step)")
     p.add_argument("--save-rank-states", action="store_true", help="write rankN.pt (DDP consistency checks)")
 
     p = commands.add("probe", help="train the inverse-dynamics probe (frame pair -> action) on real pairs",

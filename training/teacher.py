@@ -66,6 +66,7 @@ class TeacherTrainConfig:
     sample_steps: int = 50
     save_rank_states: bool = False   # write each rank's final weights (DDP consistency checks)
     device: str = "cpu"              # where the model and the clips sit ("cuda": rank r of a DDP run takes cuda:r)
+    max_seconds: float = 0.0         # > 0: stop after this much wall time of this run (a GPU budget), bundle written
     extra: dict = field(default_factory=dict)
 
 
@@ -335,8 +336,10 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
                                               "opt": opt.state_dict(), "step": step, "generators": gens,
                                               "model_cfg": model_cfg.to_dict(), "train_cfg": asdict(cfg)})
 
+    if cfg.max_seconds > 0 and world > 1:
+        raise ValueError("max_seconds needs a single-process run: the ranks would not agree on the last step")
     model.train()
-    while step < cfg.steps:
+    while step < cfg.steps and not (cfg.max_seconds > 0 and time.time() - t0 > cfg.max_seconds):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         x0, cond = clips.sample(cfg.batch, cfg.clip_frames, gen, starts)
