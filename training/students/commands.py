@@ -14,6 +14,7 @@ from forcekit.cli import (
     UsageError,
     add_device_arg,
     fraction,
+    nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -86,7 +87,7 @@ def _dmd(args: argparse.Namespace) -> int:
     cfg = _common(DMDConfig, args, guidance_scale=args.guidance, critic_steps=args.critic_steps,
                   rollout_chunks=args.rollout_chunks, context_frames=args.context_frames,
                   cache_from=args.cache_from, sample_steps=args.sample_steps, critic_lr=args.critic_lr,
-                  real_score=args.real_score)
+                  real_score=args.real_score, regression_weight=args.regression_weight)
     print(json.dumps(train_dmd(student, real, clips, cfg, held)))
     return 0
 
@@ -174,6 +175,9 @@ def register(commands) -> None:
                      "bidirectional teacher (resumable)", func=_dmd, group="train")
     _add_common(p, "few-step student bundle (forcekit train dcm/scm)", DMDConfig)
     p.add_argument("--teacher", required=True, help="teacher bundle: the real score (bidirectional by default)")
+    p.add_argument("--regression-weight", type=nonnegative_float, default=0.0,
+                   help="DMD's regression term: also pull the rollout toward the recorded frames of the same clip "
+                        "and keys, weighed against the DMD gradient (0: off)")
     p.add_argument("--real-score", choices=("bidirectional", "causal"), default="bidirectional",
                    help="how the teacher scores the rollout: over the whole clip, or causally under teacher "
                         "forcing (pass a causal teacher bundle)")

@@ -58,6 +58,10 @@ class DMDConfig(StageConfig):
     t_min: float = 0.02
     t_max: float = 0.98
     real_score: str = "bidirectional"  # or "causal": the causal teacher under teacher forcing (see score_x0)
+    # DMD's regression term (Yin et al. 2024): the rollout's frames also pulled toward the recorded frames of the
+    # same clip and keys, which a self-forcing rollout never sees otherwise; a deterministic engine (a still
+    # Doom view, a turn) has one right next frame, and the student's own frames must reproduce it.
+    regression_weight: float = 0.0
 
 
 # -- the DMD gradient ---------------------------------------------------------------------------------
@@ -65,6 +69,12 @@ def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor)
     """KL gradient w.r.t. the generated sample, in x0 units, normalised per sample (DMD)."""
     norm = (x0 - x0_real).abs().flatten(1).mean(1).clamp(min=1e-6).view(-1, *[1] * (x0.ndim - 1))
     return (x0_fake - x0_real) / norm
+
+
+def regression_gradient(x0: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """The regression term's gradient w.r.t. the generated sample, normalised per sample like `dmd_gradient`
+    (so ``regression_weight`` 1 weighs it as the DMD gradient): a unit push from the recorded frame to x0."""
+    return dmd_gradient(x0, truth, x0)
 
 
 def dmd_surrogate(x0: torch.Tensor, grad: torch.Tensor, count: int) -> torch.Tensor:
@@ -261,6 +271,9 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
             x0_real = score_x0(real, clip, x_t, t, action, guidance, cfg.real_score)
             x0_fake = score_x0(critic, clip, x_t, t, action, 1.0, cfg.real_score)
             grad = dmd_gradient(clip[:, k:], x0_real[:, k:], x0_fake[:, k:])
+            truth = real_clip[:, w + k:w + window]              # the recorded frames the rollout replaced
+            if cfg.regression_weight:
+                grad = grad + cfg.regression_weight * regression_gradient(clip[:, k:], truth)
         opt_g.zero_grad(set_to_none=True)
         count, surrogate, first = grad.numel(), 0.0, w + k
         for rec in records:  # one chunk's graph at a time, for the chunks the window scores (all it kept)
@@ -271,7 +284,7 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
         gnorm = float(torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip))
         opt_g.step()
         return {"dmd_gap": float((x0_fake - x0_real)[:, k:].pow(2).mean()), "critic_loss": float(c_loss.detach()),
-                "surrogate": surrogate, "grad_norm": gnorm}
+                "surrogate": surrogate, "grad_norm": gnorm, "rollout_mse": float((clip[:, k:] - truth).pow(2).mean())}
 
     def eval_fn() -> dict[str, float]:
         return {**few_step_eval(generator, held, cfg.eval_steps),
