@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from runtime import Bundle, ModelConfig, open_session
+from runtime import Bundle, CausalDiT, ModelConfig, open_session
 from runtime.codec import PixelCodec
 from training.latents import conditioning_actions, synthetic_latents
 from training.teacher import (
@@ -179,3 +179,26 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
 
     init = CausalDiT(Bundle.load(out / "bundle").config).state_dict()
     assert any(not torch.equal(init[k], r0["model"][k]) for k in init)   # the steps did change the weights
+
+
+def test_ema_warms_up_so_a_short_run_does_not_ship_its_random_init(tmp_path):
+    """A constant 0.999 would keep 37 % of the random initial weights in a 1,000-step teacher's bundle; the
+    ramped decay keeps almost none, and the bundle of a 3-step run is already near the trained weights."""
+    from training.teacher import ema_decay
+
+    share = 1.0
+    for s in range(1000):
+        share *= ema_decay(0.999, s)
+    assert share < 1e-12 and ema_decay(0.999, 10**6) == 0.999
+    clips = synthetic_latents(3, 10, (3, 4, 4), 3)
+    cfg = TeacherTrainConfig(out=str(tmp_path), steps=3, batch=2, clip_frames=4, sample_steps=1, lr=1e-2, warmup=1)
+    torch.manual_seed(cfg.seed)
+    init = {k: v.clone() for k, v in CausalDiT(tiny_model_cfg()).state_dict().items()}
+    train_teacher(cfg, tiny_model_cfg(), clips, PixelCodec(2), progress=False)
+    raw = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    ema = Bundle.load(tmp_path / "bundle").model.state_dict()
+    moved = [k for k in raw if k in init and not torch.equal(raw[k], init[k])]
+    assert moved
+    to_raw = sum(float((ema[k] - raw[k]).norm()) for k in moved)
+    to_init = sum(float((ema[k] - init[k]).norm()) for k in moved)
+    assert to_raw < to_init

@@ -49,7 +49,7 @@ class TeacherTrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    ema: float = 0.999
+    ema: float = 0.999               # the EMA's decay once warmed up (`ema_decay`)
     action_dropout: float = 0.1
     context_prob: float = 0.75       # share of clips with a clean context prefix
     per_frame_noise_prob: float = 0.5  # share of clips with independent per-frame noise levels
@@ -72,6 +72,15 @@ class TeacherTrainConfig:
 
 def lr_at(cfg: TeacherTrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def ema_decay(target: float, step: int) -> float:
+    """The EMA's decay at optimizer step ``step`` (from 0): ``(1 + step) / (10 + step)``, capped at ``target``.
+
+    A constant 0.999 keeps 0.999^N of the initial weights in the average after N steps: 37 % of a random
+    model after 1,000 steps, 13 % after 2,000, and the bundle is the average. Ramped, the initial weights'
+    share is below 1e-12 after 100 steps, and the average still spans about a ninth of the steps so far."""
+    return min(target, (1 + step) / (10 + step))
 
 
 def noise_levels(batch: int, frames: int, cfg: TeacherTrainConfig, generator: torch.Generator
@@ -352,7 +361,7 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
         opt.step()
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema)
+                pe.lerp_(pm, 1 - ema_decay(cfg.ema, step))
         step += 1
         loss_val = float(loss.detach())
         bar.update(1)
