@@ -7,7 +7,8 @@ browser sends, usually 48 kHz), which runs in its own thread and hands each re-s
 outgoing video track (a queue of 2: the oldest is dropped when the browser reads slowly). The
 latency shown is measured on the server: from the arrival of a frame's audio to its re-synced
 frame (feature lookahead and generation; the network and the browser's jitter buffer come on top).
-v1 returns video only: the page plays no audio back. Kept apart from apps/serve.py (the world
+The voice comes back too (`VoiceTrack`): the loop's playback, delayed as the local app delays it (lookahead
++ one frame + one block), so the returned mouth and voice match. Kept apart from apps/serve.py (the world
 model's server) on purpose; it shares its codec settings and its `ServerThread`.
 """
 
@@ -121,12 +122,48 @@ class ResyncedTrack(MediaStreamTrack):
         return out
 
 
+class VoiceTrack(MediaStreamTrack):
+    """The outgoing audio: the browser's own voice, delayed to match the re-synced mouth.
+
+    Paced by the wall clock in 20 ms frames. Until the loop starts (at the first audio), and whenever the
+    delayed playback has nothing yet, it sends silence; from the loop's start it reads `DelayedAudio`, whose
+    first ``delay`` samples are silence, so the voice leaves ``delay`` after it arrived."""
+
+    kind = "audio"
+    FRAME_S = 0.02
+
+    def __init__(self, peer: LipsyncPeer) -> None:
+        super().__init__()
+        self.peer = peer
+        self._start: float | None = None
+        self._sent_s = 0.0          # seconds of audio sent (the pts, whatever the rate)
+
+    async def recv(self):
+        import av
+
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = self.peer.loop
+        rate = loop.playback.rate if loop is not None else 48000
+        n = int(round(rate * self.FRAME_S))
+        self._start = now() if self._start is None else self._start
+        await asyncio.sleep(max(0.0, self._start + self._sent_s + n / rate - now()))
+        samples = loop.playback.read(n) if loop is not None else np.zeros(n, np.float32)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=n)
+        frame.planes[0].update((np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16).tobytes())
+        frame.sample_rate, frame.time_base = rate, Fraction(1, rate)
+        frame.pts = int(round(self._sent_s * rate))
+        self._sent_s += n / rate
+        return frame
+
+
 class LipsyncPeer:
     def __init__(self, server: LipsyncServer) -> None:
         self.server, self.id = server, uuid.uuid4().hex[:12]
         self.pc = RTCPeerConnection()
         self.frames, self.audio = LatestFrame(), QueuedAudio()
         self.track = ResyncedTrack(server.config.display)
+        self.voice = VoiceTrack(self)
         self.loop: LipsyncLoop | None = None
         self.channel = None
         self.tasks: list[asyncio.Task] = []
@@ -141,11 +178,21 @@ class LipsyncPeer:
                 return
         try:
             self.loop = LipsyncLoop(session, self.audio, self.frames, self.server.config.loop or LipsyncLoopConfig(),
-                                    on_frame=lambda f, _loop: event_loop.call_soon_threadsafe(self.track.offer, f))
+                                    on_frame=lambda f, _loop: self._hand_over(event_loop, f))
             self.loop.run()
         except Exception as exc:   # reported to the page; the server stays up
             log.exception("peer %s: lip-sync loop failed", self.id)
             self.error = repr(exc)
+
+    def _hand_over(self, event_loop: asyncio.AbstractEventLoop, frame: np.ndarray) -> None:
+        """A re-synced frame to the outgoing track, on the event loop; none once the server's loop has closed
+        (a frame finished during shutdown has nowhere to go)."""
+        try:
+            event_loop.call_soon_threadsafe(self.track.offer, frame)
+        except RuntimeError:
+            if not event_loop.is_closed():
+                raise
+            self.loop.stop = True
 
     def stats(self) -> dict:
         s = self.loop.stats() if self.loop is not None else {"video": "waiting for audio"}
@@ -199,7 +246,8 @@ class LipsyncServer:
         def on_track(track) -> None:
             peer.tasks.append(asyncio.create_task(self.consume(peer, track)))
 
-        pc.addTrack(peer.track)   # before the offer is applied: it binds to the offer's video m-line
+        pc.addTrack(peer.track)   # before the offer is applied: they bind to the offer's video and audio m-lines
+        pc.addTrack(peer.voice)
         await pc.setRemoteDescription(offer)
         await pc.setLocalDescription(await pc.createAnswer())
         session = open_session(self.bundle)

@@ -53,7 +53,8 @@ def test_browser_camera_and_microphone_from_files_get_resynced_video(tmp_path):
             page = browser.new_page()
             page.goto(srv.url + "/")
             page.wait_for_function("window.lipsyncStats.frames > 15 && window.lipsyncStats.server && "
-                                   "window.lipsyncStats.server.fps", timeout=30000)
+                                   "window.lipsyncStats.server.fps && window.lipsyncStats.audioPackets > 20",
+                                   timeout=30000)
             stats = page.evaluate("window.lipsyncStats")
             text = page.inner_text("#stats")
         finally:
@@ -62,3 +63,4 @@ def test_browser_camera_and_microphone_from_files_get_resynced_video(tmp_path):
     assert stats["error"] is None and s["video"] == "ok" and s["error"] is None
     assert s["audio_rate"] in (44100, 48000) and s["audio_to_mouth_ms_p50"] > 0
     assert "fps" in text and "audio->mouth" in text
+    assert stats["audioTracks"] == 1 and stats["audioPackets"] > 20   # the voice comes back, as RTP audio
