@@ -50,7 +50,7 @@ def test_noise_follows_the_generator_not_the_tensor():
 def test_clips_moved_to_a_device_sample_the_same_batches_there():
     clips = synthetic_latents(3, 10, (3, 4, 4), 3)
     moved = clips.to("cpu")
-    assert moved.device == torch.device("cpu") and moved.episodes == clips.episodes
+    assert moved.latents.device == torch.device("cpu") and moved.episodes == clips.episodes
     a = clips.sample(4, 5, torch.Generator().manual_seed(1))
     b = moved.sample(4, 5, torch.Generator().manual_seed(1))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

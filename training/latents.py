@@ -68,10 +68,6 @@ class LatentClips:
         ref = None if self.reference is None else self.reference.to(device)
         return replace(self, latents=self.latents.to(device), cond=self.cond.to(device), reference=ref)
 
-    @property
-    def device(self) -> torch.device:
-        return self.latents.device
-
     def starts(self, clip_frames: int) -> torch.Tensor:
         s = [r + i for r, n, _ in self.episodes for i in range(n - clip_frames + 1)]
         if not s:

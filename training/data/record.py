@@ -90,23 +90,27 @@ def record_episode(env, policy, seed: int, max_frames: int) -> Episode:
                    seed=seed)
 
 
-def _policy(cfg: RecordConfig, spec: ActionSpec, i: int):
-    # A per-episode policy RNG keeps a resumed (or parallel) recording identical to an uninterrupted one.
-    return POLICIES[cfg.policy](spec, np.random.default_rng([cfg.seed, i]), cfg.max_hold, cfg.idle_prob,
-                                cfg.idle_hold)
+def _engine(cfg: RecordConfig):
+    return make_env(cfg.env, size=cfg.size or (64, 64), frame_skip=cfg.frame_skip)
+
+
+def _record_one(cfg: RecordConfig, env, i: int) -> Episode:
+    """Episode ``i``: seed + i, and its own policy RNG, which keeps a resumed (or parallel) recording identical
+    to an uninterrupted one."""
+    policy = POLICIES[cfg.policy](env.action_spec, np.random.default_rng([cfg.seed, i]), cfg.max_hold,
+                                  cfg.idle_prob, cfg.idle_hold)
+    return record_episode(env, policy, cfg.seed + i, cfg.max_frames)
 
 
 _worker: dict = {}   # a recording worker's own engine and config
 
 
 def _start_worker(cfg: RecordConfig) -> None:
-    _worker["cfg"] = cfg
-    _worker["env"] = make_env(cfg.env, size=cfg.size or (64, 64), frame_skip=cfg.frame_skip)
+    _worker["cfg"], _worker["env"] = cfg, _engine(cfg)
 
 
 def _record_in_worker(i: int) -> Episode:
-    cfg, env = _worker["cfg"], _worker["env"]
-    return record_episode(env, _policy(cfg, env.action_spec, i), cfg.seed + i, cfg.max_frames)
+    return _record_one(_worker["cfg"], _worker["env"], i)
 
 
 def episodes_done(store: ShardStore) -> int:
@@ -134,7 +138,7 @@ def record(cfg: RecordConfig, out: str, progress: bool = True, env=None) -> dict
     if cfg.jobs > 1 and env is not None:
         raise ValueError("parallel recording builds one engine per process from cfg.env: pass jobs=1 with env")
     store = ShardStore(out)
-    env = env or make_env(cfg.env, size=cfg.size or (64, 64), frame_skip=cfg.frame_skip)
+    env = env or _engine(cfg)
     pool = None
     try:
         idle = {"idle_prob": cfg.idle_prob, "idle_hold": list(cfg.idle_hold)} if cfg.idle_prob else {}
@@ -152,8 +156,7 @@ def record(cfg: RecordConfig, out: str, progress: bool = True, env=None) -> dict
             pool = multiprocessing.get_context("spawn").Pool(cfg.jobs, _start_worker, (cfg,))
             episodes = pool.imap(_record_in_worker, todo)
         else:
-            episodes = (record_episode(env, _policy(cfg, env.action_spec, i), cfg.seed + i, cfg.max_frames)
-                        for i in todo)
+            episodes = (_record_one(cfg, env, i) for i in todo)
         for i, episode in zip(todo, episodes):
             pending.append(episode)
             bar.update(1)
