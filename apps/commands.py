@@ -103,9 +103,11 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     host = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     if args.lipsync:  # webcam + microphone in, re-synced face out: its own app (apps/lipsync_serve.py)
+        from apps.lipsync import open_face_locator
         from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
 
-        app = create_lipsync_app(bundle, LipsyncServeConfig(max_sessions=args.max_sessions))
+        app = create_lipsync_app(bundle, LipsyncServeConfig(max_sessions=args.max_sessions,
+                                                            face_locator=open_face_locator(args.face_locator)))
         serve_forever(app, sock, lambda port: print(f"forcekit serve --lipsync: open http://{host}:{port}/",
                                                     flush=True))
         return 0
@@ -162,6 +164,9 @@ def register(commands) -> None:
     p.add_argument("--lipsync", action="store_true",
                    help="lip-sync mode: the browser sends webcam + microphone, gets the face re-synced (a lip-sync "
                         "--bundle, e.g. models/lipsync or random-lipsync)")
+    from apps.lipsync_commands import add_face_locator_arg
+
+    add_face_locator_arg(p)
 
     p = commands.add("latency", help="time to first frame, input-to-frame latency and frame jitter (JSON)",
                      func=bench_latency, group="bench")

@@ -17,9 +17,14 @@ the source: a browser or a busy machine delivers audio in bursts, some of it bef
 starts); it contains the feature lookahead (about 83 ms), the block size of the source and
 the generation of the frame.
 
-Input, v1: the face is a fixed centre crop of the camera frame (no face detector), resized to the
-bundle's frame size; the model re-syncs whatever is in the crop. Defined behaviour for awkward
-input, never a crash: a camera with no frame yet shows a grey frame and says "no video"; a camera
+Input: with a face locator (runtime/face_locator.py, `--face-locator`), `FaceCropper` cuts the face
+out of the camera frame framed as the model's training renders and re-syncs it; with none, a fixed
+centre crop (resized to the bundle's frame size) is re-synced, whatever it holds. Defined behaviour
+for awkward input, never a crash: no face passes the centre crop through unchanged and says "no
+face"; a face partly out of the picture passes its crop through and says "face leaving the frame";
+two or more faces re-sync the largest and say how many there are; when a face comes back after
+any of these the stream restarts on it (it becomes the identity reference). A camera with no
+frame yet shows a grey frame and says "no video"; a camera
 that stops keeps its last frame; silence gives zero features (a mouth at rest); clipping is counted
 and shown; any sample rate is resampled; blocks with NaN or inf become silence and are counted;
 a video file shorter than the audio holds its last frame.
@@ -53,6 +58,77 @@ def centre_crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if crop.shape[:2] == (th, tw):
         return crop.astype(np.uint8, copy=False)
     return cv2.resize(crop, (tw, th), interpolation=cv2.INTER_AREA).astype(np.uint8)
+
+
+@dataclass
+class FaceCropConfig:
+    leaving: float = 0.15   # a face whose crop lies more than this share of its side outside the frame is leaving
+    smooth: float = 0.6     # weight of the previous crop box in the next (steadies the crop between frames)
+
+
+DEFAULT_FACE_LOCATOR = Path(__file__).resolve().parent.parent / "models" / "face_locator"
+
+
+def open_face_locator(spec: str | None):
+    """The face locator a lip-sync app uses: "none" -> a fixed centre crop (None), None -> the shipped
+    models/face_locator when present, else a run or bundle dir (an error naming it if it holds none)."""
+    if spec == "none" or (spec is None and not (DEFAULT_FACE_LOCATOR / "locator.pt").exists()):
+        return None
+    from runtime.face_locator import load_face_locator
+
+    return load_face_locator(DEFAULT_FACE_LOCATOR if spec is None else spec)
+
+
+class FaceCropper:
+    """A camera frame -> (the face crop to re-sync or pass through, whether to re-sync it, a status).
+
+    The locator sees the frame padded to a square (so faces keep their aspect at any camera shape);
+    the crop is a square of the located side (the renders' framing), resized to the bundle's size."""
+
+    def __init__(self, locator, size: tuple[int, int], cfg: FaceCropConfig | None = None) -> None:
+        self.locator, self.size, self.cfg = locator, size, cfg or FaceCropConfig()
+        self._box: tuple[float, float, float] | None = None   # the last crop (cx, cy, side) in frame pixels
+
+    def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, bool, str]:
+        if self.locator is None:
+            return centre_crop(frame, self.size), True, "ok"
+        from runtime.face_locator import find_faces
+
+        h, w = frame.shape[:2]
+        side = max(h, w)
+        square = np.full((side, side, 3), 128, np.uint8)
+        oy, ox = (side - h) // 2, (side - w) // 2
+        square[oy:oy + h, ox:ox + w] = frame[..., :3]
+        faces = find_faces(self.locator, square)
+        if not faces:
+            self._box = None
+            return centre_crop(frame, self.size), False, "no face"
+        face = max(faces, key=lambda f: f.side)
+        cx, cy, s = face.cx * side - ox, face.cy * side - oy, face.side * side
+        if self._box is not None and abs(cx - self._box[0]) + abs(cy - self._box[1]) < 0.5 * s:
+            k = self.cfg.smooth
+            cx, cy, s = (k * a + (1 - k) * b for a, b in zip(self._box, (cx, cy, s)))
+        self._box = (cx, cy, s)
+        crop = self._cut(frame, cx, cy, s)
+        outside = max(0.0, s / 2 - cx, cx + s / 2 - w, s / 2 - cy, cy + s / 2 - h) / s
+        if outside > self.cfg.leaving:
+            return crop, False, "face leaving the frame"
+        return crop, True, "ok" if len(faces) == 1 else f"{len(faces)} faces: re-syncing the largest"
+
+    def _cut(self, frame: np.ndarray, cx: float, cy: float, s: float) -> np.ndarray:
+        """The square of side s centred at (cx, cy), edge pixels repeated where it leaves the frame."""
+        import cv2
+
+        th, tw = self.size
+        half = max(s, 2.0) / 2
+        x0, y0 = int(round(cx - half * tw / th)), int(round(cy - half))
+        x1, y1 = int(round(cx + half * tw / th)), int(round(cy + half))
+        h, w = frame.shape[:2]
+        pad = max(0, -x0, -y0, x1 - w, y1 - h)
+        if pad:
+            frame = cv2.copyMakeBorder(np.ascontiguousarray(frame[..., :3]), pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        crop = np.ascontiguousarray(frame[y0 + pad:y1 + pad, x0 + pad:x1 + pad, :3])
+        return cv2.resize(crop, (tw, th), interpolation=cv2.INTER_AREA).astype(np.uint8)
 
 
 class LatestFrame:
@@ -265,7 +341,7 @@ class LipsyncLoop:
     """Drives a `LipsyncSession` from an audio source and a `LatestFrame` (see the module docstring)."""
 
     def __init__(self, session, audio, frames: LatestFrame, config: LipsyncLoopConfig | None = None,
-                 on_frame=None) -> None:
+                 on_frame=None, face_locator=None) -> None:
         from runtime.audio_features import StreamingAudioFeatures
 
         self.session, self.audio, self.frames = session, audio, frames
@@ -286,6 +362,9 @@ class LipsyncLoop:
         self.stop = False   # set by the window when it is closed
         self.t0 = 0.0
         self.status = "starting"
+        self.cropper = FaceCropper(face_locator, session.frame_size)
+        self.passed_through = 0   # frames shown unchanged: no face, or a face leaving the frame
+        self._restart = False     # the next re-synced face starts a new stream (a new identity reference)
         h, w = session.frame_size
         self._grey = np.full((h, w, 3), 128, np.uint8)
 
@@ -318,13 +397,14 @@ class LipsyncLoop:
             self._arrivals.popleft()
         return self._arrivals[0][1] if self._arrivals else self.t0
 
-    def _face(self) -> np.ndarray:
+    def _face(self) -> tuple[np.ndarray, bool]:
+        """The face crop of the newest camera frame and whether to re-sync it (else it passes through)."""
         frame = self.frames.get()
         if frame is None:
             self.status = "no video"
-            return self._grey
-        self.status = "ok"
-        return centre_crop(frame, self.session.frame_size)
+            return self._grey, True
+        crop, resync, self.status = self.cropper(frame)
+        return crop, resync
 
     def step(self) -> np.ndarray | None:
         """Take in the audio that arrived, re-sync the oldest ready frame; None if none is ready."""
@@ -333,7 +413,15 @@ class LipsyncLoop:
             return None
         t, feat = self._pending.popleft()
         arrived = self._arrival(t)
-        out = self.session.step(audio=feat, video=self._face())[-1]
+        face, resync = self._face()
+        if resync:
+            if self._restart:
+                self.session.reset(0)
+                self._restart = False
+            out = self.session.step(audio=feat, video=face)[-1]
+        else:
+            out, self._restart = face, True
+            self.passed_through += 1
         done = now()
         self.latency.append(done - arrived)
         self.frame_times.append(done)
@@ -366,7 +454,7 @@ class LipsyncLoop:
                 "audio_to_mouth_ms_p95": lat["p95"], "feature_lookahead_ms": self.features.lookahead_s * 1e3,
                 "audio_delay_ms": self.playback.delay / self.audio.rate * 1e3, "dropped_frames": self.dropped,
                 "clipped_samples": self.features.clipped_samples, "bad_audio_blocks": self.bad_blocks,
-                "video": self.status}
+                "passed_through_frames": self.passed_through, "video": self.status}
 
 
 # -- the window ------------------------------------------------------------------------------------

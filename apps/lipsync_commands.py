@@ -37,7 +37,15 @@ def _threads(n: int | None) -> None:
 def lipsync(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from apps.lipsync import AudioClipSource, LatestFrame, LipsyncLoop, LipsyncLoopConfig, MicSource, VideoSource
+    from apps.lipsync import (
+        AudioClipSource,
+        LatestFrame,
+        LipsyncLoop,
+        LipsyncLoopConfig,
+        MicSource,
+        VideoSource,
+        open_face_locator,
+    )
     from runtime import open_session
 
     _threads(args.threads)
@@ -60,7 +68,7 @@ def lipsync(args: argparse.Namespace) -> int:
             kept.append(frame)
 
     loop = LipsyncLoop(session, audio, frames, LipsyncLoopConfig(block_s=args.block_ms / 1000, seconds=args.seconds),
-                       on_frame)
+                       on_frame, face_locator=open_face_locator(args.face_locator))
     player = None if args.no_playback else _player(loop)
     video.start()
     try:
@@ -120,12 +128,18 @@ def bench_lipsync(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_face_locator_arg(p) -> None:
+    p.add_argument("--face-locator", default=None, help="face locator dir (default: models/face_locator when "
+                   "present); 'none': re-sync a fixed centre crop of the camera")
+
+
 def register(commands) -> None:
     p = commands.add("lipsync", help="re-sync a face (webcam or --video FILE) to a voice (microphone or --audio "
                      "FILE.wav) in a pygame window, the voice played back delayed to match", func=lipsync)
     p.add_argument("--bundle", default=None, help="lip-sync bundle dir (default: models/lipsync), or random-lipsync")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--video", default="0", help="camera index or video file (centre crop, no face detector)")
+    p.add_argument("--video", default="0", help="camera index or video file")
+    add_face_locator_arg(p)
     p.add_argument("--audio", default=None, help="16-bit WAV file played as the microphone (default: the microphone)")
     p.add_argument("--mic-rate", type=positive_int, default=48000, help="microphone sample rate (resampled)")
     p.add_argument("--block-ms", type=positive_float, default=10.0, help="audio block size, ms")

@@ -44,6 +44,7 @@ class LipsyncServeConfig:
     display: int = 288              # the returned video is scaled up to this many pixels a side
     stats_period_s: float = 0.5
     loop: LipsyncLoopConfig | None = None
+    face_locator: object | None = None   # runtime.face_locator.FaceLocator; None: a fixed centre crop
 
 
 class QueuedAudio:
@@ -178,7 +179,8 @@ class LipsyncPeer:
                 return
         try:
             self.loop = LipsyncLoop(session, self.audio, self.frames, self.server.config.loop or LipsyncLoopConfig(),
-                                    on_frame=lambda f, _loop: self._hand_over(event_loop, f))
+                                    on_frame=lambda f, _loop: self._hand_over(event_loop, f),
+                                    face_locator=self.server.config.face_locator)
             self.loop.run()
         except Exception as exc:   # reported to the page; the server stays up
             log.exception("peer %s: lip-sync loop failed", self.id)

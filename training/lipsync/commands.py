@@ -37,6 +37,16 @@ def _train_syncnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_face_locator(args: argparse.Namespace) -> int:
+    from training.lipsync.face_locator import train_face_locator
+
+    _threads(args.threads)
+    print(json.dumps(train_face_locator(args.data, args.out, heldout=args.heldout, steps=args.steps, batch=args.batch,
+                                        lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
+                                        max_clips=args.max_clips)))
+    return 0
+
+
 def _eval_lipsync(args: argparse.Namespace) -> int:
     from training.lipsync.evaluate import evaluate_lipsync
 
@@ -75,6 +85,12 @@ def register(commands) -> None:
     p.add_argument("--clips-per-batch", type=int, default=16, help="clips per step")
     p.add_argument("--windows-per-clip", type=int, default=4, help="windows per clip in a batch (timing negatives)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+
+    p = commands.add("face-locator", help="train the face locator of the lip-sync apps on composites of rendered "
+                     "faces (zero, one or two per image; resumable)", func=_train_face_locator, group="train")
+    _common(p, steps=2000)
+    p.add_argument("--batch", type=int, default=32, help="composite images per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
 
     p = commands.add("lipsync", help="lip-sync of clips (frames + audio): mouth agreement and offset, LSE-C / "
                      "LSE-D real vs shuffled audio, PSNR/SSIM outside the mouth (JSON)", func=_eval_lipsync,
