@@ -113,14 +113,14 @@ def bench_lipsync(args: argparse.Namespace) -> int:
 
     import torch
 
-    from apps.lipsync import LipsyncLoopConfig
+    from apps.lipsync import LipsyncLoopConfig, open_face_locator
     from apps.lipsync_bench import run_lipsync_bench
 
     _threads(args.threads)
     bundle = _bundle(args.bundle, args.device)
     report = run_lipsync_bench(bundle, seconds=args.seconds, frames=args.frames,
                                loop=LipsyncLoopConfig(block_s=args.block_ms / 1000), device=args.device,
-                               rate=args.rate)
+                               rate=args.rate, face_locator=open_face_locator(args.face_locator))
     report.update({"bundle": bundle.name, "weights": bundle.extra.get("weights", "trained"),
                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                    "load_avg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__})
@@ -162,4 +162,5 @@ def register(commands) -> None:
     p.add_argument("--frames", type=positive_int, default=100, help="frames of the back-to-back throughput run")
     p.add_argument("--rate", type=positive_int, default=48000, help="sample rate of the simulated microphone")
     p.add_argument("--block-ms", type=positive_float, default=10.0, help="microphone block size, ms")
+    add_face_locator_arg(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")

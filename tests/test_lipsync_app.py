@@ -110,5 +110,7 @@ def test_bench_lipsync_reports_fps_and_latency(capsys):
     assert r["weights"] == "random" and r["frame_size"] == [32, 32] and r["fps"] > 0
     assert r["audio_to_mouth_ms_p95"] >= r["audio_to_mouth_ms_p50"] > r["feature_lookahead_ms"] - 10 > 70
     assert r["realtime_frames"] + r["dropped_frames"] >= 20
+    # The shipped face locator is the default: it finds the face in the camera-sized frame, so nothing passes through.
+    assert r["face_locator"] is True and r["video"] == "ok" and r["passed_through_frames"] == 0
     assert main(["bench", "lipsync", "--seconds", "0"]) == 2                  # a usage error, one line
     assert "--seconds: must be a number > 0" in capsys.readouterr().err
