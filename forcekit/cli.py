@@ -76,6 +76,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_int_list(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (widths per level: `16,32,64`)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
+    return [positive_int(part) for part in parts]
+
+
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (counts where 0 means none or 'all', as the option's help says)."""
     value = _number(text, int)

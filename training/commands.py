@@ -16,6 +16,7 @@ from forcekit.cli import (
     nonnegative_int,
     positive_float,
     positive_int,
+    positive_int_list,
     seed_int,
 )
 from runtime.commands import video_path
@@ -84,8 +85,13 @@ def _train_codec(args: argparse.Namespace) -> int:
     from training.codec import CodecTrainConfig, train_codec
 
     cfg = CodecTrainConfig(data=args.data, out=args.out, steps=args.steps, batch=args.batch, crop=args.crop,
-                           lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s, threads=args.threads)
-    model_cfg = ConvAEConfig(latent_channels=args.latent_channels)
+                           lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s, threads=args.threads,
+                           edge_weight=args.edge_weight)
+    widths = {"decoder_channels": args.decoder_channels} if args.decoder_channels else {}
+    try:
+        model_cfg = ConvAEConfig(latent_channels=args.latent_channels, **widths)
+    except ValueError as e:
+        raise UsageError(f"--decoder-channels: {e}") from None
     print(json.dumps(train_codec(cfg, model_cfg)))
     return 0
 
@@ -331,6 +337,10 @@ def register(commands) -> None:
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
     p.add_argument("--latent-channels", type=positive_int, default=8,
                    help="latent channels per position (ignored when resuming)")
+    p.add_argument("--decoder-channels", type=positive_int_list, default=None,
+                   help="decoder width per level, full resolution first, e.g. 16,32,64 (ignored when resuming)")
+    p.add_argument("--edge-weight", type=nonnegative_float, default=0.0,
+                   help="weight of an L1 loss on pixel differences (keeps texture the plain loss smooths)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
