@@ -347,3 +347,17 @@ def test_the_entry_point_prints_one_line_and_no_traceback(bundles):
         out = subprocess.run([sys.executable, "-m", "forcekit", *argv], capture_output=True, text=True)
         assert out.returncode == code, out.stderr
         assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1 and named in out.stderr, out.stderr
+
+
+def test_eval_codec_reads_a_bundle_codec_as_its_codec_dir(tmp_path, data, capsys):
+    """A shipped model's codec is measured in place: eval codec takes the bundle dir too."""
+    from dataclasses import replace
+
+    from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
+
+    codec = ConvAutoencoder(ConvAEConfig(latent_channels=2)).eval()
+    cfg = replace(ModelConfig.tiny(), in_channels=2, latent_height=2, latent_width=2, patch_size=(1, 1, 1))
+    Bundle.random(cfg, codec=codec).save(tmp_path / "b")
+    assert main(["eval", "codec", "--codec", str(tmp_path / "b"), "--data", data["good"], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latent_shape"] == [2, 2, 2] and report["frames"] == 18 and report["sharpness_ratio"] > 0

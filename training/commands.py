@@ -107,7 +107,8 @@ def _eval_codec(args: argparse.Namespace) -> int:
     if args.max_frames and len(frames) > args.max_frames:
         idx = torch.randperm(len(frames), generator=torch.Generator().manual_seed(0))[: args.max_frames]
         frames = frames[idx.sort().values]
-    result = {"codec": args.codec, "data": args.data, **eval_codec(load_codec(args.codec), frames)}
+    codec = load_codec_arg(args.codec) if (Path(args.codec) / "config.json").is_file() else load_codec(args.codec)
+    result = {"codec": args.codec, "data": args.data, **eval_codec(codec, frames)}
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -347,7 +348,7 @@ def register(commands) -> None:
 
     p = commands.add("codec", help="codec reconstruction PSNR/SSIM on held-out frames and decode latency",
                      func=_eval_codec, group="eval")
-    p.add_argument("--codec", required=True, help="codec dir (codec.json + codec.safetensors)")
+    p.add_argument("--codec", required=True, help="codec dir (codec.json + codec.safetensors) or a bundle dir")
     p.add_argument("--data", required=True, help="held-out data dir")
     p.add_argument("--max-frames", type=nonnegative_int, default=4096, help="evaluate on at most N frames (0: all)")
     _threads_arg(p)
