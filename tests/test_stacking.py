@@ -96,7 +96,7 @@ def test_a_session_tells_a_level_conditioned_model_the_inference_stack_noise():
     assert (cached - rollout_latents(model, noisy, 4, kv_cache=False)).abs().max() <= 1e-4
 
 
-def test_teacher_training_tells_the_model_the_level_and_the_students_refuse_noise_it_would_not_be_told():
+def test_teacher_training_tells_the_model_the_level():
     from training.teacher import stacked, stacked_noised
 
     model = tiny_model(stack_frames=1, stack_noise_condition=True)
@@ -106,8 +106,34 @@ def test_teacher_training_tells_the_model_the_level_and_the_students_refuse_nois
     assert level.shape == (8,) and 0 <= level.min() and level.max() <= 0.3 and level.std() > 0
     assert (previous - previous_frames(x0, 1)).abs().max() > 0
     assert stacked_noised(model, x0)[1] is None
-    with pytest.raises(ValueError, match="clean stacked frames"):
-        stacked(model, x0, torch.Generator(), 0.3)
+    assert torch.equal(stacked(model, x0), previous_frames(x0, 1))
+
+
+def test_students_tell_a_told_model_the_stacked_frames_level():
+    """dCM (and the causal stage) noise the stacked frames of a told model and tell it each clip's level
+    under teacher forcing, as the teacher was trained; level 0 is the clean, untold case."""
+    from training.students.dcm import DCMConfig, dcm_loss
+
+    torch.manual_seed(0)
+    model = tiny_model(stack_frames=1, stack_noise_condition=True)
+    torch.nn.init.normal_(model.condition_embedder.stack_level_embedder.linear_2.weight, std=0.5)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.randn(2, 3, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    noisy, t = torch.randn(clean.shape, generator=gen), torch.rand(2, 3, generator=gen)
+    action = torch.rand(2, 3, cfg.actions.dim, generator=gen)
+    with torch.no_grad():
+        untold = tf_velocity(model, clean, noisy, t, action)
+        assert torch.allclose(tf_velocity(model, clean, noisy, t, action, stack_level=torch.zeros(2)), untold)
+        told = tf_velocity(model, clean, noisy, t, action, stack_level=torch.full((2,), 0.3))
+        assert (told - untold).abs().max() > 1e-3
+    seen = []
+    forward = model.forward
+    model.forward = lambda *a, **k: seen.append(k.get("stack_level")) or forward(*a, **k)
+    with torch.no_grad():
+        dcm_loss(model, model, model, clean, action, DCMConfig(stack_noise=0.3), 1.0, gen)
+    assert len(seen) == 3 and all(level is not None and level.shape == (2,) for level in seen)
+    assert torch.equal(seen[0], seen[2]) and 0 < seen[0].max() <= 0.3
 
 
 PATTERNS = [dict(frames_per_chunk=1, window_frames=3, sink_frames=1),

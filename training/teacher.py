@@ -145,14 +145,9 @@ def stacked_noised(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Ge
     return noised(previous, noise, generator, cfg.stack_noise_form)
 
 
-def stacked(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
-            noise: float = 0.0) -> torch.Tensor | None:
-    """`stacked_noised`'s frames, for a model that is not told the level (the students' trainers)."""
-    previous, level = stacked_noised(model, x0, generator, noise)
-    if level is not None and _config(model).stack_noise_condition:
-        raise ValueError("this model is told the stacked frames' noise level (stack_noise_condition): train its "
-                         "students on clean stacked frames (--stack-noise 0), as a session feeds them")
-    return previous
+def stacked(model: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor | None:
+    """The clean previous frames a stacking model sees for clips ``x0`` (None without stacking)."""
+    return stacked_noised(model, x0)[0]
 
 
 @torch.no_grad()

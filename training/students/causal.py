@@ -31,7 +31,7 @@ from training.students.common import (
     tf_velocity,
     trainable_copy,
 )
-from training.teacher import stacked
+from training.teacher import stacked_noised
 
 
 @dataclass
@@ -53,7 +53,8 @@ def causal_loss(model, x0: torch.Tensor, action: Conditions, cfg: CausalConfig, 
     drop = torch.rand(b, 1, 1, generator=generator) < cfg.action_dropout
     action = dropped(action, drop)
     tt = t[:, :, None, None, None]
-    v = tf_velocity(model, x0, (1 - tt) * x0 + tt * noise, t, action, stacked(model, x0, generator, cfg.stack_noise))
+    previous, level = stacked_noised(model, x0, generator, cfg.stack_noise)
+    v = tf_velocity(model, x0, (1 - tt) * x0 + tt * noise, t, action, previous, level)
     return (v.float() - (noise - x0)).pow(2).mean()
 
 

@@ -74,16 +74,18 @@ def check_clip(model: CausalDiT, clip_frames: int) -> None:
 
 # -- the teacher-forcing forward --------------------------------------------------------------------
 def tf_velocity(model: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
-                action: Conditions | None, previous: torch.Tensor | None = None) -> torch.Tensor:
+                action: Conditions | None, previous: torch.Tensor | None = None,
+                stack_level: torch.Tensor | None = None) -> torch.Tensor:
     """Velocity of every noisy frame ``[B, F, C, h, w]`` at levels ``t`` ``[B, F]``, each chunk
-    conditioned on the clean chunks before it (one pass over ``[clean | noisy]``)."""
+    conditioned on the clean chunks before it (one pass over ``[clean | noisy]``). ``stack_level``
+    ``[B]``: the noise level of ``previous`` (read by a ``stack_noise_condition`` model)."""
     b, f = clean.shape[:2]
     pattern = model.config.chunk_pattern
     positions = torch.arange(f, device=clean.device).repeat(2)
     seq_action = None if action is None else cat([action, action], 1)
     v = model(torch.cat([clean, noisy], 1), torch.cat([torch.zeros_like(t), t], 1), **model_inputs(seq_action),
-              previous=tf_previous(model, clean, previous), mask=pattern.teacher_forcing(f),
-              frame_positions=positions)
+              previous=tf_previous(model, clean, previous), stack_level=stack_level,
+              mask=pattern.teacher_forcing(f), frame_positions=positions)
     return v[:, f:]
 
 
@@ -99,13 +101,17 @@ def tf_previous(model: CausalDiT, clean: torch.Tensor, previous: torch.Tensor | 
 
 
 def guided_tf_velocity(model: CausalDiT, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
-                       action: Conditions, scale: float, previous: torch.Tensor | None = None) -> torch.Tensor:
+                       action: Conditions, scale: float, previous: torch.Tensor | None = None,
+                       stack_level: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free guidance: v_u + g (v_c - v_u), unconditional = zeroed actions and audio
     (`training.conditions.null`)."""
     if scale == 1.0:
-        return tf_velocity(model, clean, noisy, t, action, previous)
-    v = tf_velocity(model, torch.cat([clean, clean]), torch.cat([noisy, noisy]), torch.cat([t, t]),
-                    cat([action, null(action)], 0), None if previous is None else torch.cat([previous, previous]))
+        return tf_velocity(model, clean, noisy, t, action, previous, stack_level)
+    def twice(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat([x, x])
+
+    v = tf_velocity(model, twice(clean), twice(noisy), twice(t), cat([action, null(action)], 0), twice(previous),
+                    twice(stack_level))
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + scale * (v_cond - v_uncond)
 

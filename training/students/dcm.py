@@ -36,7 +36,7 @@ from training.students.common import (
     tf_velocity,
     trainable_copy,
 )
-from training.teacher import stacked
+from training.teacher import stacked_noised
 
 
 @dataclass
@@ -46,7 +46,9 @@ class DCMConfig(StageConfig):
     guidance_scale: float | None = None  # teacher CFG; None: the causal teacher bundle's
     ema: float = 0.99
     sample_steps: int = 2
-    stack_noise: float = 0.0  # frame stacking: noise on the stacked frames every model sees, a level up to this
+    # frame stacking: noise on the stacked frames every model sees, a level up to this per clip (a model
+    # trained with --stack-noise-condition is told it, and learns to see through its own frames' errors)
+    stack_noise: float = 0.0
 
 
 def level_grid(cfg: DCMConfig) -> torch.Tensor:
@@ -56,9 +58,9 @@ def level_grid(cfg: DCMConfig) -> torch.Tensor:
 
 
 def consistency(model, clean: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor,
-                previous: torch.Tensor | None = None) -> torch.Tensor:
+                previous: torch.Tensor | None = None, stack_level: torch.Tensor | None = None) -> torch.Tensor:
     """f(x_t, t) = x_t - t v(x_t, t): the student's x0 prediction under teacher forcing."""
-    return x_t - t[:, :, None, None, None] * tf_velocity(model, clean, x_t, t, action, previous)
+    return x_t - t[:, :, None, None, None] * tf_velocity(model, clean, x_t, t, action, previous, stack_level)
 
 
 def dcm_loss(student, target, teacher, x0: torch.Tensor, action: torch.Tensor, cfg: DCMConfig, guidance: float,
@@ -72,12 +74,12 @@ def dcm_loss(student, target, teacher, x0: torch.Tensor, action: torch.Tensor, c
     x_t = (1 - t[:, :, None, None, None]) * x0 + t[:, :, None, None, None] * noise
     # noise on the stacked frames (as the teacher was trained): a student fed its own, imperfect frames at
     # inference has seen a previous frame that is not the truth
-    previous = stacked(student, x0, generator, cfg.stack_noise) if cfg.stack_noise > 0 else None
+    previous, level = stacked_noised(student, x0, generator, cfg.stack_noise)
     with torch.no_grad():
-        v = guided_tf_velocity(teacher, x0, x_t, t, action, guidance, previous)
+        v = guided_tf_velocity(teacher, x0, x_t, t, action, guidance, previous, level)
         x_prev = x_t + (t_prev - t)[:, :, None, None, None] * v
-        y = consistency(target, x0, x_prev, t_prev, action, previous)
-    return (consistency(student, x0, x_t, t, action, previous).float() - y.float()).pow(2).mean()
+        y = consistency(target, x0, x_prev, t_prev, action, previous, level)
+    return (consistency(student, x0, x_t, t, action, previous, level).float() - y.float()).pow(2).mean()
 
 
 def train_dcm(teacher: Bundle, clips: LatentClips, cfg: DCMConfig, eval_clips: LatentClips | None = None,
