@@ -171,6 +171,13 @@ def test_the_recipe_stages_run_on_lipsync_data_and_the_student_plays(data, tmp_p
     y0, x0, y1, x1 = config["extra"]["lipsync"]["mask_box"]
     own[:, y0:y1, x0:x1] = real[:, y0:y1, x0:x1] = 0
     assert np.array_equal(own, real)      # composited: nothing outside the mask box changes
+    # --steps overrides the bundle's sampler steps: a teacher is measured the way its students are
+    assert main(["eval", "lipsync-generate", "--bundle", str(run / "dmd/bundle"), "--clips", data,
+                 "--out", str(tmp_path / "gen3"), "--no-ab", "--steps", "3"]) == 0
+    capsys.readouterr()
+    three = np.concatenate([c["frames"] for c in recorded(str(tmp_path / "gen3" / "own"))])
+    assert three.shape == own.shape and not np.array_equal(three, np.concatenate(
+        [c["frames"] for c in recorded(str(gen / "own"))]))
 
 
 def test_audio_tokens_reach_the_mask_box_tokens_directly():

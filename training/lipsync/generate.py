@@ -38,13 +38,14 @@ def resync(session, video: np.ndarray, features: np.ndarray, seed: int = 0) -> n
 
 
 def generate_lipsync(bundle: str, clips_dir: str, out: str, max_clips: int = 0, ab: bool = True,
-                     device: str = "cpu", progress: bool = True) -> dict:
-    """Write OUT/own (and OUT/ab, OUT/ab_input, OUT/ab_truth_a); returns the counts."""
+                     device: str = "cpu", progress: bool = True, steps: int | None = None) -> dict:
+    """Write OUT/own (and OUT/ab, OUT/ab_input, OUT/ab_truth_a); returns the counts. ``steps``: sampler
+    steps per frame (None: the bundle's), so a teacher can be measured the way its students are."""
     from tqdm import tqdm
 
     from runtime import open_session
 
-    session = open_session(bundle, device=device)
+    session = open_session(bundle, device=device, steps=steps)
     meta, clips = load_clips(clips_dir, MEMBERS, max_clips)
     if tuple(meta["resolution"]) != tuple(session.frame_size):
         raise ValueError(f"{clips_dir}: {meta['resolution']} frames, the bundle makes {list(session.frame_size)}")
