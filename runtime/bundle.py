@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from runtime.audio_mouth import AudioToMouth, build_audio_mouth
 from runtime.codec import Codec, PixelCodec, build_codec
 from runtime.config import ModelConfig, SamplerConfig
 from runtime.model import CausalDiT
@@ -32,6 +33,7 @@ from runtime.start_scenes import START_SCENES_FILE, StartScenes, StartScenesErro
 
 FORMAT = "forcekit.bundle/1"
 CODEC_PREFIX = "codec."
+AUDIO_MOUTH_PREFIX = "audio_mouth."
 RANDOM_TINY = "random-tiny"
 AUTO = "auto"
 DEFAULT_NAME = "default"
@@ -53,6 +55,7 @@ class Bundle:
     card: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: stage, data, commands
     start_scenes: StartScenes | None = None  # real frames sessions start from (optional start_scenes.npz)
+    audio_mouth: AudioToMouth | None = None  # lip-sync bundles told the mouth: its audio -> mouth net
 
     @classmethod
     def random(cls, config: ModelConfig | None = None, seed: int = 0, sampler: SamplerConfig | None = None,
@@ -81,11 +84,17 @@ class Bundle:
     def state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         tensors.update({CODEC_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.codec.state_dict().items()})
+        if self.audio_mouth is not None:
+            tensors.update({AUDIO_MOUTH_PREFIX + k: v.detach().cpu().contiguous()
+                            for k, v in self.audio_mouth.state_dict().items()})
         return tensors
 
     def config_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "name": self.name, "fps": self.fps, "model": self.config.to_dict(),
-                "sampler": self.sampler.to_dict(), "codec": self.codec.config(), "extra": self.extra}
+        d = {"format": FORMAT, "name": self.name, "fps": self.fps, "model": self.config.to_dict(),
+             "sampler": self.sampler.to_dict(), "codec": self.codec.config(), "extra": self.extra}
+        if self.audio_mouth is not None:
+            d["audio_mouth"] = self.audio_mouth.config()
+        return d
 
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
@@ -131,6 +140,7 @@ class Bundle:
             sampler = SamplerConfig.from_dict(raw.get("sampler", {}))
             codec = build_codec(_section(raw, "codec", {"type": "pixel"}))
             fps, name, extra = _fps(raw.get("fps", 15.0)), str(raw.get("name", path.name)), _section(raw, "extra", {})
+            audio_mouth = build_audio_mouth(_section(raw, "audio_mouth", {})) if "audio_mouth" in raw else None
         except KeyError as e:
             raise BundleError(f"{cfg_file}: invalid config: no {e} section") from e
         except (TypeError, ValueError) as e:
@@ -140,12 +150,21 @@ class Bundle:
             model = CausalDiT(config)
         except (TypeError, ValueError, RuntimeError) as e:  # a geometry the checks above let through
             raise BundleError(f"{cfg_file}: cannot build the model its config describes ({e})") from e
-        _load_checked(model, {k: v for k, v in tensors.items() if not k.startswith(CODEC_PREFIX)}, weights_file)
-        _load_checked(codec, {k[len(CODEC_PREFIX):]: v for k, v in tensors.items() if k.startswith(CODEC_PREFIX)},
-                      weights_file, prefix=CODEC_PREFIX)
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        _load_checked(model, {k: v for k, v in tensors.items()
+                              if not k.startswith((CODEC_PREFIX, AUDIO_MOUTH_PREFIX))}, weights_file)
+        _load_checked(codec, part(CODEC_PREFIX), weights_file, prefix=CODEC_PREFIX)
+        if audio_mouth is not None:
+            _load_checked(audio_mouth, part(AUDIO_MOUTH_PREFIX), weights_file, prefix=AUDIO_MOUTH_PREFIX)
+            audio_mouth.eval()
+        elif part(AUDIO_MOUTH_PREFIX):
+            raise BundleError(f"{weights_file}: holds audio_mouth.* tensors but {cfg_file} has no audio_mouth section")
         card_file = path / "card.md"
         card = card_file.read_text(errors="replace") if card_file.is_file() else ""
-        bundle = cls(config, model.eval(), codec.eval(), sampler, fps=fps, name=name, card=card, extra=extra)
+        bundle = cls(config, model.eval(), codec.eval(), sampler, fps=fps, name=name, card=card, extra=extra,
+                     audio_mouth=audio_mouth)
         scenes_file = path / START_SCENES_FILE
         if scenes_file.is_file():
             try:
@@ -159,6 +178,8 @@ class Bundle:
     def to(self, device: torch.device | str) -> Bundle:
         self.model.to(device)
         self.codec.to(device)
+        if self.audio_mouth is not None:
+            self.audio_mouth.to(device)
         return self
 
 

@@ -36,7 +36,7 @@ from runtime.rollout import ChunkCondition
 from runtime.session import StreamSession
 
 REFERENCES = ("first", "none")
-CONDITIONS = ("audio", "oracle_mouth")
+CONDITIONS = ("audio", "mouth")
 
 
 @dataclass
@@ -51,8 +51,8 @@ class LipsyncSpec:
     audio: dict = field(default_factory=lambda: AudioFeatureConfig().to_dict())
     crop_box: tuple[int, int, int, int] | None = None   # the part of the frame the model sees and draws
     face_size: tuple[int, int] | None = None            # (H, W) of the input frames, given with a crop_box
-    condition: str = "audio"   # what the audio slot holds: "audio" features, or "oracle_mouth" (a diagnostic:
-                               # the renderer's true mouth parameters, training.lipsync.latents.oracle_features)
+    condition: str = "audio"   # what the audio slot holds: "audio" features, or "mouth": mouth parameters
+                               # (`mouth_features`; the truth in training, the bundle's audio_mouth net in a session)
 
     def __post_init__(self) -> None:
         self.mask_box = _box("mask_box", self.mask_box)
@@ -147,6 +147,14 @@ class LipsyncSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LipsyncSpec:
         return cls(**d)
+
+
+def mouth_features(mouth: np.ndarray, dim: int) -> np.ndarray:
+    """Mouth parameters ``[n, 3]`` tiled to ``dim`` audio inputs: the condition of a model told which
+    mouth to draw (spec condition ``"mouth"``), so it keeps the audio-conditioned model's geometry."""
+    mouth = np.asarray(mouth, dtype=np.float32)
+    reps = -(-dim // mouth.shape[1])
+    return np.tile(mouth, (1, reps))[:, :dim]
 
 
 def _box(name: str, box: Any) -> tuple[int, int, int, int]:
@@ -267,6 +275,14 @@ class LipsyncSession(StreamSession):
         if (cfg.video_channels, cfg.audio_dim) != want:
             raise ValueError(f"bundle {bundle.name!r}: model takes video_channels {cfg.video_channels} and audio_dim "
                              f"{cfg.audio_dim}, its lip-sync spec implies {want[0]} and {want[1]}")
+        if self.spec.condition == "mouth":
+            ear = bundle.audio_mouth
+            if ear is None:
+                raise ValueError(f"bundle {bundle.name!r} is told mouth parameters but carries no audio -> mouth net "
+                                 "(train lipsync-teacher --mouth-condition --audio-mouth DIR)")
+            if ear.cfg.in_dim != self.spec.audio_config.dim:
+                raise ValueError(f"bundle {bundle.name!r}: its audio -> mouth net reads {ear.cfg.in_dim} features, "
+                                 f"its audio config makes {self.spec.audio_config.dim}")
         self._alpha = box_alpha(*bundle.frame_size, self.spec.model_mask_box, self.spec.feather)
         self._reference: torch.Tensor | None = None
         super().__init__(bundle, **kwargs)
@@ -331,6 +347,9 @@ class LipsyncSession(StreamSession):
                              f"got {list(np.asarray(audio).shape)}")
         if not np.isfinite(aud).all():
             raise ValueError("audio features contain NaN or inf")
+        if self.spec.condition == "mouth":   # the ear reads the mouth from the audio; the renderer is told it
+            mouth = self.bundle.audio_mouth(torch.from_numpy(aud).to(self.device)).cpu().numpy()
+            aud = mouth_features(mouth, dim)
         seen, masked = self.spec.model_inputs(self._frames(video, n))
         if self._reference is None and self.spec.reference != "none":
             self._reference = self._encode(seen[:1])

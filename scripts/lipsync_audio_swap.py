@@ -9,8 +9,8 @@ mask box there at any step count (docs/lipsync.md).
 Printed (JSON): the mask box's PSNR against the true frames with the true audio and with the other
 clip's, and the correlation of the box's change over the window with the truth's. A teacher that
 follows the audio scores clearly better with the true audio; one that ignores it scores the same.
-An oracle teacher (`train lipsync-teacher --oracle-mouth`) is given the true clip's mouth parameters
-and the other clip's instead: can it draw the mouth it is told?
+A teacher told the mouth (`train lipsync-teacher --mouth-condition`) is given the true clip's mouth
+parameters and the other clip's instead: can it draw the mouth it is told?
 
     .venv/bin/python scripts/lipsync_audio_swap.py --bundle models/lipsync_teacher --clips data/lipsync_heldout
 """
@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from runtime.bundle import Bundle
-from runtime.lipsync import LipsyncSpec
+from runtime.lipsync import LipsyncSpec, mouth_features
 from training.conditions import FrameConditions
-from training.lipsync.latents import oracle_features
 from training.lipsync.record import load_clips
 from training.teacher import sample_clip
 
@@ -53,11 +52,11 @@ def main() -> None:
     bundle = Bundle.load(args.bundle)
     spec = LipsyncSpec.from_dict(bundle.extra["lipsync"])
     model, codec, n, s = bundle.model.eval(), bundle.codec, args.frames, args.start
-    oracle = spec.condition == "oracle_mouth"   # an oracle is told the true (or the other clip's) mouth
-    _, clips = load_clips(args.clips, ("frames", "actions") + (("mouth",) if oracle else ()), 2 * args.pairs)
-    if oracle:
+    told = spec.condition == "mouth"   # a teacher told the mouth gets the true (or the other clip's) mouth
+    _, clips = load_clips(args.clips, ("frames", "actions") + (("mouth",) if told else ()), 2 * args.pairs)
+    if told:
         for c in clips:
-            c["actions"] = oracle_features(c["mouth"], c["actions"].shape[1])
+            c["actions"] = mouth_features(c["mouth"], c["actions"].shape[1])
     scores: dict[str, list[tuple[float, float]]] = {"true_audio": [], "other_audio": []}
     with torch.no_grad():
         for i in range(args.pairs):

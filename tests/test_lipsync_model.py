@@ -80,21 +80,20 @@ def test_lipsync_latents_mask_the_box_carry_the_audio_and_the_reference(data, tm
     assert len(list(tmp_path.glob("lipsync-latents-*.pt"))) == 1
 
 
-def test_cropped_and_oracle_latents(data, tmp_path):
-    from runtime.lipsync import crop_around
+def test_cropped_and_told_mouth_latents(data, tmp_path):
+    from runtime.lipsync import crop_around, mouth_features
     from training.data.shards import ShardStore, open_shard
-    from training.lipsync.latents import oracle_features
 
     box = union_mouth_box(data, margin=1)
     crop = crop_around(box, (32, 32), 1, 4)
-    spec = LipsyncSpec(mask_box=box, fill=0, crop_box=crop, face_size=(32, 32), condition="oracle_mouth")
+    spec = LipsyncSpec(mask_box=box, fill=0, crop_box=crop, face_size=(32, 32), condition="mouth")
     clips = encode_lipsync_latents(data, PixelCodec(1), spec, cache_dir=tmp_path, progress=False)
     frames = np.concatenate([c["frames"] for c in recorded(data)])
     y0, x0, y1, x1 = crop
     assert torch.allclose(clips.latents.float(), PixelCodec(1).encode(torch.from_numpy(
         np.ascontiguousarray(frames[:, y0:y1, x0:x1]))), atol=1e-2)
     mouth = np.concatenate([open_shard(p, ("mouth",))["mouth"] for p in ShardStore(data).shard_paths()])
-    assert torch.equal(clips.cond.audio, torch.from_numpy(oracle_features(mouth, 512)))
+    assert torch.equal(clips.cond.audio, torch.from_numpy(mouth_features(mouth, 512)))
     assert torch.equal(clips.cond.audio[:, 3:6], clips.cond.audio[:, :3])   # the three parameters, tiled
     plain = encode_lipsync_latents(data, PixelCodec(1), replace(spec, condition="audio"), cache_dir=tmp_path,
                                    progress=False)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from runtime import Bundle, CausalDiT, ModelConfig, SamplerConfig
+from runtime.audio_mouth import AudioToMouth
 from runtime.codec import Codec
 from runtime.stacking import noised, previous_frames
 from training.camera import calibrate_camera_flow, calibrate_camera_motion
@@ -265,17 +266,18 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def make_bundle(model: CausalDiT, codec: Codec, cfg: TeacherTrainConfig, fps: float, name: str, card: str
-                ) -> Bundle:
+def make_bundle(model: CausalDiT, codec: Codec, cfg: TeacherTrainConfig, fps: float, name: str, card: str,
+                audio_mouth: AudioToMouth | None = None) -> Bundle:
     sampler = SamplerConfig(kind="euler", steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
                             cache_from="clean")
     return Bundle(model.config, copy.deepcopy(model).cpu().eval(), codec, sampler, fps=fps, name=name, card=card,
-                  extra={"stage": "teacher", **cfg.extra})
+                  extra={"stage": "teacher", **cfg.extra}, audio_mouth=audio_mouth)
 
 
 def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: LatentClips, codec: Codec,
-                  fps: float = 15.0, progress: bool = True) -> dict:
-    """Train (or resume) in cfg.out: ckpt.pt, tb/, bundle/ (EMA weights, Euler sampler with CFG)."""
+                  fps: float = 15.0, progress: bool = True, audio_mouth: AudioToMouth | None = None) -> dict:
+    """Train (or resume) in cfg.out: ckpt.pt, tb/, bundle/ (EMA weights, Euler sampler with CFG).
+    ``audio_mouth``: a lip-sync teacher told the mouth carries this net into its bundle."""
     from tqdm import tqdm
 
     rank, world = _dist()
@@ -382,7 +384,7 @@ def train_teacher(cfg: TeacherTrainConfig, model_cfg: ModelConfig, clips: Latent
         card = (f"# teacher\n\nBidirectional action-conditioned flow-matching DiT (forcekit train teacher), "
                 f"{step} steps, EMA {cfg.ema}. Sampler: Euler {cfg.sample_steps} steps, CFG "
                 f"{cfg.guidance_scale}.\n\n```\n{json.dumps(cfg.extra, indent=2)}\n```\n")
-        make_bundle(ema, codec, cfg, fps, "teacher", card).save(out / "bundle")
+        make_bundle(ema, codec, cfg, fps, "teacher", card, audio_mouth).save(out / "bundle")
         if writer:
             writer.close()
     if world > 1:

@@ -1,4 +1,5 @@
-"""The lip-sync subcommands: `train mouth-probe`, `train syncnet`, `eval lipsync` (see forcekit/cli.py).
+"""The lip-sync subcommands: `train mouth-probe`, `train syncnet`, `train face-locator`, `train audio-mouth`,
+`eval lipsync` (see forcekit/cli.py).
 
 Recording is `forcekit record --env lipsync:train` / `lipsync:heldout` (training/data/record.py).
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from forcekit.cli import positive_int_list
 
 
 def _threads(n: int) -> None:
@@ -61,6 +64,18 @@ def _eval_lipsync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_audio_mouth(args: argparse.Namespace) -> int:
+    from runtime.audio_mouth import AudioMouthConfig
+    from training.lipsync.audio_mouth import AudioMouthTrainConfig, train_audio_mouth
+
+    _threads(args.threads)
+    cfg = AudioMouthTrainConfig(data=args.data, out=args.out, heldout=args.heldout or "", steps=args.steps,
+                                batch=args.batch, lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s,
+                                max_clips=args.max_clips)
+    print(json.dumps(train_audio_mouth(cfg, AudioMouthConfig(hidden=args.hidden))))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--data", required=True, help="lip-sync training data (forcekit record --env lipsync:train)")
     p.add_argument("--heldout", default=None, help="held-out data (--env lipsync:heldout) for the reported numbers")
@@ -91,6 +106,13 @@ def register(commands) -> None:
     _common(p, steps=2000)
     p.add_argument("--batch", type=int, default=32, help="composite images per step")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+
+    p = commands.add("audio-mouth", help="train the audio -> mouth net a lip-sync bundle told the mouth reads the "
+                     "audio with (resumable)", func=_train_audio_mouth, group="train")
+    _common(p, steps=2000)
+    p.add_argument("--batch", type=int, default=256, help="frames per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--hidden", type=positive_int_list, default=[512, 256], help="hidden widths, e.g. 512,256")
 
     p = commands.add("lipsync", help="lip-sync of clips (frames + audio): mouth agreement and offset, LSE-C / "
                      "LSE-D real vs shuffled audio, PSNR/SSIM outside the mouth (JSON)", func=_eval_lipsync,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from runtime.codec import Codec
-from runtime.lipsync import LipsyncSpec
+from runtime.lipsync import LipsyncSpec, mouth_features
 from training.conditions import FrameConditions
 from training.data import ClipDataset
 from training.data.shards import open_shard
@@ -51,18 +51,11 @@ def _encode(codec: Codec, frames: np.ndarray, batch: int) -> torch.Tensor:
                       for i in range(0, len(frames), batch)])
 
 
-def oracle_features(mouth: np.ndarray, dim: int) -> np.ndarray:
-    """The renderer's true mouth parameters ``[n, 3]`` tiled to ``dim`` audio inputs: the condition of
-    an oracle model, told exactly which mouth to draw (can the model draw a mouth it is told?)."""
-    reps = -(-dim // mouth.shape[1])
-    return np.tile(mouth.astype(np.float32), (1, reps))[:, :dim]
-
-
 def encode_lipsync_latents(data: str, codec: Codec, spec: LipsyncSpec, max_episodes: int = 0, batch: int = 256,
                            cache_dir: str | Path | None = None, progress: bool = True) -> LatentClips:
     """Encode a lip-sync recording (the first ``max_episodes`` clips, 0 = all) as `LatentClips` with
     `FrameConditions` (audio, masked video) and reference rows; cached in ``cache_dir``. A spec whose
-    ``condition`` is ``oracle_mouth`` gets the true mouth parameters in the audio slot (`oracle_features`)."""
+    ``condition`` is ``mouth`` gets the true mouth parameters in the audio slot (`mouth_features`)."""
     from tqdm import tqdm
 
     ds = ClipDataset(data, clip_frames=1)
@@ -76,21 +69,21 @@ def encode_lipsync_latents(data: str, codec: Codec, spec: LipsyncSpec, max_episo
         return LatentClips(d["latents"], FrameConditions(audio=d["audio"], video=d["video"]), d["episodes"],
                            d["reference"])
     lat, vid, aud, ref, episodes, row = [], [], [], [], [], 0
-    oracle = spec.condition == "oracle_mouth"
+    told_mouth = spec.condition == "mouth"
     codec.eval()
     shards: dict[int, dict[str, np.ndarray]] = {}
     with torch.no_grad():
         for si, start, length, seed in tqdm(rows, desc="encode lip-sync latents", disable=not progress):
             if si not in shards:
                 shards.clear()   # one shard at a time: episodes are stored in shard order
-                shards[si] = open_shard(ds.paths[si], ("frames", "actions") + (("mouth",) if oracle else ()))
+                shards[si] = open_shard(ds.paths[si], ("frames", "actions") + (("mouth",) if told_mouth else ()))
             shard = shards[si]
             frames, masked = spec.model_inputs(shard["frames"][start:start + length])
             lat.append(_encode(codec, frames, batch).half())
             vid.append(_encode(codec, masked, batch).half())
             audio = shard["actions"][start:start + length]
-            if oracle:
-                audio = oracle_features(shard["mouth"][start:start + length], audio.shape[1])
+            if told_mouth:
+                audio = mouth_features(shard["mouth"][start:start + length], audio.shape[1])
             aud.append(torch.from_numpy(np.ascontiguousarray(audio)).float())
             ref.append(torch.full((length,), row, dtype=torch.long))   # the clip's first frame
             episodes.append((row, length, seed))

@@ -31,6 +31,8 @@ def _threads(n: int) -> None:
 
 def _train_lipsync_teacher(args: argparse.Namespace) -> int:
     """The teacher stage of the lip-sync recipe: `training.teacher.train_teacher` on lip-sync latent clips."""
+    from runtime.audio_features import AudioFeatureConfig
+    from runtime.audio_mouth import load_audio_mouth
     from runtime.lipsync import LipsyncSpec, crop_around, lipsync_config
     from training.commands import load_codec_arg
     from training.data.shards import ShardStore
@@ -50,8 +52,15 @@ def _train_lipsync_teacher(args: argparse.Namespace) -> int:
     crop = {} if args.crop_margin is None else {
         "crop_box": crop_around(box, face_size, args.crop_margin, codec.spatial_factor * args.patch),
         "face_size": face_size}
+    if args.audio_mouth and not args.mouth_condition:
+        raise UsageError("--audio-mouth goes with --mouth-condition: an audio-conditioned teacher hears the audio "
+                         "itself")
+    ear = load_audio_mouth(args.audio_mouth) if args.audio_mouth else None
+    if ear is not None and ear.cfg.in_dim != AudioFeatureConfig(**meta["audio_features"]).dim:
+        raise UsageError(f"--audio-mouth {args.audio_mouth}: reads {ear.cfg.in_dim} features, {args.data}'s audio "
+                         f"features have {AudioFeatureConfig(**meta['audio_features']).dim}")
     spec = LipsyncSpec(mask_box=box, reference=args.reference, audio=dict(meta["audio_features"]),
-                       condition="oracle_mouth" if args.oracle_mouth else "audio", **crop)
+                       condition="mouth" if args.mouth_condition else "audio", **crop)
     frame_size = spec.model_size(*face_size)
     latent_size = tuple(codec.latent_shape(*frame_size)[1:])
     region = spec.latent_box(frame_size, latent_size)
@@ -69,7 +78,7 @@ def _train_lipsync_teacher(args: argparse.Namespace) -> int:
                              outside_weight=args.outside_weight, timestep_shift=args.timestep_shift,
                              device=args.device, extra=extra)
     clips = encode_lipsync_latents(args.data, codec, spec, args.max_episodes, cache_dir=args.out)
-    print(json.dumps(train_teacher(cfg, model_cfg, clips, codec, fps=float(meta["fps"]))))
+    print(json.dumps(train_teacher(cfg, model_cfg, clips, codec, fps=float(meta["fps"]), audio_mouth=ear)))
     return 0
 
 
@@ -109,9 +118,12 @@ def register(commands) -> None:
     p.add_argument("--crop-margin", type=nonnegative_int, default=None,
                    help="draw only a crop of the face: the mask box grown by this many pixels (to a multiple of the "
                         "codec stride x patch); default: the whole frame")
-    p.add_argument("--oracle-mouth", action="store_true",
-                   help="diagnostic: condition on the renderer's true mouth parameters instead of the audio (does the "
-                        "model draw the mouth it is told? scripts/lipsync_audio_swap.py scores it); not for sessions")
+    p.add_argument("--mouth-condition", action="store_true",
+                   help="condition on mouth parameters instead of the audio: the renderer's truth in training, the "
+                        "--audio-mouth net's reading of the audio in a session (docs/lipsync.md, sixth sitting)")
+    p.add_argument("--audio-mouth", default=None,
+                   help="with --mouth-condition: the audio -> mouth net (forcekit train audio-mouth) the bundle "
+                        "carries; without it the bundle is a diagnostic sessions refuse")
     p.add_argument("--reference", choices=("first", "none"), default="first",
                    help="a reference frame of the identity on the channel axis: the clip's first frame, or none")
     p.add_argument("--audio-tokens", action="store_true",

@@ -269,5 +269,5 @@ def save_bundle(model: CausalDiT, base: Bundle, sampler: SamplerConfig, stage: s
             f"Trained {summary.get('step')} steps in {summary.get('seconds_total')} s from `{base.name}`.\n\n"
             f"```\n{json.dumps(extra, indent=2, default=str)}\n```\n")
     bundle = Bundle(model.config, frozen_copy(model), base.codec, sampler, fps=base.fps, name=stage, card=card,
-                    extra=extra, start_scenes=base.start_scenes)
+                    extra=extra, start_scenes=base.start_scenes, audio_mouth=base.audio_mouth)
     return bundle.save(Path(cfg.out) / "bundle")
