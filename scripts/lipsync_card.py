@@ -1,8 +1,8 @@
 """Write the shipped lip-sync bundle's card from the recipe's measured results (nothing typed by hand).
 
     python scripts/lipsync_card.py RUNS OUT.md
-reads RUNS/eval/{real,own,ab,ab_truth_a}.json, RUNS/bench/lipsync_t2.json, RUNS/times.txt and
-RUNS/dmd/bundle/config.json.
+reads RUNS/eval/{real,own,ab,ab_truth_a}.json, RUNS/bench/lipsync_t2.json, RUNS/times.txt,
+RUNS/dmd/bundle/config.json and, for a bundle told the mouth, RUNS/audio_mouth/audio_mouth.json.
 """
 
 from __future__ import annotations
@@ -40,11 +40,23 @@ def card(runs: Path) -> str:
     cfg = _load(runs / "dmd" / "bundle" / "config.json")
     times = (runs / "times.txt").read_text() if (runs / "times.txt").is_file() else ""
     ident = ev["own"].get("identity", {})
+    told = cfg.get("extra", {}).get("lipsync", {}).get("condition") == "mouth"
+    ear = _load(runs / "audio_mouth" / "audio_mouth.json").get("heldout", {})
+    if told:
+        what = ["An audio-driven causal video-to-video student in two parts: an ear (runtime/audio_mouth.py, an MLP",
+                "from each frame's log-mel window to the mouth's open / width / round) and forcekit's CausalDiT told",
+                "those three parameters, with the masked input frame + a reference frame on the channel axis. The",
+                "renderer was trained on the true mouth track, the ear on the same clips against it; in a session",
+                "the ear reads the mouth from the audio. Trained by scripts/recipe_lipsync.sh: ear, bidirectional",
+                "teacher -> causal teacher (teacher forcing) -> dCM -> SF-DMD.", "",
+                f"The ear alone on the held-out clips: mouth corr {ear.get('corr_mean')} "
+                f"({ear.get('corr')}), best lag {ear.get('best_lag')} frames."]
+    else:
+        what = ["An audio-driven causal video-to-video student (forcekit's CausalDiT with per-frame log-mel windows as",
+                "`audio` and the masked input frame + a reference frame on the channel axis), trained by",
+                "scripts/recipe_lipsync.sh: bidirectional teacher -> causal teacher (teacher forcing) -> dCM -> SF-DMD."]
     lines = [
-        "# lipsync", "",
-        "An audio-driven causal video-to-video student (forcekit's CausalDiT with per-frame log-mel windows as",
-        "`audio` and the masked input frame + a reference frame on the channel axis), trained by",
-        "scripts/recipe_lipsync.sh: bidirectional teacher -> causal teacher (teacher forcing) -> dCM -> SF-DMD.",
+        "# lipsync", "", *what,
         "", "**Trained on synthetic faces only** (training/lipsync/renderer.py, espeak-ng voices). On a real",
         "webcam face it has never seen a real mouth, skin or lighting: expect the mouth box to look synthetic.",
         "Doing better needs real talking-face video (with the same mask box and features) or a codec and",

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The lip-sync recipe (issue 15): record synthetic speaking faces -> codec -> bidirectional lip-sync teacher ->
-# causal teacher -> dCM -> SF-DMD -> re-sync the held-out clips (own audio and the A/B case) -> eval lipsync ->
-# ship models/lipsync with a card written from the measured results -> bench lipsync.
+# The lip-sync recipe (issue 15): record synthetic speaking faces -> codec -> the ear (audio -> mouth net) ->
+# bidirectional lip-sync teacher told the mouth -> causal teacher -> dCM -> SF-DMD -> re-sync the held-out clips
+# (own audio and the A/B case; the ear reads the mouth from the audio) -> eval lipsync -> ship models/lipsync
+# with a card written from the measured results -> bench lipsync. CONDITION=audio trains the older teacher that
+# hears the audio itself (docs/lipsync.md: its mouths follow the audio at a correlation of about 0.2).
 #
 # Every stage is resumable: each command continues from its run dir's checkpoint, and a stage whose bundle (or
 # result file) exists is skipped. Rerun the script after an interruption.
 #
 #   DATA=/work/data RUNS=/work/runs/lipsync scripts/recipe_lipsync.sh [stage ...]
 #
-# Stages: record probes codec teacher causal dcm dmd generate eval ship bench (default: all, in order).
+# Stages: record probes codec ear teacher causal dcm dmd generate eval ship bench (default: all, in order).
 # Sizes come from the variables below (THREADS, *_STEPS, TRAIN_CLIPS, SIZE, MODEL, ...); TINY=1 shrinks all of
 # them to a dry run of a minute or two (docs/lipsync.md).
 set -euo pipefail
@@ -23,9 +25,10 @@ THREADS=${THREADS:-2}
 TRAIN=${TRAIN:-$DATA/lipsync_train}
 HELDOUT=${HELDOUT:-$DATA/lipsync_heldout}
 PROBES=${PROBES:-$RUNS/probes}
+CODEC=${CODEC:-$RUNS/codec}
 if [[ ${TINY:-0} == 1 ]]; then
     : "${SIZE:=32}" "${TRAIN_CLIPS:=3}" "${HELDOUT_CLIPS:=2}" "${EVAL_CLIPS:=2}" "${PROBE_STEPS:=3}" "${CODEC_STEPS:=4}"
-    : "${TEACHER_STEPS:=3}" "${CAUSAL_STEPS:=2}" "${DCM_STEPS:=2}" "${DMD_STEPS:=2}" "${BATCH:=2}" "${CLIP:=4}"
+    : "${TEACHER_STEPS:=3}" "${EAR_STEPS:=5}" "${CAUSAL_STEPS:=2}" "${DCM_STEPS:=2}" "${DMD_STEPS:=2}" "${BATCH:=2}" "${CLIP:=4}"
     : "${BENCH_SECONDS:=1}"
     MODEL=${MODEL:-"--layers 1 --heads 2 --head-dim 16 --ffn 32 --freq-dim 32 --patch 2"}
 fi
@@ -34,15 +37,18 @@ TRAIN_CLIPS=${TRAIN_CLIPS:-300}
 HELDOUT_CLIPS=${HELDOUT_CLIPS:-48}
 EVAL_CLIPS=${EVAL_CLIPS:-48}
 PROBE_STEPS=${PROBE_STEPS:-3000}
+EAR_STEPS=${EAR_STEPS:-2000}
+CONDITION=${CONDITION:-mouth}
+TEACHER_LR=${TEACHER_LR:-1e-3}
 CODEC_STEPS=${CODEC_STEPS:-4000}
-TEACHER_STEPS=${TEACHER_STEPS:-4000}
+TEACHER_STEPS=${TEACHER_STEPS:-1500}
 CAUSAL_STEPS=${CAUSAL_STEPS:-600}
 DCM_STEPS=${DCM_STEPS:-400}
 DMD_STEPS=${DMD_STEPS:-200}
-BATCH=${BATCH:-8}
-CLIP=${CLIP:-10}                      # frames per clip: sink 1 + window 8 + the frame being made
+BATCH=${BATCH:-32}
+CLIP=${CLIP:-4}                       # frames per clip: sink 1 + window 2 + the frame being made
 BENCH_SECONDS=${BENCH_SECONDS:-10}
-MODEL=${MODEL:-"--layers 6 --heads 4 --head-dim 32 --ffn 512 --freq-dim 64 --patch 4"}
+MODEL=${MODEL:-"--layers 6 --heads 4 --head-dim 32 --ffn 512 --freq-dim 64 --patch 2 --crop-margin 6 --audio-tokens --outside-weight 0.1"}
 STUDENT=(--heldout "$HELDOUT" --heldout-episodes 8 --latents-cache "$RUNS/teacher" --threads "$THREADS"
          --ckpt-every-s 120 --batch "$BATCH" --clip-frames "$CLIP" --eval-every 50)
 
@@ -63,17 +69,23 @@ stage_probes() {   # the measuring sticks (docs/lipsync.md): skipped when PROBES
     [[ -f $PROBES/syncnet/syncnet.json ]] || timed syncnet $FK train syncnet --data "$TRAIN" --heldout "$HELDOUT" \
         --out "$PROBES/syncnet" --steps "$PROBE_STEPS" --threads "$THREADS" > /dev/null
 }
-stage_codec() {
-    [[ -f $RUNS/codec/eval.json ]] && return
+stage_codec() {   # skipped when CODEC names another codec (e.g. models/lipsync_teacher's)
+    [[ -f $RUNS/codec/eval.json || $CODEC != "$RUNS/codec" ]] && return
     timed codec $FK train codec --data "$TRAIN" --out "$RUNS/codec" --steps "$CODEC_STEPS" --batch 16 --crop 32 \
         --threads "$THREADS" > /dev/null
     $FK eval codec --codec "$RUNS/codec" --data "$HELDOUT" --json --threads 1 > "$RUNS/codec/eval.json"
 }
+stage_ear() {   # the audio -> mouth net a teacher told the mouth carries (docs/lipsync.md, sixth sitting)
+    [[ -f $RUNS/audio_mouth/audio_mouth.json ]] || timed ear $FK train audio-mouth --data "$TRAIN" \
+        --heldout "$HELDOUT" --out "$RUNS/audio_mouth" --steps "$EAR_STEPS" --threads "$THREADS" > /dev/null
+}
 stage_teacher() {
     [[ -f $RUNS/teacher/bundle/config.json ]] && return
-    timed teacher $FK train lipsync-teacher --data "$TRAIN" --codec "$RUNS/codec" --out "$RUNS/teacher" \
-        --steps "$TEACHER_STEPS" --batch "$BATCH" --clip-frames "$CLIP" --sink-frames 1 $MODEL --guidance 1.5 \
-        --threads "$THREADS" > /dev/null
+    local told=()
+    [[ $CONDITION == mouth ]] && told=(--mouth-condition --audio-mouth "$RUNS/audio_mouth")
+    timed teacher $FK train lipsync-teacher --data "$TRAIN" --codec "$CODEC" --out "$RUNS/teacher" \
+        --steps "$TEACHER_STEPS" --batch "$BATCH" --clip-frames "$CLIP" --sink-frames 1 $MODEL --lr "$TEACHER_LR" \
+        --guidance 1.5 --threads "$THREADS" "${told[@]}" > /dev/null
 }
 stage_causal() {
     [[ -f $RUNS/causal/bundle/config.json ]] && return
@@ -125,7 +137,7 @@ stage_ship() {
 
 mkdir -p "$RUNS"
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(record probes codec teacher causal dcm dmd generate eval ship bench)
+[[ ${#stages[@]} -gt 0 ]] || stages=(record probes codec ear teacher causal dcm dmd generate eval ship bench)
 for s in "${stages[@]}"; do
     log "stage $s"
     "stage_$s"
