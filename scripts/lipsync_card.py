@@ -54,7 +54,8 @@ def card(runs: Path) -> str:
     else:
         what = ["An audio-driven causal video-to-video student (forcekit's CausalDiT with per-frame log-mel windows as",
                 "`audio` and the masked input frame + a reference frame on the channel axis), trained by",
-                "scripts/recipe_lipsync.sh: bidirectional teacher -> causal teacher (teacher forcing) -> dCM -> SF-DMD."]
+                "scripts/recipe_lipsync.sh: bidirectional teacher -> causal teacher (teacher forcing) -> dCM ->",
+                "SF-DMD."]
     lines = [
         "# lipsync", "", *what,
         "", "**Trained on synthetic faces only** (training/lipsync/renderer.py, espeak-ng voices). On a real",
