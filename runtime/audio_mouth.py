@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.small_nets import load_net_file
+
 MOUTH_DIM = 3   # open, width, round (training.lipsync.renderer.MOUTH_PARAMS)
 
 
@@ -77,16 +79,7 @@ def build_audio_mouth(d: dict[str, Any]) -> AudioToMouth:
 
 def load_audio_mouth(path: str | Path) -> AudioToMouth:
     """A trained net: a run dir holding audio_mouth.pt (`forcekit train audio-mouth`), or the file itself."""
-    path = Path(path)
-    file = path / "audio_mouth.pt" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"{path}: no audio -> mouth net (train one with `forcekit train audio-mouth`)")
-    try:
-        d = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:   # truncated or not a torch file
-        raise ValueError(f"{file}: unreadable audio -> mouth checkpoint ({exc})") from exc
-    if not isinstance(d, dict) or d.get("kind") != "audio-mouth":
-        raise ValueError(f"{file}: not an audio -> mouth checkpoint")
+    d = load_net_file(path, "audio_mouth.pt", "audio-mouth", "audio -> mouth net", "audio-mouth")
     model = build_audio_mouth(d["cfg"])
     model.load_state_dict(d["model"])
     return model.eval()

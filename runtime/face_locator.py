@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime.small_nets import load_net_file
+
 
 @dataclass
 class FaceLocatorConfig:
@@ -120,16 +122,7 @@ def find_faces(model: FaceLocator, frame: np.ndarray) -> list[FaceBox]:
 
 def load_face_locator(path: str | Path) -> FaceLocator:
     """A trained locator: a run dir or bundle dir holding locator.pt, or the file itself."""
-    path = Path(path)
-    file = path / "locator.pt" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"{path}: no face locator (train one with `forcekit train face-locator`)")
-    try:
-        d = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:   # truncated or not a torch file
-        raise ValueError(f"{file}: unreadable face locator checkpoint ({exc})") from exc
-    if not isinstance(d, dict) or d.get("kind") != "face-locator":
-        raise ValueError(f"{file}: not a face locator checkpoint")
+    d = load_net_file(path, "locator.pt", "face-locator", "face locator", "face-locator")
     model = FaceLocator(FaceLocatorConfig(**d["cfg"]))
     model.load_state_dict(d["model"])
     return model.eval()
