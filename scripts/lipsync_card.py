@@ -36,7 +36,7 @@ def _sync(r: dict) -> str:
 
 def card(runs: Path) -> str:
     ev = {k: _load(runs / "eval" / f"{k}.json") for k in ("real", "own", "ab", "ab_truth_a")}
-    bench = _load(runs / "bench" / "lipsync_t2.json")
+    bench, bench1 = _load(runs / "bench" / "lipsync_t2.json"), _load(runs / "bench" / "lipsync_t1.json")
     cfg = _load(runs / "dmd" / "bundle" / "config.json")
     times = (runs / "times.txt").read_text() if (runs / "times.txt").is_file() else ""
     ident = ev["own"].get("identity", {})
@@ -50,7 +50,8 @@ def card(runs: Path) -> str:
                 "the ear reads the mouth from the audio. Trained by scripts/recipe_lipsync.sh: ear, bidirectional",
                 "teacher -> causal teacher (teacher forcing) -> dCM -> SF-DMD.", "",
                 f"The ear alone on the held-out clips: mouth corr {ear.get('corr_mean')} "
-                f"({ear.get('corr')}), best lag {ear.get('best_lag')} frames."]
+                f"({ear.get('corr')}), best lag {ear.get('best_lag')} frames. The teacher's own command and",
+                "numbers are on its card when it is committed (models/lipsync_teacher_mouth)."]
     else:
         what = ["An audio-driven causal video-to-video student (forcekit's CausalDiT with per-frame log-mel windows as",
                 "`audio` and the masked input frame + a reference frame on the channel axis), trained by",
@@ -72,7 +73,9 @@ def card(runs: Path) -> str:
         f"- speed (forcekit bench lipsync --threads 2, {bench.get('frame_size')} frames): {_r(bench.get('fps'))} fps "
         f"back to back, audio-to-mouth p50 {_r(bench.get('audio_to_mouth_ms_p50'))} ms / p95 "
         f"{_r(bench.get('audio_to_mouth_ms_p95'))} ms (feature lookahead {_r(bench.get('feature_lookahead_ms'))} ms), "
-        f"load average {bench.get('load_avg_1min')}",
+        f"load average {bench.get('load_avg_1min')}; with one thread {_r(bench1.get('fps'))} fps, p50 "
+        f"{_r(bench1.get('audio_to_mouth_ms_p50'))} ms, load average {bench1.get('load_avg_1min')} (a load above 0.2 "
+        "means other jobs shared the 2 cores)",
         "", "## Recipe", "", f"Stage times (s):\n\n```\n{times}```", "",
         f"Model: ```{json.dumps(cfg.get('model', {}))}```", "",
         f"Lip-sync spec: ```{json.dumps(cfg.get('extra', {}).get('lipsync', {}))}```", "",
