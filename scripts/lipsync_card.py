@@ -76,7 +76,10 @@ def card(runs: Path) -> str:
         f"load average {bench.get('load_avg_1min')}; with one thread {_r(bench1.get('fps'))} fps, p50 "
         f"{_r(bench1.get('audio_to_mouth_ms_p50'))} ms, load average {bench1.get('load_avg_1min')} (a load above 0.2 "
         "means other jobs shared the 2 cores)",
-        "", "## Recipe", "", f"Stage times (s):\n\n```\n{times}```", "",
+        "", "## Recipe", "", "Student stages: " + ", ".join(
+            f"{s} {c.get('steps')} steps (batch {c.get('batch')}, lr {c.get('lr')})"
+            for s, c in ((s, cfg.get("extra", {}).get(f"{s}_config", {})) for s in ("causal", "dcm", "dmd")) if c)
+        + ".", "", f"Stage times (s):\n\n```\n{times}```", "",
         f"Model: ```{json.dumps(cfg.get('model', {}))}```", "",
         f"Lip-sync spec: ```{json.dumps(cfg.get('extra', {}).get('lipsync', {}))}```", "",
     ]
