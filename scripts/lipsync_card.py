@@ -50,7 +50,7 @@ def card(runs: Path) -> str:
                 "the ear reads the mouth from the audio. Trained by scripts/recipe_lipsync.sh: ear, bidirectional",
                 "teacher -> causal teacher (teacher forcing) -> dCM -> SF-DMD.", "",
                 f"The ear alone on the held-out clips: mouth corr {ear.get('corr_mean')} "
-                f"({ear.get('corr')}), best lag {ear.get('best_lag')} frames. The teacher's own command and",
+                f"({ear.get('corr')}), offset {ear.get('offset_frames')} frames. The teacher's own command and",
                 "numbers are on its card when it is committed (models/lipsync_teacher_mouth)."]
     else:
         what = ["An audio-driven causal video-to-video student (forcekit's CausalDiT with per-frame log-mel windows as",

@@ -3,7 +3,7 @@
 Each recorded frame holds the audio-feature window around it (``actions``) and the mouth the
 renderer drew (``mouth``), so this is plain regression, frame by frame: MSE in units of the mouth
 track's std. The held-out report is what `forcekit eval lipsync` reads from generated frames: the
-Pearson correlation per parameter and the lag (in frames) that maximises it.
+Pearson correlation per parameter and the offset (in frames) that maximises it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from runtime.audio_mouth import MOUTH_DIM, AudioMouthConfig, AudioToMouth
 from training.checkpoint import save_checkpoint, train_resumable
+from training.lipsync.metrics import mouth_agreement
 from training.lipsync.record import load_clips
 from training.lipsync.renderer import MOUTH_PARAMS
 
@@ -45,34 +46,14 @@ def frames_of(data: str, max_clips: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return feats, mouth, [len(c["actions"]) for c in clips]
 
 
-def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation per column of ``[N, k]`` tensors."""
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp(min=1e-8)
-
-
 @torch.no_grad()
-def mouth_report(model: AudioToMouth, feats: torch.Tensor, mouth: torch.Tensor, lengths: list[int],
-                 max_lag: int = 3) -> dict:
-    """Correlation and MAE per parameter, and the lag in ``[-max_lag, max_lag]`` maximising the mean
-    correlation (+k: the prediction is k frames late), lagged within each clip."""
+def mouth_report(model: AudioToMouth, feats: torch.Tensor, mouth: torch.Tensor, lengths: list[int]) -> dict:
+    """`eval lipsync`'s mouth agreement (`training.lipsync.metrics.mouth_agreement`) of the net's reading
+    of each clip against its recorded mouth track: correlation and MAE per parameter, and the offset."""
     model.eval()
-    pred = model(feats)
-    corr = correlation(pred, mouth)
-    by_lag = {}
-    for lag in range(-max_lag, max_lag + 1):
-        ps, ts, start = [], [], 0
-        for n in lengths:
-            p, t = pred[start:start + n], mouth[start:start + n]
-            if n > abs(lag):
-                ps.append(p[max(lag, 0):n + min(lag, 0)])
-                ts.append(t[max(-lag, 0):n - max(lag, 0)])
-            start += n
-        by_lag[lag] = round(float(correlation(torch.cat(ps), torch.cat(ts)).mean()), 4)
-    return {"frames": len(feats), "corr": {k: round(float(c), 4) for k, c in zip(MOUTH_PARAMS, corr)},
-            "corr_mean": round(float(corr.mean()), 4),
-            "mae": {k: round(float(e), 4) for k, e in zip(MOUTH_PARAMS, (pred - mouth).abs().mean(0))},
-            "best_lag": max(by_lag, key=by_lag.get), "corr_by_lag": by_lag}
+    pred = model(feats).numpy()
+    cut = np.cumsum(lengths)[:-1]
+    return mouth_agreement(np.split(pred, cut), np.split(mouth.numpy(), cut), MOUTH_PARAMS, max_lag=3)
 
 
 def train_audio_mouth(cfg: AudioMouthTrainConfig, model_cfg: AudioMouthConfig | None = None,
