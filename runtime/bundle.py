@@ -82,12 +82,11 @@ class Bundle:
         return self.config.latent_height * s, self.config.latent_width * s
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tensors.update({CODEC_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.codec.state_dict().items()})
+        parts = [("", self.model), (CODEC_PREFIX, self.codec)]
         if self.audio_mouth is not None:
-            tensors.update({AUDIO_MOUTH_PREFIX + k: v.detach().cpu().contiguous()
-                            for k, v in self.audio_mouth.state_dict().items()})
-        return tensors
+            parts.append((AUDIO_MOUTH_PREFIX, self.audio_mouth))
+        return {prefix + k: v.detach().cpu().contiguous() for prefix, module in parts
+                for k, v in module.state_dict().items()}
 
     def config_dict(self) -> dict[str, Any]:
         d = {"format": FORMAT, "name": self.name, "fps": self.fps, "model": self.config.to_dict(),
