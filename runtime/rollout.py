@@ -48,9 +48,11 @@ class ChunkCondition:
     previous: torch.Tensor | None = None
 
     def unconditional(self) -> ChunkCondition:
-        """The same chunk with actions dropped (zeros), as in action-dropout training for CFG."""
+        """The same chunk with actions and audio dropped (zeros), as condition dropout trained it for CFG
+        (`training.conditions.null`); the video condition and the stacked frames stay."""
         action = None if self.action is None else torch.zeros_like(self.action)
-        return ChunkCondition(action, self.audio, self.video, self.text, self.previous)
+        audio = None if self.audio is None else torch.zeros_like(self.audio)
+        return ChunkCondition(action, audio, self.video, self.text, self.previous)
 
     def per_frame(self) -> tuple[torch.Tensor | None, ...]:
         """The fields with a frame axis, in constructor order (text is per clip)."""
@@ -83,7 +85,8 @@ class Rollout:
         self.batch = batch
         self.use_cache = kv_cache
         self.generator = generator
-        self.guided = sampler.guidance_scale != 1.0 and model.config.actions.dim > 0
+        # CFG on what condition dropout zeroes: the keys, and a lip-sync model's audio (or mouth) features
+        self.guided = sampler.guidance_scale != 1.0 and (model.config.actions.dim > 0 or model.config.audio_dim > 0)
         p = next(model.parameters())
         self.cache = model.new_cache(batch * (2 if self.guided else 1), p.device, p.dtype) if kv_cache else None
         cfg = model.config

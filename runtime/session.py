@@ -56,8 +56,8 @@ class StreamSession:
         self.bundle = bundle.to(self.device)
         self.config = bundle.config
         self.steps = steps
-        # Action guidance: the null action is "no key held", so a scale above 1 pushes each frame
-        # further along what the held keys change (a second batch row per pass: slower).
+        # Guidance: the null action is "no key held" (and the null audio silence), so a scale above 1 pushes
+        # each frame further along what the held keys (or the voice) change (a second batch row per pass: slower).
         self.sampler = bundle.sampler if guidance is None else replace(bundle.sampler, guidance_scale=guidance)
         self.kv_cache = kv_cache
         self.action_space: ActionSpace = bundle.config.actions
@@ -267,7 +267,8 @@ def open_session(bundle_or_path: Bundle | str, device: str = "cpu", steps: int |
     bundle directory, ``auto``, or a random bundle: ``random-tiny``, ``random-wan1.3b``,
     ``random-wan1.3b-reduced``).
 
-    ``guidance``: classifier-free guidance scale on the actions (default: the bundle's).
+    ``guidance``: classifier-free guidance scale on the actions, or a lip-sync model's audio (default: the
+    bundle's).
     ``text``: the prompt embedding ``[L, text_dim]`` a text-conditioned bundle needs.
     A lip-sync bundle (``extra["lipsync"]``) opens a `runtime.lipsync.LipsyncSession`:
     ``step(audio=features, video=frames)``.

@@ -33,6 +33,21 @@ def test_step_resyncs_only_the_masked_box_and_follows_the_audio(bundle):
     assert not np.array_equal(quiet, loud)                      # the audio reaches the mouth box
 
 
+def test_guidance_pushes_along_the_audio_and_changes_nothing_in_silence(bundle):
+    """CFG of a lip-sync session guides on its audio (the condition its training dropped), not only on keys."""
+    frame, dim = face(), bundle.config.audio_dim
+    voice = np.random.default_rng(1).normal(size=(3, dim)).astype(np.float32)
+
+    def frames(guidance, audio):
+        s = open_session(bundle, guidance=guidance, seed=0)
+        return np.concatenate([s.step(audio=a, video=frame) for a in audio]).astype(np.float64)
+
+    silent = np.zeros_like(voice)
+    assert np.abs(frames(4.0, silent) - frames(1.0, silent)).max() <= 1   # cond == uncond: nothing to push
+    plain, guided = frames(1.0, voice), frames(4.0, voice)
+    assert np.abs(guided - plain).mean() > 0.5
+
+
 def test_the_reference_is_the_first_frame_unless_given(bundle):
     s = open_session(bundle)
     a = np.zeros(bundle.config.audio_dim, np.float32)

@@ -38,14 +38,16 @@ def resync(session, video: np.ndarray, features: np.ndarray, seed: int = 0) -> n
 
 
 def generate_lipsync(bundle: str, clips_dir: str, out: str, max_clips: int = 0, ab: bool = True,
-                     device: str = "cpu", progress: bool = True, steps: int | None = None) -> dict:
+                     device: str = "cpu", progress: bool = True, steps: int | None = None,
+                     guidance: float | None = None) -> dict:
     """Write OUT/own (and OUT/ab, OUT/ab_input, OUT/ab_truth_a); returns the counts. ``steps``: sampler
-    steps per frame (None: the bundle's), so a teacher can be measured the way its students are."""
+    steps per frame (None: the bundle's), so a teacher can be measured the way its students are;
+    ``guidance``: CFG scale on the condition (None: the bundle's)."""
     from tqdm import tqdm
 
     from runtime import open_session
 
-    session = open_session(bundle, device=device, steps=steps)
+    session = open_session(bundle, device=device, steps=steps, guidance=guidance)
     meta, clips = load_clips(clips_dir, MEMBERS, max_clips)
     if tuple(meta["resolution"]) != tuple(session.frame_size):
         raise ValueError(f"{clips_dir}: {meta['resolution']} frames, the bundle makes {list(session.frame_size)}")

@@ -87,7 +87,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     print(json.dumps(generate_lipsync(args.bundle, args.clips, args.out, args.max_clips, ab=not args.no_ab,
-                                      device=args.device, steps=args.steps)))
+                                      device=args.device, steps=args.steps, guidance=args.guidance)))
     return 0
 
 
@@ -158,5 +158,7 @@ def register(commands) -> None:
     p.add_argument("--max-clips", type=nonnegative_int, default=0, help="the first N clips only (0: all)")
     p.add_argument("--no-ab", action="store_true", help="skip the A/B case")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps per frame (default: the bundle's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale on the audio (or mouth) condition "
+                   "(default: the bundle's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: default)")
