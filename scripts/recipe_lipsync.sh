@@ -40,6 +40,7 @@ PROBE_STEPS=${PROBE_STEPS:-3000}
 EAR_STEPS=${EAR_STEPS:-2000}
 CONDITION=${CONDITION:-mouth}
 TEACHER_LR=${TEACHER_LR:-1e-3}
+GUIDANCE=${GUIDANCE:-4.0}             # CFG on the mouth (audio) condition: the teacher's, distilled into the students
 CODEC_STEPS=${CODEC_STEPS:-4000}
 TEACHER_STEPS=${TEACHER_STEPS:-3000}
 CAUSAL_STEPS=${CAUSAL_STEPS:-600}
@@ -85,7 +86,7 @@ stage_teacher() {
     [[ $CONDITION == mouth ]] && told=(--mouth-condition --audio-mouth "$RUNS/audio_mouth")
     timed teacher $FK train lipsync-teacher --data "$TRAIN" --codec "$CODEC" --out "$RUNS/teacher" \
         --steps "$TEACHER_STEPS" --batch "$BATCH" --clip-frames "$CLIP" --sink-frames 1 $MODEL --lr "$TEACHER_LR" \
-        --guidance 1.5 --threads "$THREADS" "${told[@]}" > /dev/null
+        --guidance "$GUIDANCE" --threads "$THREADS" "${told[@]}" > /dev/null
 }
 stage_causal() {
     [[ -f $RUNS/causal/bundle/config.json ]] && return
@@ -95,12 +96,12 @@ stage_causal() {
 stage_dcm() {
     [[ -f $RUNS/dcm/bundle/config.json ]] && return
     timed dcm $FK train dcm --bundle "$RUNS/causal/bundle" --out "$RUNS/dcm" --steps "$DCM_STEPS" --lr 1e-4 \
-        --sample-steps 1 "${STUDENT[@]}" > /dev/null
+        --sample-steps 1 --guidance "$GUIDANCE" "${STUDENT[@]}" > /dev/null
 }
 stage_dmd() {
     [[ -f $RUNS/dmd/bundle/config.json ]] && return
     timed dmd $FK train dmd --bundle "$RUNS/dcm/bundle" --teacher "$RUNS/teacher/bundle" --out "$RUNS/dmd" \
-        --steps "$DMD_STEPS" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --sample-steps 1 "${STUDENT[@]}" > /dev/null
+        --steps "$DMD_STEPS" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --sample-steps 1 --guidance "$GUIDANCE" "${STUDENT[@]}" > /dev/null
 }
 stage_generate() {
     [[ -f $RUNS/gen/done.json ]] && return
