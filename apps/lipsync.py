@@ -364,6 +364,7 @@ class LipsyncLoop:
         self._received = 0
         self.frame_times: deque[float] = deque(maxlen=200)
         self.dropped = self.bad_blocks = self.frames_out = 0
+        self.frame_index = -1   # the audio frame (t, at t / fps of the audio received) the last frame was made for
         self.stop = False   # set by the window when it is closed
         self.t0 = 0.0
         self.status = "starting"
@@ -417,6 +418,7 @@ class LipsyncLoop:
         if not self._pending:
             return None
         t, feat = self._pending.popleft()
+        self.frame_index = t
         arrived = self._arrival(t)
         face, resync = self._face()
         if resync:

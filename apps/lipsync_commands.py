@@ -128,6 +128,15 @@ def bench_lipsync(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_lipsync_browser(args: argparse.Namespace) -> int:
+    from apps.lipsync_browser import BrowserSyncConfig, browser_resync
+
+    _threads(args.threads)
+    cfg = BrowserSyncConfig(voices=args.voices, seconds=args.seconds, chromium=args.chromium)
+    print(json.dumps(browser_resync(args.bundle, args.clips, args.out, cfg)))
+    return 0
+
+
 def add_face_locator_arg(p) -> None:
     p.add_argument("--face-locator", default=None, help="face locator dir (default: models/face_locator when "
                    "present); 'none': re-sync a fixed centre crop of the camera")
@@ -164,3 +173,16 @@ def register(commands) -> None:
     p.add_argument("--block-ms", type=positive_float, default=10.0, help="microphone block size, ms")
     add_face_locator_arg(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")
+
+    p = commands.add("lipsync-browser", group="eval", func=eval_lipsync_browser,
+                     help="the served stream measured in headless Chromium: a held-out face as the fake camera, "
+                          "other clips' voices as the fake microphone; writes OUT/browser for `eval lipsync`")
+    p.add_argument("--bundle", default=str(SHIPPED), help="lip-sync bundle dir (default: models/lipsync)")
+    p.add_argument("--clips", required=True, help="held-out clips (forcekit record --env lipsync:heldout)")
+    p.add_argument("--out", required=True, help="output dir: browser/ (recording format), browser.json, the "
+                   "fake devices' files")
+    p.add_argument("--voices", type=positive_int, default=4, help="clips after the first whose voices drive it")
+    p.add_argument("--seconds", type=positive_float, default=None,
+                   help="seconds of returned stream to capture (default: the voices' length + 1)")
+    p.add_argument("--chromium", default="/usr/bin/chromium", help="the Chromium binary")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")

@@ -29,6 +29,7 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from apps import timecode
 from apps.lipsync import LatestFrame, LipsyncLoop, LipsyncLoopConfig, drain
 from apps.pipeline import now
 
@@ -45,13 +46,20 @@ class LipsyncServeConfig:
     stats_period_s: float = 0.5
     loop: LipsyncLoopConfig | None = None
     face_locator: object | None = None   # runtime.face_locator.FaceLocator; None: a fixed centre crop
+    # Measuring the stream at the browser (`forcekit eval lipsync-browser`): paint each frame's audio-frame index
+    # under it (apps/timecode.py) and keep the first seconds of the audio received, to align both with the voice.
+    timecode: bool = False
+    keep_audio_s: float = 0.0
 
 
 class QueuedAudio:
     """Audio the browser sent, as `LipsyncLoop` reads a microphone: bounded, drained by `poll`."""
 
-    def __init__(self, max_blocks: int = 500) -> None:
+    def __init__(self, max_blocks: int = 500, keep_s: float = 0.0) -> None:
         self._q: deque[np.ndarray] = deque(maxlen=max_blocks)
+        self.keep_s = keep_s
+        self.kept: list[np.ndarray] = []   # the first keep_s seconds as received (for measuring, see the config)
+        self._kept_samples = 0
         self.rate: int | None = None
         self.first_at: float | None = None
         self.ready = threading.Event()
@@ -64,6 +72,9 @@ class QueuedAudio:
         elif rate != self.rate:      # a renegotiated rate: a new stream would be needed; keep it defined
             log.warning("audio rate changed from %s to %s Hz: those frames are dropped", self.rate, rate)
             return
+        if self._kept_samples < self.keep_s * rate:
+            self.kept.append(samples.copy())
+            self._kept_samples += len(samples)
         self._q.append(samples)
 
     def start(self) -> float:
@@ -88,21 +99,23 @@ def audio_frame_samples(frame) -> np.ndarray:
 
 
 class ResyncedTrack(MediaStreamTrack):
-    """The outgoing video: re-synced frames as the loop makes them, time-stamped by the wall clock."""
+    """The outgoing video: re-synced frames as the loop makes them, time-stamped by the wall clock
+    (``timecode``: each with its audio-frame index painted under it, apps/timecode.py)."""
 
     kind = "video"
 
-    def __init__(self, display: int) -> None:
+    def __init__(self, display: int, timecode: bool = False) -> None:
         super().__init__()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=2)
         self.display = display
+        self.timecode = timecode
         self._t0: float | None = None
 
-    def offer(self, frame: np.ndarray) -> None:
+    def offer(self, frame: np.ndarray | None, index: int = 0) -> None:
         """Called on the event loop: the newest frame wins when the browser reads slowly."""
         if self.queue.full():
             self.queue.get_nowait()
-        self.queue.put_nowait(frame)
+        self.queue.put_nowait(None if frame is None else (frame, index))
 
     async def recv(self):
         import av
@@ -110,13 +123,16 @@ class ResyncedTrack(MediaStreamTrack):
 
         if self.readyState != "live":
             raise MediaStreamError
-        frame = await self.queue.get()
-        if frame is None:
+        item = await self.queue.get()
+        if item is None:
             self.stop()
             raise MediaStreamError
+        frame, index = item
         t = now()
         self._t0 = t if self._t0 is None else self._t0
         big = cv2.resize(frame, (self.display, self.display), interpolation=cv2.INTER_NEAREST)
+        if self.timecode:
+            big = timecode.stamp(big, index)
         out = av.VideoFrame.from_ndarray(big, format="rgb24")
         out.pts = int(round((t - self._t0) * VIDEO_CLOCK))
         out.time_base = Fraction(1, VIDEO_CLOCK)
@@ -162,8 +178,8 @@ class LipsyncPeer:
     def __init__(self, server: LipsyncServer) -> None:
         self.server, self.id = server, uuid.uuid4().hex[:12]
         self.pc = RTCPeerConnection()
-        self.frames, self.audio = LatestFrame(), QueuedAudio()
-        self.track = ResyncedTrack(server.config.display)
+        self.frames, self.audio = LatestFrame(), QueuedAudio(keep_s=server.config.keep_audio_s)
+        self.track = ResyncedTrack(server.config.display, server.config.timecode)
         self.voice = VoiceTrack(self)
         self.loop: LipsyncLoop | None = None
         self.channel = None
@@ -179,18 +195,18 @@ class LipsyncPeer:
                 return
         try:
             self.loop = LipsyncLoop(session, self.audio, self.frames, self.server.config.loop or LipsyncLoopConfig(),
-                                    on_frame=lambda f, _loop: self._hand_over(event_loop, f),
+                                    on_frame=lambda f, loop: self._hand_over(event_loop, f, loop.frame_index),
                                     face_locator=self.server.config.face_locator)
             self.loop.run()
         except Exception as exc:   # reported to the page; the server stays up
             log.exception("peer %s: lip-sync loop failed", self.id)
             self.error = repr(exc)
 
-    def _hand_over(self, event_loop: asyncio.AbstractEventLoop, frame: np.ndarray) -> None:
+    def _hand_over(self, event_loop: asyncio.AbstractEventLoop, frame: np.ndarray, index: int) -> None:
         """A re-synced frame to the outgoing track, on the event loop; none once the server's loop has closed
         (a frame finished during shutdown has nowhere to go)."""
         try:
-            event_loop.call_soon_threadsafe(self.track.offer, frame)
+            event_loop.call_soon_threadsafe(self.track.offer, frame, index)
         except RuntimeError:
             if not event_loop.is_closed():
                 raise

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from apps.lipsync import write_wav
+from apps.lipsync_browser import BrowserSyncConfig, browser_resync, write_y4m
 from apps.lipsync_bench import speechlike
 from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
 from apps.serve import ServerThread
@@ -21,23 +22,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (make test installs it via apt)"),
 ]
 sync_api = pytest.importorskip("playwright.sync_api")
-
-
-def write_y4m(path, frames: np.ndarray, fps: int = 25) -> None:
-    """uint8 RGB frames [n, H, W, 3] as a Y4M file with the 'C420' header Chromium's fake camera wants."""
-    n, h, w, _ = frames.shape
-    rgb = frames.astype(np.float32)
-    y = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
-    u = (rgb[..., 2] - y) * 0.564 + 128
-    v = (rgb[..., 0] - y) * 0.713 + 128
-    with open(path, "wb") as f:
-        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420\n".encode())
-        for i in range(n):
-            f.write(b"FRAME\n")
-            f.write(np.clip(y[i], 0, 255).astype(np.uint8).tobytes())
-            for plane in (u[i], v[i]):
-                sub = plane.reshape(h // 2, 2, w // 2, 2).mean((1, 3))
-                f.write(np.clip(sub, 0, 255).astype(np.uint8).tobytes())
 
 
 def test_browser_camera_and_microphone_from_files_get_resynced_video(tmp_path):
@@ -64,3 +48,28 @@ def test_browser_camera_and_microphone_from_files_get_resynced_video(tmp_path):
     assert s["audio_rate"] in (44100, 48000) and s["audio_to_mouth_ms_p50"] > 0
     assert "fps" in text and "audio->mouth" in text
     assert stats["audioTracks"] == 1 and stats["audioPackets"] > 20   # the voice comes back, as RTP audio
+
+
+def test_the_returned_stream_is_measured_frame_by_frame_against_the_fake_microphone(tmp_path):
+    """`eval lipsync-browser`: every returned picture is placed by its timecode, the voice by the audio the
+    server heard, and the span is written for `eval lipsync` (random weights: the plumbing, not the sync)."""
+    from training.data.record import RecordConfig, record
+    from training.lipsync.record import load_clips
+
+    clips = tmp_path / "clips"
+    record(RecordConfig(env="lipsync:heldout", episodes=3, size=(32, 32), episodes_per_shard=3), str(clips),
+           progress=False)
+    bundle = tmp_path / "bundle"
+    random_bundle("random-lipsync-tiny").save(bundle)
+    report = browser_resync(str(bundle), str(clips), str(tmp_path / "out"), BrowserSyncConfig(voices=2))
+    _, voices = load_clips(str(clips), ("mouth",))
+    assert report["unreadable_timecodes"] == 0 and report["frames"] > 20
+    assert report["span_frames"] == report["frames"] + report["filled_frames"]
+    assert report["voice_phase_peak"] > 0.3 and report["browser_audio_rate"] in (44100, 48000)
+    meta, back = load_clips(report["out"], ("frames", "actions", "audio", "mouth"))
+    ep = back[0]
+    assert meta["resolution"] == [32, 32] and len(ep["frames"]) == report["span_frames"]
+    truth = np.concatenate([v["mouth"] for v in voices[1:3]])          # the voices the camera's face was driven by
+    first = report["first_frame_index"] + report["voice_phase_frames"]
+    j = (first + np.arange(len(ep["mouth"]))) % len(truth)
+    assert np.allclose(ep["mouth"], truth[j])
