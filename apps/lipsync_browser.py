@@ -152,8 +152,8 @@ def browser_resync(bundle_path: str, clips_dir: str, out: str, cfg: BrowserSyncC
     from apps.lipsync_serve import SERVER, LipsyncServeConfig, create_lipsync_app
     from apps.serve import ServerThread
     from runtime import open_session
-    from runtime.session import resolve_bundle
     from runtime.audio_features import resample
+    from runtime.session import resolve_bundle
     from training.data.shards import Episode, ShardStore
     from training.lipsync.record import load_clips
 
@@ -227,7 +227,8 @@ def browser_resync(bundle_path: str, clips_dir: str, out: str, cfg: BrowserSyncC
     report = {"out": str(work / "browser"), "pictures": len(pictures), "unreadable_timecodes": unreadable,
               "frames": len(frames), "span_frames": max(frames) - min(frames) + 1, "filled_frames": filled,
               "first_frame_index": min(frames), "voice_seconds": round(voice_s, 3),
-              "voice_phase_samples": phase, "voice_phase_frames": phase_frames, "voice_phase_peak": round(peak, 4), "browser_audio_rate": got_rate,
+              "voice_phase_samples": phase, "voice_phase_frames": phase_frames,
+              "voice_phase_peak": round(peak, 4), "browser_audio_rate": got_rate,
               "server": server_stats, "page_frames": page_stats["frames"], "wall_s": round(wall, 1)}
     (work / "browser.json").write_text(json.dumps(report, indent=1))
     return report

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from apps.lipsync import write_wav
-from apps.lipsync_browser import BrowserSyncConfig, browser_resync, write_y4m
 from apps.lipsync_bench import speechlike
+from apps.lipsync_browser import BrowserSyncConfig, browser_resync, write_y4m
 from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
 from apps.serve import ServerThread
 from runtime.presets import random_bundle
