@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -522,3 +523,48 @@ def test_dmd_regression_term_pulls_the_rollout_to_the_recorded_frames(tmp_path, 
                         regression_weight=w, **{**FAST, "eval_every": 20})
         runs[w] = train_dmd(dcm[2], teacher, clips, cfg, progress=False)["eval"]["sf_rollout_mse"]
     assert runs[4.0] < 0.9 * runs[0.0]
+
+
+def test_still_clips_hold_a_frame_at_rest_with_no_key(clips):
+    """`LatentClips.rest_rows` finds the frames with no key held; `sample_still` holds one of them, unchanged."""
+    cond = clips.cond.clone()
+    cond[[3, 17, 40]] = 0.0
+    cond[cond.abs().amax(-1) < 0.05] = 0.0
+    rest_clips = replace(clips, cond=cond)
+    rows = rest_clips.rest_rows()
+    assert set(rows.tolist()) == set(torch.nonzero(cond.abs().amax(-1) == 0).flatten().tolist()) >= {3, 17, 40}
+    lat, act = rest_clips.sample_still(5, 7, torch.Generator().manual_seed(0), rows)
+    assert lat.shape == (5, 7, *clips.latents.shape[1:]) and act.shape == (5, 7, cond.shape[-1])
+    assert torch.equal(lat, lat[:, :1].expand_as(lat)) and act.abs().max() == 0
+    assert any(torch.equal(lat[0, 0], clips.latents[r].float()) for r in rows.tolist())
+    with pytest.raises(ValueError, match="no frame at rest"):
+        clips.sample_still(2, 3, torch.Generator(), torch.zeros(0, dtype=torch.long))
+
+
+def test_dmd_rolls_out_still_clips_for_its_still_share(tmp_path, monkeypatch, dcm, teacher, clips):
+    """``still_share``: that share of every batch's rollouts starts from a frame at rest, no key held, and is
+    regressed toward the same frame (the rest of the batch: recorded clips)."""
+    import training.students.dmd as dmd
+
+    cond = clips.cond.clone()
+    cond[::3] = 0.0                                            # a third of the frames at rest
+    rest_clips = replace(clips, cond=cond)
+    seen, real_rollout = [], dmd.self_forcing_rollout
+
+    def spy(rollout, context, action, *args, **kwargs):
+        if kwargs.get("keep") != slice(0, 0):                 # a training rollout, not the evaluation's
+            seen.append((context.clone(), action.clone()))
+        return real_rollout(rollout, context, action, *args, **kwargs)
+
+    monkeypatch.setattr(dmd, "self_forcing_rollout", spy)
+    cfg = DMDConfig(out=str(tmp_path), steps=2, lr=1e-4, critic_steps=1, regression_weight=1.0, still_share=0.5,
+                    **{**FAST, "eval_every": 100})
+    train_dmd(dcm[2], teacher, rest_clips, cfg, progress=False)
+    rest = {tuple(rest_clips.latents[r].float().flatten().tolist()) for r in rest_clips.rest_rows().tolist()}
+    assert len(seen) == 2
+    for context, action in seen:
+        still = FAST["batch"] // 2
+        assert action[:still].abs().max() == 0 and action[still:].abs().max() > 0
+        assert all(tuple(context[b, 0].flatten().tolist()) in rest for b in range(still))
+    with pytest.raises(ValueError, match="still_share"):
+        train_dmd(dcm[2], teacher, clips, DMDConfig(out="unused", still_share=1.5))

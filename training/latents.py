@@ -87,6 +87,24 @@ class LatentClips:
             cond = replace(cond, video=ref if cond.video is None else torch.cat([cond.video, ref], 2))
         return self.latents[rows].float(), cond
 
+    def rest_rows(self, threshold: float = 0.05) -> torch.Tensor:
+        """Rows of a world recording where no key is held and the keys' running average (when the condition
+        holds it, `with_momentum`) is below ``threshold``: the engine's view at rest, which does not change
+        (Doom's health_gathering: 0.05 of 255 a frame, docs/world_controls.md, sixth sitting)."""
+        if not isinstance(self.cond, torch.Tensor):
+            raise ValueError("rest rows need action-conditioned clips")
+        return torch.nonzero(self.cond.float().abs().amax(-1) < threshold).flatten()
+
+    def sample_still(self, batch: int, clip_frames: int, generator: torch.Generator, rows: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Still clips: a frame at rest (one of ``rows``, `rest_rows`) held for ``clip_frames`` frames with no
+        key, what the engine shows when nothing is pressed: latents [B, F, C, h, w], conditions [B, F, D]."""
+        if len(rows) == 0:
+            raise ValueError("no frame at rest in these clips (record with --idle-prob)")
+        pick = rows[torch.randint(len(rows), (batch,), generator=generator)].to(self.latents.device)
+        latents = self.latents[pick].float()[:, None].expand(-1, clip_frames, *self.latents.shape[1:])
+        return latents.contiguous(), self.cond[pick].float()[:, None].expand(-1, clip_frames, -1).contiguous()
+
 
 def encode_latents(data: str, codec: Codec, max_episodes: int = 0, batch: int = 256,
                    cache_dir: str | Path | None = None, progress: bool = True,

@@ -87,7 +87,7 @@ def _dmd(args: argparse.Namespace) -> int:
     cfg = _common(DMDConfig, args, guidance_scale=args.guidance, critic_steps=args.critic_steps,
                   rollout_chunks=args.rollout_chunks, context_frames=args.context_frames,
                   cache_from=args.cache_from, sample_steps=args.sample_steps, critic_lr=args.critic_lr,
-                  real_score=args.real_score, regression_weight=args.regression_weight)
+                  real_score=args.real_score, regression_weight=args.regression_weight, still_share=args.still_share)
     print(json.dumps(train_dmd(student, real, clips, cfg, held)))
     return 0
 
@@ -178,6 +178,9 @@ def register(commands) -> None:
     p.add_argument("--regression-weight", type=nonnegative_float, default=0.0,
                    help="DMD's regression term: also pull the rollout toward the recorded frames of the same clip "
                         "and keys, weighed against the DMD gradient (0: off)")
+    p.add_argument("--still-share", type=fraction, default=0.0,
+                   help="share of each batch that holds a frame at rest with no key for the whole rollout (the "
+                        "engine's view does not change; a long play with no key must not either)")
     p.add_argument("--real-score", choices=("bidirectional", "causal"), default="bidirectional",
                    help="how the teacher scores the rollout: over the whole clip, or causally under teacher "
                         "forcing (pass a causal teacher bundle)")

@@ -62,6 +62,11 @@ class DMDConfig(StageConfig):
     # same clip and keys, which a self-forcing rollout never sees otherwise; a deterministic engine (a still
     # Doom view, a turn) has one right next frame, and the student's own frames must reproduce it.
     regression_weight: float = 0.0
+    # Still clips (`LatentClips.sample_still`): this share of each batch holds a frame at rest with no key for the
+    # whole rollout. A long play with no key compounds the student's per-frame blur; recordings hold few long
+    # stretches at rest, and a rollout from one, scored and regressed against the unchanged frame, is the
+    # engine's own behaviour (0: off).
+    still_share: float = 0.0
 
 
 # -- the DMD gradient ---------------------------------------------------------------------------------
@@ -227,6 +232,8 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
                          "the context would hold the pure-noise input of every chunk")
     if cfg.real_score not in ("bidirectional", "causal"):
         raise ValueError(f"real_score must be 'bidirectional' or 'causal', got {cfg.real_score!r}")
+    if not 0.0 <= cfg.still_share <= 1.0:
+        raise ValueError(f"still_share must be in [0, 1], got {cfg.still_share}")
     torch.manual_seed(cfg.seed)
     generator = trainable_copy(student.model, cfg.device)
     real = frozen_copy(teacher.model, cfg.device)
@@ -248,6 +255,8 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
     opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr or cfg.lr, weight_decay=cfg.weight_decay)
     starts = clips.starts(frames)
+    still = round(cfg.still_share * cfg.batch)
+    rest = clips.rest_rows() if still else None
     held = eval_batch(eval_clips or clips, StageConfig(eval_batch=cfg.eval_batch, clip_frames=frames))
 
     window = min(frames, cfg.clip_frames)  # the clip length the teacher was trained on scores the rollout
@@ -256,6 +265,8 @@ def train_dmd(student: Bundle, teacher: Bundle, clips: LatentClips, cfg: DMDConf
 
     def step_fn(step: int) -> dict[str, float]:
         real_clip, action = clips.sample(cfg.batch, frames, gen, starts)
+        if still:
+            real_clip[:still], action[:still] = clips.sample_still(still, frames, gen, rest)
         w = score_window_start(pattern, frames, window, k, gen)  # first: only its chunks keep a snapshot
         clip, records = self_forcing_rollout(rollout, real_clip[:, :k], action, chunks, gen,
                                              keep=slice(w + k, w + window))
