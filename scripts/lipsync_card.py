@@ -1,8 +1,8 @@
 """Write the shipped lip-sync bundle's card from the recipe's measured results (nothing typed by hand).
 
     python scripts/lipsync_card.py RUNS OUT.md
-reads RUNS/eval/{real,own,ab,ab_truth_a}.json, RUNS/bench/lipsync_t2.json, RUNS/times.txt,
-RUNS/dmd/bundle/config.json and, for a bundle told the mouth, RUNS/audio_mouth/audio_mouth.json.
+reads RUNS/eval/{real,own,ab,ab_truth_a,browser}.json, RUNS/bench/lipsync_t2.json, RUNS/browser/browser.json,
+RUNS/times.txt, RUNS/dmd/bundle/config.json and, for a bundle told the mouth, RUNS/audio_mouth/audio_mouth.json.
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ def _sync(r: dict) -> str:
             f"(shuffled {shuf.get('lse_d')})")
 
 
+def _students_cfg(cfg: dict) -> str:
+    """The real score's CFG of the distillation stages, as their configs recorded it (None: the teacher's)."""
+    scales = [cfg.get("extra", {}).get(f"{s}_config", {}).get("guidance_scale") for s in ("dcm", "dmd")]
+    return " / ".join("the teacher's" if g is None else str(g) for g in scales)
+
+
 def card(runs: Path) -> str:
-    ev = {k: _load(runs / "eval" / f"{k}.json") for k in ("real", "own", "ab", "ab_truth_a")}
+    ev = {k: _load(runs / "eval" / f"{k}.json") for k in ("real", "own", "ab", "ab_truth_a", "browser")}
+    browser = _load(runs / "browser" / "browser.json")
     bench, bench1 = _load(runs / "bench" / "lipsync_t2.json"), _load(runs / "bench" / "lipsync_t1.json")
     cfg = _load(runs / "dmd" / "bundle" / "config.json")
     times = (runs / "times.txt").read_text() if (runs / "times.txt").is_file() else ""
@@ -70,6 +77,12 @@ def card(runs: Path) -> str:
         f"- identity outside the recorded mouth box: PSNR {ident.get('psnr')} dB, SSIM {ident.get('ssim')}",
         f"- A/B (face of clip A, voice of clip B): against B's truth {_mouth(ev['ab'])}; against A's truth "
         f"{_mouth(ev['ab_truth_a'])}",
+        *([f"- the stream that came back through headless Chromium (forcekit eval lipsync-browser: a held-out face "
+           f"as the fake camera, {browser['voice_seconds']} s of other clips' voices as the fake microphone): "
+           f"{_mouth(ev['browser'])}; {_sync(ev['browser'])}; {browser['frames']} frames came back, "
+           f"{browser['filled_frames']} of {browser['span_frames']} missing (held), server "
+           f"{_r(browser['server'].get('fps'))} fps, audio-to-mouth p50 {_r(browser['server'].get('audio_to_mouth_ms_p50'))} ms"]
+          if browser and ev["browser"] else []),
         f"- speed (forcekit bench lipsync --threads 2, {bench.get('frame_size')} frames): {_r(bench.get('fps'))} fps "
         f"back to back, audio-to-mouth p50 {_r(bench.get('audio_to_mouth_ms_p50'))} ms / p95 "
         f"{_r(bench.get('audio_to_mouth_ms_p95'))} ms (feature lookahead {_r(bench.get('feature_lookahead_ms'))} ms), "
@@ -79,7 +92,7 @@ def card(runs: Path) -> str:
         "", "## Recipe", "", "Student stages: " + ", ".join(
             f"{s} {c.get('steps')} steps (batch {c.get('batch')}, lr {c.get('lr')})"
             for s, c in ((s, cfg.get("extra", {}).get(f"{s}_config", {})) for s in ("causal", "dcm", "dmd")) if c)
-        + ".", "", f"Stage times (s):\n\n```\n{times}```", "",
+        + f"; dCM and SF-DMD distil the teacher at guidance {_students_cfg(cfg)}.", "", f"Stage times (s):\n\n```\n{times}```", "",
         f"Model: ```{json.dumps(cfg.get('model', {}))}```", "",
         f"Lip-sync spec: ```{json.dumps(cfg.get('extra', {}).get('lipsync', {}))}```", "",
     ]

@@ -2,7 +2,8 @@
 # The lip-sync recipe (issue 15): record synthetic speaking faces -> codec -> the ear (audio -> mouth net) ->
 # bidirectional lip-sync teacher told the mouth -> causal teacher -> dCM -> SF-DMD -> re-sync the held-out clips
 # (own audio and the A/B case; the ear reads the mouth from the audio) -> eval lipsync -> ship models/lipsync
-# with a card written from the measured results -> bench lipsync. CONDITION=audio trains the older teacher that
+# with a card written from the measured results (bench lipsync and the stream measured in headless Chromium
+# first). CONDITION=audio trains the older teacher that
 # hears the audio itself (docs/lipsync.md: its mouths follow the audio at a correlation of about 0.2).
 #
 # Every stage is resumable: each command continues from its run dir's checkpoint, and a stage whose bundle (or
@@ -10,7 +11,7 @@
 #
 #   DATA=/work/data RUNS=/work/runs/lipsync scripts/recipe_lipsync.sh [stage ...]
 #
-# Stages: record probes codec ear teacher causal dcm dmd generate eval ship bench (default: all, in order).
+# Stages: record probes codec ear teacher causal dcm dmd generate eval ship bench browser (default: all, in order).
 # Sizes come from the variables below (THREADS, *_STEPS, TRAIN_CLIPS, SIZE, MODEL, ...); TINY=1 shrinks all of
 # them to a dry run of a minute or two (docs/lipsync.md).
 set -euo pipefail
@@ -130,15 +131,24 @@ stage_bench() {
     [[ -f $RUNS/bench/lipsync_t1.json ]] || OMP_NUM_THREADS=1 $FK bench lipsync --bundle "$bundle" --threads 1 \
         --seconds "$BENCH_SECONDS" --json > "$RUNS/bench/lipsync_t1.json"
 }
+stage_browser() {   # the served stream measured in headless Chromium (apps/lipsync_browser.py), then eval lipsync
+    local bundle=$SHIP
+    [[ -f $SHIP/config.json ]] || bundle=$RUNS/dmd/bundle
+    [[ -f $RUNS/browser/browser.json ]] || OMP_NUM_THREADS=$THREADS $FK eval lipsync-browser --bundle "$bundle" \
+        --clips "$HELDOUT" --out "$RUNS/browser" --voices "${BROWSER_VOICES:-4}" --threads "$THREADS" > /dev/null
+    mkdir -p "$RUNS/eval"
+    eval_row browser --clips "$RUNS/browser/browser" --syncnet "$PROBES/syncnet"
+}
 stage_ship() {
-    stage_bench   # the card quotes the speed: measure it on the student first
+    stage_bench     # the card quotes the speed and the browser's figures: measure them on the student first
+    stage_browser
     $PY scripts/lipsync_card.py "$RUNS" "$RUNS/card.md"
     $FK ship --bundle "$RUNS/dmd/bundle" --out "$SHIP" --card "$RUNS/card.md" --name lipsync --steps 1 > /dev/null
 }
 
 mkdir -p "$RUNS"
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(record probes codec ear teacher causal dcm dmd generate eval ship bench)
+[[ ${#stages[@]} -gt 0 ]] || stages=(record probes codec ear teacher causal dcm dmd generate eval ship bench browser)
 for s in "${stages[@]}"; do
     log "stage $s"
     "stage_$s"
