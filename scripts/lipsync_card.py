@@ -81,7 +81,8 @@ def card(runs: Path) -> str:
            f"as the fake camera, {browser['voice_seconds']} s of other clips' voices as the fake microphone): "
            f"{_mouth(ev['browser'])}; {_sync(ev['browser'])}; {browser['frames']} frames came back, "
            f"{browser['filled_frames']} of {browser['span_frames']} missing (held), server "
-           f"{_r(browser['server'].get('fps'))} fps, audio-to-mouth p50 {_r(browser['server'].get('audio_to_mouth_ms_p50'))} ms"]
+           f"{_r(browser['server'].get('fps'))} fps, audio-to-mouth p50 "
+           f"{_r(browser['server'].get('audio_to_mouth_ms_p50'))} ms"]
           if browser and ev["browser"] else []),
         f"- speed (forcekit bench lipsync --threads 2, {bench.get('frame_size')} frames): {_r(bench.get('fps'))} fps "
         f"back to back, audio-to-mouth p50 {_r(bench.get('audio_to_mouth_ms_p50'))} ms / p95 "
@@ -92,7 +93,8 @@ def card(runs: Path) -> str:
         "", "## Recipe", "", "Student stages: " + ", ".join(
             f"{s} {c.get('steps')} steps (batch {c.get('batch')}, lr {c.get('lr')})"
             for s, c in ((s, cfg.get("extra", {}).get(f"{s}_config", {})) for s in ("causal", "dcm", "dmd")) if c)
-        + f"; dCM and SF-DMD distil the teacher at guidance {_students_cfg(cfg)}.", "", f"Stage times (s):\n\n```\n{times}```", "",
+        + f"; dCM and SF-DMD distil the teacher at guidance {_students_cfg(cfg)}.", "",
+        f"Stage times (s):\n\n```\n{times}```", "",
         f"Model: ```{json.dumps(cfg.get('model', {}))}```", "",
         f"Lip-sync spec: ```{json.dumps(cfg.get('extra', {}).get('lipsync', {}))}```", "",
     ]
