@@ -122,18 +122,16 @@ stage_eval() {
     eval_row ab --clips "$RUNS/gen/ab" --syncnet "$PROBES/syncnet" --reference "$RUNS/gen/ab_input"
     eval_row ab_truth_a --clips "$RUNS/gen/ab_truth_a"
 }
-stage_bench() {
+stage_bench() {   # the student the ship stage ships (not an older bundle already at $SHIP)
     mkdir -p "$RUNS/bench"
-    local bundle=$SHIP
-    [[ -f $SHIP/config.json ]] || bundle=$RUNS/dmd/bundle
+    local bundle=$RUNS/dmd/bundle
     [[ -f $RUNS/bench/lipsync_t2.json ]] || OMP_NUM_THREADS=2 $FK bench lipsync --bundle "$bundle" --threads 2 \
         --seconds "$BENCH_SECONDS" --json > "$RUNS/bench/lipsync_t2.json"
     [[ -f $RUNS/bench/lipsync_t1.json ]] || OMP_NUM_THREADS=1 $FK bench lipsync --bundle "$bundle" --threads 1 \
         --seconds "$BENCH_SECONDS" --json > "$RUNS/bench/lipsync_t1.json"
 }
 stage_browser() {   # the served stream measured in headless Chromium (apps/lipsync_browser.py), then eval lipsync
-    local bundle=$SHIP
-    [[ -f $SHIP/config.json ]] || bundle=$RUNS/dmd/bundle
+    local bundle=$RUNS/dmd/bundle
     [[ -f $RUNS/browser/browser.json ]] || OMP_NUM_THREADS=$THREADS $FK eval lipsync-browser --bundle "$bundle" \
         --clips "$HELDOUT" --out "$RUNS/browser" --voices "${BROWSER_VOICES:-4}" --threads "$THREADS" > /dev/null
     mkdir -p "$RUNS/eval"
