@@ -130,10 +130,13 @@ def test_cache_modes_commit_only_on_append():
             model(x, torch.ones(1, 1), cache=cache, cache_mode="bogus")
 
 
-def test_chunk_condition_unconditional_zeroes_actions_only():
-    c = ChunkCondition(action=torch.ones(1, 2, 3), audio=torch.ones(1, 2, 4))
+def test_chunk_condition_unconditional_zeroes_actions_and_audio_but_keeps_video_and_stack():
+    """As condition dropout trained it (`training.conditions.null`): keys and audio dropped, the rest kept."""
+    c = ChunkCondition(action=torch.ones(1, 2, 3), audio=torch.ones(1, 2, 4), video=torch.ones(1, 2, 5, 2, 2),
+                       previous=torch.ones(1, 2, 3, 2, 2))
     u = c.unconditional()
-    assert u.action.abs().sum() == 0 and torch.equal(u.audio, c.audio)
+    assert u.action.abs().sum() == 0 and u.audio.abs().sum() == 0
+    assert torch.equal(u.video, c.video) and torch.equal(u.previous, c.previous)
 
 
 def test_cache_only_append_writes_the_same_cache():

@@ -294,11 +294,12 @@ def test_abrupt_disconnects_leave_nothing_behind(bundle):
     # server's more than before the clients came. Of aiortc's objects, one or two connections (with
     # their transports) sometimes outlive the server's peer for over 45 s when the browser tests ran
     # first in this process (seen 2026-12-04, about 1 run in 3, in any of the four batches; held through
-    # aiortc's own listeners, not root-caused): a leak of the killed clients would leave 25 a batch.
+    # aiortc's own listeners, not root-caused; up to 4 that did not grow from batch to batch when the suite ran
+    # next to two training jobs): a leak of the killed clients would leave 25 a batch, 100 by the end.
     own = ("Peer", "PipelineTrack", "Pipeline", "StreamSession")
     for _, _, live in samples:
         assert {k: live[k] for k in own} == {k: before[k] for k in own}, (live, before)
-        assert all(live[k] - before[k] <= 2 for k in live), (live, before)
+        assert all(live[k] - before[k] <= 5 for k in live), (live, before)
     # After warm-up (the first 50 disconnects) open fds do not grow beyond a few of jitter, and RSS
     # stays within 64 MiB: a gross bound for leaks outside Python (codec contexts, threads). The
     # allocator's arenas wander by ~20 MiB on a busy machine (a 16 MiB bound failed in CI with
