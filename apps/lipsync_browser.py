@@ -37,7 +37,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic", "--use-fake-ui-for-media-stream",
                  "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"]
-MEMBERS = ("frames", "actions", "audio", "mouth", "mouth_box", "pose", "blink")
 
 
 @dataclass
@@ -82,7 +81,7 @@ def loop_phase(received: np.ndarray, voice: np.ndarray) -> tuple[int, float]:
     padded[:len(x)] = x
     corr = np.fft.irfft(np.conj(np.fft.rfft(padded)) * np.fft.rfft(v), n)   # corr[s] = sum_i x[i] v[(i + s) % n]
     s = int(np.argmax(corr))
-    window = np.array([v[(np.arange(len(x)) + s) % n]]).ravel()
+    window = v[(np.arange(len(x)) + s) % n]
     peak = float(corr[s] / (np.linalg.norm(x) * np.linalg.norm(window) + 1e-12))
     return s, peak
 
@@ -130,14 +129,13 @@ def assemble(frames: dict[int, np.ndarray], phase_frames: int, voice: dict) -> t
 
 def _voice(clips: list[dict], audio_cfg) -> tuple[dict, np.ndarray]:
     """The voices back to back: per-frame arrays (features recomputed over the joined waveform) and the
-    waveform (int16 samples at the recordings' rate)."""
+    waveform (float32 in [-1, 1] at the recordings' rate)."""
     from runtime.audio_features import frame_features
 
-    wave = np.concatenate([c["audio"].reshape(-1) for c in clips]).astype(np.int16)
-    n = sum(len(c["mouth"]) for c in clips)
     joined = {k: np.concatenate([c[k] for c in clips]) for k in ("audio", "mouth", "pose", "blink", "mouth_box")}
-    joined["actions"] = frame_features(wave.astype(np.float32) / 32768.0, audio_cfg.sample_rate, audio_cfg,
-                                       n).astype(np.float32)
+    wave = joined["audio"].reshape(-1).astype(np.float32) / 32768.0   # the recordings' int16 samples
+    joined["actions"] = frame_features(wave, audio_cfg.sample_rate, audio_cfg, len(joined["mouth"])
+                                       ).astype(np.float32)
     return joined, wave
 
 
@@ -155,6 +153,7 @@ def browser_resync(bundle_path: str, clips_dir: str, out: str, cfg: BrowserSyncC
     from runtime.audio_features import resample
     from runtime.session import resolve_bundle
     from training.data.shards import Episode, ShardStore
+    from training.lipsync.generate import MEMBERS, check_clips_fit
     from training.lipsync.record import load_clips
 
     cfg = cfg or BrowserSyncConfig()
@@ -163,15 +162,12 @@ def browser_resync(bundle_path: str, clips_dir: str, out: str, cfg: BrowserSyncC
     bundle = resolve_bundle(bundle_path)
     if "lipsync" not in bundle.extra:
         raise ValueError(f"bundle {bundle.name!r} is not a lip-sync bundle")
-    probe_session = open_session(bundle)   # the bundle's frame size and audio features, validated
-    audio_cfg, frame_size = probe_session.audio_config, tuple(probe_session.frame_size)
+    session = open_session(bundle)   # the bundle's frame size and audio features (the server opens its own)
+    audio_cfg, frame_size = session.audio_config, tuple(session.frame_size)
     meta, clips = load_clips(clips_dir, MEMBERS, 1 + cfg.voices)
     if len(clips) < 2:
         raise ValueError(f"{clips_dir}: needs at least 2 clips (a face and a voice), has {len(clips)}")
-    if meta["audio_features"] != audio_cfg.to_dict():
-        raise ValueError(f"{clips_dir}: its audio features differ from the ones the bundle was trained on")
-    if tuple(meta["resolution"]) != frame_size:
-        raise ValueError(f"{clips_dir}: {meta['resolution']} frames, the bundle makes {list(frame_size)}")
+    check_clips_fit(meta, session, clips_dir)
     camera, voices = clips[0], clips[1:]
     voice, wave = _voice(voices, audio_cfg)
     fps, rate = audio_cfg.fps, audio_cfg.sample_rate
@@ -182,7 +178,7 @@ def browser_resync(bundle_path: str, clips_dir: str, out: str, cfg: BrowserSyncC
     work = Path(out)
     work.mkdir(parents=True, exist_ok=True)
     write_y4m(work / "camera.y4m", camera["frames"], int(round(fps)))
-    write_wav(work / "voice.wav", wave.astype(np.float32) / 32768.0, rate)
+    write_wav(work / "voice.wav", wave, rate)
     server_cfg = LipsyncServeConfig(display=cfg.display, timecode=True, keep_audio_s=voice_s)
     app = create_lipsync_app(bundle, server_cfg)
     args = CHROMIUM_ARGS + [f"--use-file-for-fake-video-capture={work / 'camera.y4m'}",
@@ -216,7 +212,7 @@ def browser_resync(bundle_path: str, clips_dir: str, out: str, cfg: BrowserSyncC
         raise RuntimeError(f"only {len(frames)} readable frame(s) came back of {len(pictures)} pictures")
     got = np.concatenate([mono(np.asarray(k)) for k in kept])
     got = resample(torch.from_numpy(got), got_rate, rate).numpy()
-    phase, peak = loop_phase(got, wave.astype(np.float32) / 32768.0)
+    phase, peak = loop_phase(got, wave)
     phase_frames = int(round(phase * fps / rate))
     arrays, filled = assemble(frames, phase_frames, voice)
     store = ShardStore(work / "browser")

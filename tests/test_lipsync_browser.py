@@ -7,15 +7,10 @@ import pytest
 
 from apps.lipsync import write_wav
 from apps.lipsync_bench import speechlike
-from apps.lipsync_browser import BrowserSyncConfig, browser_resync, write_y4m
+from apps.lipsync_browser import CHROMIUM, CHROMIUM_ARGS, BrowserSyncConfig, browser_resync, write_y4m
 from apps.lipsync_serve import LipsyncServeConfig, create_lipsync_app
 from apps.serve import ServerThread
 from runtime.presets import random_bundle
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic", "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream"]
 
 pytestmark = [
     pytest.mark.browser,
@@ -28,7 +23,7 @@ def test_browser_camera_and_microphone_from_files_get_resynced_video(tmp_path):
     rng = np.random.default_rng(0)
     write_y4m(tmp_path / "face.y4m", rng.integers(60, 200, (10, 120, 160, 3), dtype=np.uint8))
     write_wav(tmp_path / "voice.wav", speechlike(48000, 4.0), 48000)
-    args = ARGS + [f"--use-file-for-fake-video-capture={tmp_path / 'face.y4m'}",
+    args = CHROMIUM_ARGS + [f"--use-file-for-fake-video-capture={tmp_path / 'face.y4m'}",
                    f"--use-file-for-fake-audio-capture={tmp_path / 'voice.wav'}"]
     app = create_lipsync_app(random_bundle("random-lipsync-tiny"), LipsyncServeConfig(display=96))
     with ServerThread(app) as srv, sync_api.sync_playwright() as p:

@@ -31,6 +31,14 @@ def _episode(frames: np.ndarray, drive: dict, video: dict, n: int, seed: int, mo
                    info={**video["info"], "driving_text": drive["info"]["text"]})
 
 
+def check_clips_fit(meta: dict, session, clips_dir: str) -> None:
+    """Refuse recorded clips a lip-sync session cannot be driven by: another frame size or other audio features."""
+    if tuple(meta["resolution"]) != tuple(session.frame_size):
+        raise ValueError(f"{clips_dir}: {meta['resolution']} frames, the bundle makes {list(session.frame_size)}")
+    if meta["audio_features"] != session.audio_config.to_dict():
+        raise ValueError(f"{clips_dir}: its audio features differ from the ones the bundle was trained on")
+
+
 def resync(session, video: np.ndarray, features: np.ndarray, seed: int = 0) -> np.ndarray:
     """The session's output for input frames ``video`` [n, H, W, 3] driven by ``features`` [n, dim]."""
     session.reset(seed)
@@ -49,10 +57,7 @@ def generate_lipsync(bundle: str, clips_dir: str, out: str, max_clips: int = 0, 
 
     session = open_session(bundle, device=device, steps=steps, guidance=guidance)
     meta, clips = load_clips(clips_dir, MEMBERS, max_clips)
-    if tuple(meta["resolution"]) != tuple(session.frame_size):
-        raise ValueError(f"{clips_dir}: {meta['resolution']} frames, the bundle makes {list(session.frame_size)}")
-    if meta["audio_features"] != session.audio_config.to_dict():
-        raise ValueError(f"{clips_dir}: its audio features differ from the ones the bundle was trained on")
+    check_clips_fit(meta, session, clips_dir)
     stores = {k: ShardStore(Path(out) / k) for k in (("own", "ab", "ab_input", "ab_truth_a") if ab else ("own",))}
     for s in stores.values():
         s.write_meta({**meta, "generated_by": bundle})
