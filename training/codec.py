@@ -4,7 +4,10 @@ Training uses random crops (the autoencoder is fully convolutional with a small 
 field, so crops teach it the same thing at a fraction of the cost per step; full frames are
 used for normalisation statistics and evaluation). Loss = MSE + `l1_weight` * L1 on [-1, 1]
 pixels; a small Gaussian noise on the latents makes the decoder tolerant of the imperfect
-latents a world model produces. Output directory:
+latents a world model produces. A codec can also start from a trained one with its encoder frozen
+(the latent space every world model on it was trained in stays the same) and train its decoder
+against a patch discriminator (training/discriminator.py) on latents blurred like a world
+model's, so it draws texture instead of the average. Output directory:
     ckpt.pt          training state (resume)
     codec.json       codec config (type conv_ae, with measured latent normalisation)
     codec.safetensors  codec weights (the same tensors a bundle stores under `codec.`)
@@ -50,6 +53,16 @@ class CodecTrainConfig:
     # decoder smooth texture it cannot place exactly (the first codec kept 0.27 of the real frames'
     # Laplacian variance at 33 dB), which caps how sharp any world model decoded by it can look.
     edge_weight: float = 0.0
+    # Starting point and the adversarial decoder fine-tune. `init` names the codec (or bundle) the
+    # weights came from, for the record; `freeze_encoder` trains the decoder only and keeps the
+    # init's latent normalisation, so the codec still decodes every model trained on the init.
+    init: str = ""
+    freeze_encoder: bool = False
+    adversarial_weight: float = 0.0  # x the adaptive weight (training.discriminator.adaptive_weight)
+    disc_lr: float = 2e-4
+    # Chance that a training latent is blurred toward its 3x3 average by a random amount: the decoder
+    # then also learns to draw texture from the softer latents a one-step world model produces.
+    latent_blur: float = 0.0
     seed: int = 0
     ckpt_every_s: float = 180.0
     log_every: int = 50
@@ -80,13 +93,30 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
-def codec_loss(model: ConvAutoencoder, batch_u8: torch.Tensor, l1_weight: float,
-               latent_noise: float, edge_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def blur_latents(z: torch.Tensor, chance: float) -> torch.Tensor:
+    """Each latent, with probability ``chance``, mixed with its 3x3 average by a uniform random amount."""
+    if chance <= 0:
+        return z
+    n = len(z)
+    amount = torch.rand(n, 1, 1, 1) * (torch.rand(n, 1, 1, 1) < chance)
+    soft = F.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
+    return z + amount.to(z) * (soft - z)
+
+
+def reconstruct(model: ConvAutoencoder, batch_u8: torch.Tensor, latent_noise: float, latent_blur: float = 0.0,
+                freeze_encoder: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch in [-1, 1] and its decode from (augmented) latents."""
     x = model.to_unit(batch_u8)
-    z = model.encoder(x)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_encoder):
+        z = model.encoder(x)
+    z = blur_latents(z, latent_blur)
     if latent_noise > 0:
         z = z + latent_noise * z.detach().std() * torch.randn_like(z)
-    y = model.decoder(z)
+    return x, model.decoder(z)
+
+
+def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, l1_weight: float,
+                        edge_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     mse = F.mse_loss(y, x)
     loss = mse + l1_weight * (y - x).abs().mean()
     if edge_weight > 0:
@@ -94,6 +124,29 @@ def codec_loss(model: ConvAutoencoder, batch_u8: torch.Tensor, l1_weight: float,
                                                                                   image_gradients(x)))
     # PSNR on [0, 255] of the [-1, 1] MSE: 255^2 / (mse * 127.5^2).
     return loss, {"loss": float(loss.detach()), "psnr": float(10 * torch.log10(4.0 / mse.detach()))}
+
+
+def codec_loss(model: ConvAutoencoder, batch_u8: torch.Tensor, l1_weight: float,
+               latent_noise: float, edge_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    x, y = reconstruct(model, batch_u8, latent_noise)
+    return reconstruction_loss(x, y, l1_weight, edge_weight)
+
+
+def adversarial_step(model: ConvAutoencoder, disc: torch.nn.Module, disc_opt: torch.optim.Optimizer,
+                     x: torch.Tensor, y: torch.Tensor, rec_loss: torch.Tensor,
+                     weight: float) -> tuple[torch.Tensor, dict]:
+    """One discriminator update on (x real, y decoded), then the decoder's total loss: the
+    reconstruction plus the adaptively weighted hinge generator loss."""
+    from training.discriminator import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss
+
+    d_loss = hinge_discriminator_loss(disc(x), disc(y.detach()))
+    disc_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    disc_opt.step()
+    g_loss = hinge_generator_loss(disc(y))
+    scale = weight * adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight)
+    total = rec_loss + scale * g_loss
+    return total, {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()), "adv_scale": float(scale)}
 
 
 @torch.no_grad()
@@ -143,8 +196,12 @@ def load_frames(data: str) -> torch.Tensor:
 
 
 def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
-                frames: torch.Tensor | None = None, progress: bool = True) -> dict:
-    """Train (or resume) a codec in cfg.out; returns final metrics. `frames` overrides cfg.data."""
+                frames: torch.Tensor | None = None, progress: bool = True,
+                init: ConvAutoencoder | None = None) -> dict:
+    """Train (or resume) a codec in cfg.out; returns final metrics. `frames` overrides cfg.data;
+    `init` (a trained codec) is the starting point of a fresh run (a resumed run reads its checkpoint)."""
+    from training.discriminator import PatchDiscriminator
+
     from tqdm import tqdm
 
     if cfg.threads:
@@ -155,8 +212,17 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
     ckpt = load_checkpoint(out / "ckpt.pt")
     if ckpt is not None:
         model_cfg = ConvAEConfig(**ckpt["model_cfg"])
+    elif init is not None:
+        model_cfg = ConvAEConfig(**{k: v for k, v in init.config().items() if k != "type"})
+    if cfg.freeze_encoder and ckpt is None and init is None:
+        raise ValueError("freeze_encoder needs a trained codec to start from (init)")
     model = ConvAutoencoder(model_cfg or ConvAEConfig())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if init is not None and ckpt is None:
+        model.load_state_dict(init.state_dict())
+    trained = model.decoder if cfg.freeze_encoder else model
+    opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
+    disc = PatchDiscriminator() if cfg.adversarial_weight > 0 else None
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc else None
     step = 0
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -166,23 +232,34 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
         step = ckpt["step"]
         set_rng_state(ckpt["rng"])
         gen.set_state(ckpt["gen"])
+        if disc is not None and "disc" in ckpt:
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_opt"])
 
     def checkpoint() -> None:
-        save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                                          "rng": rng_state(), "gen": gen.get_state(),
-                                          "model_cfg": asdict(model.cfg), "train_cfg": asdict(cfg)})
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state(),
+                 "gen": gen.get_state(), "model_cfg": asdict(model.cfg), "train_cfg": asdict(cfg)}
+        if disc is not None:
+            state.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
+        save_checkpoint(out / "ckpt.pt", state)
 
     writer = tensorboard_writer(out / "tb")
     every = Every(cfg.ckpt_every_s)
     bar = tqdm(total=cfg.steps, initial=step, desc="train codec", disable=not progress)
     stats, t0, start = {}, time.time(), step
     model.train()
+    if cfg.freeze_encoder:
+        model.encoder.eval().requires_grad_(False)
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         idx = torch.randint(len(frames), (cfg.batch,), generator=gen)
         batch = random_crops(frames, idx, cfg.crop, model.spatial_factor, gen)
-        loss, stats = codec_loss(model, batch, cfg.l1_weight, cfg.latent_noise, cfg.edge_weight)
+        x, y = reconstruct(model, batch, cfg.latent_noise, cfg.latent_blur, cfg.freeze_encoder)
+        loss, stats = reconstruction_loss(x, y, cfg.l1_weight, cfg.edge_weight)
+        if disc is not None:
+            loss, adv = adversarial_step(model, disc, disc_opt, x, y, loss, cfg.adversarial_weight)
+            stats.update(adv)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -194,13 +271,17 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
                 writer.add_scalar("codec/loss", stats["loss"], step)
                 writer.add_scalar("codec/train_psnr", stats["psnr"], step)
                 writer.add_scalar("codec/lr", opt.param_groups[0]["lr"], step)
+                for name in ("d_loss", "g_loss", "adv_scale"):
+                    if name in stats:
+                        writer.add_scalar(f"codec/{name}", stats[name], step)
         if every():
             checkpoint()
     bar.close()
     checkpoint()
     model.eval()
-    shift, scale = measure_normalisation(model, frames, seed=cfg.seed)
-    model.set_normalisation(shift, scale)
+    if not (cfg.freeze_encoder and model.cfg.scale is not None):  # a frozen encoder keeps its init's
+        shift, scale = measure_normalisation(model, frames, seed=cfg.seed)
+        model.set_normalisation(shift, scale)
     save_codec(model, out)
     if writer:
         writer.close()

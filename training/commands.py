@@ -81,18 +81,24 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _train_codec(args: argparse.Namespace) -> int:
-    from runtime.autoencoder import ConvAEConfig
+    from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
     from training.codec import CodecTrainConfig, train_codec
 
     cfg = CodecTrainConfig(data=args.data, out=args.out, steps=args.steps, batch=args.batch, crop=args.crop,
                            lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s, threads=args.threads,
-                           edge_weight=args.edge_weight)
+                           edge_weight=args.edge_weight, init=args.init or "", freeze_encoder=args.freeze_encoder,
+                           adversarial_weight=args.adversarial_weight, latent_blur=args.latent_blur)
+    if args.freeze_encoder and not args.init:
+        raise UsageError("--freeze-encoder needs --init (the trained codec whose encoder is kept)")
+    init = load_codec_arg(args.init) if args.init else None
+    if init is not None and not isinstance(init, ConvAutoencoder):
+        raise UsageError(f"--init {args.init}: not a trained convolutional codec")
     widths = {"decoder_channels": args.decoder_channels} if args.decoder_channels else {}
     try:
         model_cfg = ConvAEConfig(latent_channels=args.latent_channels, **widths)
     except ValueError as e:
         raise UsageError(f"--decoder-channels: {e}") from None
-    print(json.dumps(train_codec(cfg, model_cfg)))
+    print(json.dumps(train_codec(cfg, model_cfg, init=init)))
     return 0
 
 
@@ -257,7 +263,7 @@ def _ship(args: argparse.Namespace) -> int:
 
     out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
                card=args.card, name=args.name, seed=args.seed, steps=args.steps, stack_noise=args.stack_noise,
-               noise_scale=args.noise_scale)
+               noise_scale=args.noise_scale, decoder=args.decoder)
     print(json.dumps({"bundle": str(out)}))
     return 0
 
@@ -304,6 +310,9 @@ def register(commands) -> None:
     p.add_argument("--noise-scale", type=nonnegative_float, default=None,
                    help="sampling temperature: the scale of the noise each chunk starts from, in [0, 1] (default: as "
                         "trained, 1)")
+    p.add_argument("--decoder", default=None,
+                   help="codec dir whose decoder replaces the bundle's (its encoder must be the bundle's: "
+                        "`train codec --init BUNDLE --freeze-encoder`)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
@@ -342,6 +351,14 @@ def register(commands) -> None:
                    help="decoder width per level, full resolution first, e.g. 16,32,64 (ignored when resuming)")
     p.add_argument("--edge-weight", type=nonnegative_float, default=0.0,
                    help="weight of an L1 loss on pixel differences (keeps texture the plain loss smooths)")
+    p.add_argument("--init", default=None, help="start from this trained codec dir or bundle dir (its codec)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only, keeping --init's encoder and latent normalisation (its world "
+                        "models still fit)")
+    p.add_argument("--adversarial-weight", type=nonnegative_float, default=0.0,
+                   help="train the decoder against a patch discriminator, this times the adaptive weight")
+    p.add_argument("--latent-blur", type=fraction, default=0.0,
+                   help="chance a training latent is blurred toward its 3x3 average (a world model's softer latents)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)

@@ -40,13 +40,34 @@ def scenes_from_data(data: str | os.PathLike, scenes: int, frames: int, seed: in
     return StartScenes(np.stack(out_frames), np.stack(out_actions).astype(np.float32))
 
 
+def replace_decoder(b: Bundle, codec_dir: str | os.PathLike) -> None:
+    """Give ``b`` the decoder of the codec in ``codec_dir``, which must share the bundle codec's encoder,
+    latent normalisation and geometry (so the model's latents mean the same to both)."""
+    from training.codec import load_codec
+
+    new = load_codec(codec_dir)
+    old = b.codec
+    if type(new) is not type(old) or new.config() != old.config():
+        raise ValueError(f"--decoder {codec_dir}: its codec config differs from the bundle's (train it with "
+                         "`forcekit train codec --init BUNDLE --freeze-encoder`)")
+    for name, tensor in old.encoder.state_dict().items():
+        if not torch.equal(tensor, new.encoder.state_dict()[name]):
+            raise ValueError(f"--decoder {codec_dir}: its encoder differs from the bundle's ({name}); the model's "
+                             "latents would not mean the same to it")
+    old.decoder.load_state_dict(new.decoder.state_dict())
+
+
 def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | None = None, scenes: int = 8,
          scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0,
-         steps: int | None = None, stack_noise: float | None = None, noise_scale: float | None = None) -> Path:
+         steps: int | None = None, stack_noise: float | None = None, noise_scale: float | None = None,
+         decoder: str | None = None) -> Path:
     """Copy ``bundle`` to ``out`` with start scenes from ``start_data``, the card file ``card`` and,
     given ``steps``, that many sampler steps per chunk by default (``stack_noise``: the sampler's
-    inference-time noise on the stacked frames; ``noise_scale``: its sampling temperature)."""
+    inference-time noise on the stacked frames; ``noise_scale``: its sampling temperature; ``decoder``:
+    a codec dir whose decoder replaces the bundle's)."""
     b = Bundle.load(bundle)
+    if decoder is not None:
+        replace_decoder(b, decoder)
     if noise_scale is not None:
         b.sampler = replace(b.sampler, noise_scale=noise_scale)
     if stack_noise is not None:
