@@ -104,3 +104,42 @@ def test_train_codec_cli_refuses_a_frozen_encoder_without_init(tmp_path, capsys)
     assert main(["train", "codec", "--data", str(tmp_path), "--out", str(tmp_path / "c"), "--freeze-encoder"]) != 0
     assert "--freeze-encoder needs --init" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def _store(tmp_path, frames):
+    import numpy as np
+
+    from training.data.shards import Episode, ShardStore
+
+    store = ShardStore(tmp_path / "data")
+    store.write_meta({"engine": "synthetic", "version": "0", "fps": 10.0, "resolution": [16, 16],
+                      "action_space": {"keys": ["forward", "back", "left", "right", "attack"], "values": [],
+                                       "bindings": {}}})
+    actions = (np.arange(len(frames) * 5).reshape(-1, 5) % 3 == 0).astype(np.float32)
+    store.append([Episode(frames.numpy(), actions, seed=0)])
+    return str(tmp_path / "data")
+
+
+def test_a_world_models_own_latents_join_the_decoders_adversarial_training(tmp_path):
+    from training.codec import student_latents
+
+    frames = _frames(32, 16)
+    data = _store(tmp_path, frames)
+    base = _trained_codec(tmp_path, frames)
+    Bundle.random(ModelConfig.tiny(in_channels=4, latent_height=8, latent_width=8), codec=base).save(tmp_path / "b")
+    fakes = student_latents(str(tmp_path / "b"), data, rollouts=3, frames=2)
+    assert fakes.shape == (6, 4, 8, 8)
+    session_z = Bundle.load(tmp_path / "b").codec.encoder(base.to_unit(frames[:1]))
+    assert fakes.shape[1:] == session_z.shape[1:]              # raw latents, what the decoder reads
+    cfg = CodecTrainConfig(data=data, out=str(tmp_path / "gan"), steps=2, batch=4, crop=8, warmup=1,
+                           freeze_encoder=True, adversarial_weight=0.5, fake_bundle=str(tmp_path / "b"),
+                           fake_rollouts=2, fake_frames=2)
+    result = train_codec(cfg, progress=False, init=base)
+    assert result["layout_l1"] >= 0 and result["adv_scale"] > 0
+    other = ConvAutoencoder(ConvAEConfig(**{**TINY, "decoder_channels": [8, 8]}))
+    cfg.out, cfg.steps = str(tmp_path / "mismatch"), 1
+    with pytest.raises(ValueError, match="not the one trained here"):
+        train_codec(cfg, progress=False, init=other)
+    cfg.out, cfg.adversarial_weight = str(tmp_path / "no_disc"), 0.0
+    with pytest.raises(ValueError, match="adversarial"):
+        train_codec(cfg, progress=False, init=base)

@@ -63,6 +63,13 @@ class CodecTrainConfig:
     # Chance that a training latent is blurred toward its 3x3 average by a random amount: the decoder
     # then also learns to draw texture from the softer latents a one-step world model produces.
     latent_blur: float = 0.0
+    # A world model (bundle dir) whose own latents the decoder also learns to draw sharp: before training,
+    # it is rolled out from `fake_rollouts` training clips under their recorded keys for `fake_frames`
+    # frames each; every step decodes crops of those latents too, judged by the discriminator and held
+    # to what the init decoder draws at a quarter of the resolution (the layout the model chose).
+    fake_bundle: str = ""
+    fake_rollouts: int = 64
+    fake_frames: int = 24
     seed: int = 0
     ckpt_every_s: float = 180.0
     log_every: int = 50
@@ -133,20 +140,59 @@ def codec_loss(model: ConvAutoencoder, batch_u8: torch.Tensor, l1_weight: float,
 
 
 def adversarial_step(model: ConvAutoencoder, disc: torch.nn.Module, disc_opt: torch.optim.Optimizer,
-                     x: torch.Tensor, y: torch.Tensor, rec_loss: torch.Tensor,
+                     x: torch.Tensor, ys: list[torch.Tensor], rec_loss: torch.Tensor,
                      weight: float) -> tuple[torch.Tensor, dict]:
-    """One discriminator update on (x real, y decoded), then the decoder's total loss: the
-    reconstruction plus the adaptively weighted hinge generator loss."""
+    """One discriminator update on x (real) against each decoded batch in ys, then the decoder's total
+    loss: the reconstruction plus the adaptively weighted hinge generator loss."""
     from training.discriminator import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss
 
-    d_loss = hinge_discriminator_loss(disc(x), disc(y.detach()))
+    real_logits = disc(x)
+    d_loss = sum(hinge_discriminator_loss(real_logits, disc(y.detach())) for y in ys) / len(ys)
     disc_opt.zero_grad(set_to_none=True)
     d_loss.backward()
     disc_opt.step()
-    g_loss = hinge_generator_loss(disc(y))
+    g_loss = sum(hinge_generator_loss(disc(y)) for y in ys) / len(ys)
     scale = weight * adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight)
     total = rec_loss + scale * g_loss
     return total, {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()), "adv_scale": float(scale)}
+
+
+@torch.no_grad()
+def student_latents(bundle: str, data: str, rollouts: int, frames: int, context: int = 4,
+                    seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """Raw (un-normalised) latents [rollouts * frames, C, h, w] that ``bundle`` generates from random
+    training clips of ``data``, each continued from its first ``context`` real frames under its recorded keys."""
+    from tqdm import tqdm
+
+    from runtime import open_session
+    from training.data import ClipDataset
+    from training.latents import conditioning_actions
+
+    session = open_session(bundle)
+    clips = ClipDataset(data, clip_frames=context + frames)
+    g = torch.Generator().manual_seed(seed)
+    codec = session.bundle.codec
+    out = []
+    for i in tqdm(torch.randint(len(clips), (rollouts,), generator=g).tolist(), desc="student latents",
+                  disable=not progress):
+        clip = clips[i]
+        acts = clip["actions"].numpy()
+        session.reset(seed + i, context=clip["frames"][:context].numpy(),
+                      context_actions=list(conditioning_actions(clip["actions"])[:context].numpy()))
+        z = torch.cat([session.generate_latents(acts[context - 1 + h]) for h in range(frames)])
+        out.append(z * codec.scale + codec.shift)
+    return torch.cat(out)
+
+
+def random_latent_crops(latents: torch.Tensor, n: int, crop: int, gen: torch.Generator) -> torch.Tensor:
+    """n random [C, crop, crop] crops of [N, C, h, w] latents (all of each when crop covers it)."""
+    idx = torch.randint(len(latents), (n,), generator=gen)
+    h, w = latents.shape[-2:]
+    if crop <= 0 or crop >= min(h, w):
+        return latents[idx]
+    ys = torch.randint(0, h - crop + 1, (n,), generator=gen).tolist()
+    xs = torch.randint(0, w - crop + 1, (n,), generator=gen).tolist()
+    return torch.stack([latents[i, :, y:y + crop, x:x + crop] for i, y, x in zip(idx.tolist(), ys, xs)])
 
 
 @torch.no_grad()
@@ -223,6 +269,20 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
     disc = PatchDiscriminator() if cfg.adversarial_weight > 0 else None
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc else None
+    if cfg.fake_bundle and disc is None:
+        raise ValueError("fake_bundle needs adversarial_weight > 0 (its latents are judged by the discriminator)")
+    fakes = anchor = None
+    if cfg.fake_bundle:
+        from runtime import Bundle
+
+        if Bundle.load(cfg.fake_bundle).codec.config() != model.config():
+            raise ValueError(f"fake_bundle {cfg.fake_bundle}: its codec is not the one trained here (start from "
+                             "it: init)")
+        fakes = student_latents(cfg.fake_bundle, cfg.data, cfg.fake_rollouts, cfg.fake_frames, seed=cfg.seed,
+                                progress=progress).float()
+        anchor = ConvAutoencoder.from_config(model.config())
+        anchor.load_state_dict(model.state_dict())
+        anchor.eval().requires_grad_(False)
     step = 0
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -257,8 +317,16 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
         batch = random_crops(frames, idx, cfg.crop, model.spatial_factor, gen)
         x, y = reconstruct(model, batch, cfg.latent_noise, cfg.latent_blur, cfg.freeze_encoder)
         loss, stats = reconstruction_loss(x, y, cfg.l1_weight, cfg.edge_weight)
+        decoded = [y]
+        if fakes is not None:
+            z = random_latent_crops(fakes, cfg.batch, cfg.crop // model.spatial_factor, gen)
+            y_fake = model.decoder(z)
+            layout = (F.avg_pool2d(y_fake, 4) - F.avg_pool2d(anchor.decoder(z), 4)).abs().mean()
+            loss = loss + layout
+            decoded.append(y_fake)
+            stats["layout_l1"] = float(layout.detach())
         if disc is not None:
-            loss, adv = adversarial_step(model, disc, disc_opt, x, y, loss, cfg.adversarial_weight)
+            loss, adv = adversarial_step(model, disc, disc_opt, x, decoded, loss, cfg.adversarial_weight)
             stats.update(adv)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -87,7 +87,9 @@ def _train_codec(args: argparse.Namespace) -> int:
     cfg = CodecTrainConfig(data=args.data, out=args.out, steps=args.steps, batch=args.batch, crop=args.crop,
                            lr=args.lr, seed=args.seed, ckpt_every_s=args.ckpt_every_s, threads=args.threads,
                            edge_weight=args.edge_weight, init=args.init or "", freeze_encoder=args.freeze_encoder,
-                           adversarial_weight=args.adversarial_weight, latent_blur=args.latent_blur)
+                           adversarial_weight=args.adversarial_weight, latent_blur=args.latent_blur,
+                           fake_bundle=args.fake_bundle or "", fake_rollouts=args.fake_rollouts,
+                           fake_frames=args.fake_frames)
     if args.freeze_encoder and not args.init:
         raise UsageError("--freeze-encoder needs --init (the trained codec whose encoder is kept)")
     init = load_codec_arg(args.init) if args.init else None
@@ -359,6 +361,11 @@ def register(commands) -> None:
                    help="train the decoder against a patch discriminator, this times the adaptive weight")
     p.add_argument("--latent-blur", type=fraction, default=0.0,
                    help="chance a training latent is blurred toward its 3x3 average (a world model's softer latents)")
+    p.add_argument("--fake-bundle", default=None,
+                   help="world-model bundle (codec = --init) whose own rolled-out latents the decoder also learns "
+                        "to draw sharp (needs --adversarial-weight)")
+    p.add_argument("--fake-rollouts", type=positive_int, default=64, help="training clips the bundle rolls out")
+    p.add_argument("--fake-frames", type=positive_int, default=24, help="frames generated per rollout")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
