@@ -246,9 +246,9 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
                 init: ConvAutoencoder | None = None) -> dict:
     """Train (or resume) a codec in cfg.out; returns final metrics. `frames` overrides cfg.data;
     `init` (a trained codec) is the starting point of a fresh run (a resumed run reads its checkpoint)."""
-    from training.discriminator import PatchDiscriminator
-
     from tqdm import tqdm
+
+    from training.discriminator import PatchDiscriminator
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
