@@ -11,7 +11,8 @@
 # Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
 # walk (the keys' running average and the flow of walking), rest (walk with unbiased stack noise) and told (rest,
-# the model told the stack noise level; all five docs/world_controls.md) run only when named.
+# the model told the stack noise level), sharp (told, self-forced on long rollouts, with an adversarially
+# fine-tuned decoder; all six docs/world_controls.md) run only when named.
 # THREADS (default 2) is the torch thread count of the training stages, DEVICE (default cpu) where they train
 # (cuda on a GPU: scripts/gpu_recipe.sh), RECORD_JOBS (default 1) the engine processes recording; TEACHER_STEPS etc.
 # (WARP_CAUSAL_STEPS: a causal stage before dCM in the still and walk recipes, default 0: none)
@@ -179,6 +180,33 @@ stage_told() {
     # ones a session feeds it, so a still view faded (docs/world_controls.md, seventh sitting).
     warp_recipe told "${TOLD_TEACHER_STEPS:-1000}" --action-momentum 0.82 --camera-flow --stack-noise-form add \
         --stack-noise-condition
+}
+stage_sharp() {
+    # The told recipe's dCM student self-forced on 48-frame rollouts of its own frames with a regression term toward
+    # the recorded ones (tenth sitting: the keyed long play holds, but the frames blur), then the teacher's decoder
+    # fine-tuned against a patch discriminator with its encoder frozen, on latents mixed toward their local average
+    # as a one-step student draws them (eleventh sitting), swapped into the student's bundle. TOLD_TEACHER and
+    # TOLD_DCM default to the told stage's runs (the committed models/health_gathering_teacher_told and
+    # models/health_gathering_told_dcm are the same recipe).
+    local S=$RUNS/told T=${TOLD_TEACHER:-$RUNS/told/teacher/bundle} D=${TOLD_DCM:-$RUNS/told/dcm/bundle}
+    [[ -f $S/dmd_long/bundle/config.json ]] || timed told_dmd_long "$FK" train dmd --bundle "$D" --teacher "$T" \
+        --out "$S/dmd_long" --steps "${SHARP_DMD_STEPS:-200}" --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 \
+        --guidance 1.0 --rollout-chunks 48 --regression-weight 2 --sample-steps 1 "${STUDENT[@]}"
+    [[ -f $S/decoder/eval.json ]] || {
+        timed told_decoder "$FK" train codec --data "$TRAIN" --out "$S/decoder" --init "$T" --freeze-encoder \
+            --adversarial-weight "${DECODER_ADVERSARIAL:-0.5}" --latent-blur 0.5 --edge-weight 0.5 \
+            --steps "${DECODER_STEPS:-8000}" --batch 16 --lr 2e-4 --threads "$THREADS"
+        "$FK" eval codec --codec "$S/decoder" --data "$HELDOUT" --json --threads 1 > "$S/decoder/eval.json"
+    }
+    [[ -f $S/sharp/config.json ]] || "$FK" ship --bundle "$S/dmd_long/bundle" --decoder "$S/decoder" --out "$S/sharp" \
+        --start-data "$HELDOUT" --scenes 8 --scene-frames 4 --steps 1 --seed 1 --name told_sharp
+    mkdir -p "$RUNS/eval" "$RUNS/controls"
+    for row in "told_dmd_long_1 $S/dmd_long/bundle" "told_sharp_1 $S/sharp"; do
+        set -- $row
+        eval_row "$1" "$2" 1
+        [[ -f $RUNS/controls/$1.json ]] || "$FK" eval controls --bundle "$2" --env $ENV_NAME --episodes 8 --steps 1 \
+            --threads 1 --json --out "$RUNS/controls/$1.json" > /dev/null
+    done
 }
 # A camera-warp teacher NAME (TEACHER_STEPS, extra teacher flags) and its students, with their quality and control rows.
 warp_recipe() {
