@@ -21,6 +21,13 @@ def video_path(text: str) -> str:
     return text
 
 
+def png_path(text: str) -> str:
+    """An output image file name: PNG, the lossless format the plots and frame grids are written in."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a .png file name")
+    return text
+
+
 def register(commands) -> None:
     p = commands.add("generate", help="generate a video from a bundle and print fps", func=_generate)
     _bundle_args(p)

@@ -266,6 +266,7 @@ USAGE = [
     (["train", "causal", "--bundle", "b", "--out", "o", "--batch", "0"], "--batch"),
     (["eval", "world", "--bundle", "b", "--env", "doom:basic", "--episodes", "0"], "--episodes"),
     (["eval", "world", "--bundle", "b", "--env", "doom:basic", "--video", "side.gif"], "--video"),
+    (["eval", "world", "--bundle", "b", "--env", "doom:basic", "--frames", "grid.jpg"], "--frames"),
     (["eval", "longplay", "--frames", "0", "--bundle", "no-such-bundle"], "--frames"),
     (["eval", "gap", "--bundle", "b", "--data", "d", "--levels", "0.5,2"], "--levels"),
     (["train", "teacher", "--data", "d", "--codec", "pixel", "--out", "o", "--stack-frames", "-1"], "--stack-frames"),

@@ -85,7 +85,8 @@ def test_eval_world_cli_end_to_end(tmp_path):
     save_probe(probe, tmp_path / "probe")
     cmd = [sys.executable, "-m", "forcekit", "eval", "world", "--bundle", str(tmp_path / "b"), "--env",
            "atari:breakout", "--episodes", "2", "--horizon", "8", "--context", "2", "--steps", "2", "--json",
-           "--probe", str(tmp_path / "probe"), "--plot", str(tmp_path / "w.png"), "--video", str(tmp_path / "w.mp4")]
+           "--probe", str(tmp_path / "probe"), "--plot", str(tmp_path / "w.png"), "--video", str(tmp_path / "w.mp4"),
+           "--frames", str(tmp_path / "f.png")]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -94,6 +95,11 @@ def test_eval_world_cli_end_to_end(tmp_path):
     assert result["sharpness_ratio"] > 0
     assert 0 <= result["probe"]["generated_exact"] <= 1 and result["seeds"][0] >= 100000
     assert (tmp_path / "w.png").stat().st_size > 0 and (tmp_path / "w.mp4").stat().st_size > 0
+    import matplotlib.image
+
+    grid = matplotlib.image.imread(tmp_path / "f.png")   # 2 episodes x (real, generated), 4 horizons, 2x scale
+    side = 2 * (bundle.frame_size[0] + 2)
+    assert grid.shape[:2] == (4 * side, 4 * side), grid.shape
     bi = subprocess.run(cmd[:cmd.index("--probe")] + ["--mode", "bidirectional"], capture_output=True, text=True)
     assert bi.returncode == 0, bi.stderr[-2000:]
     result = json.loads(bi.stdout.strip().splitlines()[-1])

@@ -19,7 +19,7 @@ from forcekit.cli import (
     positive_int_list,
     seed_int,
 )
-from runtime.commands import video_path
+from runtime.commands import png_path, video_path
 from runtime.config import STACK_NOISE_FORMS
 
 
@@ -201,7 +201,7 @@ def _eval_world(args: argparse.Namespace) -> int:
     cfg = WorldEvalConfig(bundle=args.bundle, env=args.env, episodes=args.episodes, horizon=args.horizon,
                           context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance,
                           probe=args.probe, mode=args.mode)
-    result = evaluate_world(cfg, video=args.video)
+    result = evaluate_world(cfg, video=args.video, frames=args.frames)
     if args.plot:
         plot_world(result, args.plot)
     if args.out:
@@ -458,8 +458,11 @@ def register(commands) -> None:
                    help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new "
                    "frame jointly with its context window, as it was trained; copy: baseline repeating the "
                    "last context frame")
-    p.add_argument("--plot", default=None, help="write PSNR/SSIM vs horizon to this PNG")
+    p.add_argument("--plot", type=png_path, default=None, help="write PSNR/SSIM vs horizon to this PNG")
     p.add_argument("--video", type=video_path, default=None, help="write a real | generated side-by-side mp4")
+    p.add_argument("--frames", type=png_path, default=None,
+                   help="write the real frame above the generated one at each reported horizon, first 4 "
+                   "episodes, to this PNG (lossless)")
     _add_result_args(p)
 
     p = commands.add("controls", help="does the model follow the keys? engine and model from one held-out state, "

@@ -139,7 +139,8 @@ def rollout_pair(env, session, seed: int, cfg: WorldEvalConfig) -> dict:
     return {"real": real, "generated": np.stack(gen), "actions": acts}
 
 
-def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: bool = True) -> dict:
+def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: bool = True,
+                   frames: str | None = None) -> dict:
     from tqdm import tqdm
 
     from runtime import Bundle, open_session
@@ -205,6 +206,8 @@ def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: boo
                            "real_per_key": round(float(r.float().mean()), 4)}
     if video:
         write_side_by_side(video, [e for _, e in episodes], cfg.context, bundle.fps)
+    if frames:
+        write_frame_grid(frames, [e for _, e in episodes], cfg.context, hs)
     return result
 
 
@@ -221,6 +224,19 @@ def write_side_by_side(path: str, episodes: list[dict], context: int, fps: float
                 writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
     finally:
         writer.release()
+
+
+def write_frame_grid(path: str, episodes: list[dict], context: int, hs: list[int], rows: int = 4,
+                     scale: int = 2) -> None:
+    """A lossless PNG of the first `rows` episodes: the real frame above the generated one at each horizon in
+    `hs`, left to right, so blur and lost objects show where an mp4's compression would hide them."""
+    import matplotlib.image
+
+    def strip(frames: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.pad(frames[h - 1], ((1, 1), (1, 1), (0, 0)), constant_values=255) for h in hs], 1)
+
+    grid = np.concatenate([strip(f) for ep in episodes[:rows] for f in (ep["real"][context:], ep["generated"])])
+    matplotlib.image.imsave(path, grid.repeat(scale, 0).repeat(scale, 1))
 
 
 def plot_world(result: dict, path: str) -> None:
