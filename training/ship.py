@@ -68,6 +68,7 @@ def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | No
     b = Bundle.load(bundle)
     if decoder is not None:
         replace_decoder(b, decoder)
+        b.extra = {**b.extra, "decoder": str(decoder)}   # where the decoder came from, next to the stages' configs
     if noise_scale is not None:
         b.sampler = replace(b.sampler, noise_scale=noise_scale)
     if stack_noise is not None:
