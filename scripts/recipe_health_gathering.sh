@@ -194,7 +194,7 @@ stage_sharp() {
         --guidance 1.0 --rollout-chunks 48 --regression-weight 2 --sample-steps 1 "${STUDENT[@]}"
     [[ -f $S/decoder/eval.json ]] || {
         timed told_decoder "$FK" train codec --data "$TRAIN" --out "$S/decoder" --init "$T" --freeze-encoder \
-            --adversarial-weight "${DECODER_ADVERSARIAL:-0.5}" --latent-blur 0.5 --edge-weight 0.5 \
+            --adversarial-weight "${DECODER_ADVERSARIAL:-2.0}" --latent-blur 0.5 --edge-weight 0.5 \
             --steps "${DECODER_STEPS:-8000}" --batch 16 --lr 2e-4 --threads "$THREADS"
         "$FK" eval codec --codec "$S/decoder" --data "$HELDOUT" --json --threads 1 > "$S/decoder/eval.json"
     }
