@@ -94,6 +94,12 @@ eval_row() {
         --seed 100000 --probe "$RUNS/probe" --steps "$steps" --threads 1 \
         --out "$RUNS/eval/$name.json" --plot "$RUNS/eval/$name.png" "$@" > /dev/null
 }
+# One row of the controls table: eval controls on 8 held-out starts, NAME BUNDLE STEPS [extra flags].
+controls_row() {
+    local name=$1 bundle=$2 steps=$3; shift 3
+    [[ -f $RUNS/controls/$name.json ]] || "$FK" eval controls --bundle "$bundle" --env $ENV_NAME --episodes 8 \
+        --steps "$steps" --threads 1 --json --out "$RUNS/controls/$name.json" "$@" > /dev/null
+}
 stage_eval() {
     mkdir -p "$RUNS/eval"
     eval_row copy "$RUNS/teacher/bundle" 1 --mode copy
@@ -144,8 +150,7 @@ stage_stack() {
     for row in "stack_dcm_2 $S/dcm/bundle 2" "stack_dmd_1 $S/dmd/bundle 1" "stack_dmd_2 $S/dmd/bundle 2"; do
         set -- $row
         eval_row "$1" "$2" "$3"
-        [[ -f $RUNS/controls/$1.json ]] || "$FK" eval controls --bundle "$2" --env $ENV_NAME --episodes 8 --steps "$3" \
-            --threads 1 --json --out "$RUNS/controls/$1.json" > /dev/null
+        controls_row "$1" "$2" "$3"
     done
 }
 # Fold the SF-DMD student's action CFG (scale 5) into one pass: the student alone hardly follows the keys.
@@ -204,8 +209,7 @@ stage_sharp() {
     for row in "told_dmd_long_1 $S/dmd_long/bundle" "told_sharp_1 $S/sharp"; do
         set -- $row
         eval_row "$1" "$2" 1
-        [[ -f $RUNS/controls/$1.json ]] || "$FK" eval controls --bundle "$2" --env $ENV_NAME --episodes 8 --steps 1 \
-            --threads 1 --json --out "$RUNS/controls/$1.json" > /dev/null
+        controls_row "$1" "$2" 1
     done
 }
 # A camera-warp teacher NAME (TEACHER_STEPS, extra teacher flags) and its students, with their quality and control rows.
@@ -246,8 +250,7 @@ warp_recipe() {
     for row in "${rows[@]}"; do
         set -- $row
         eval_row "$1" "$2" "$3"
-        [[ -f $RUNS/controls/$1.json ]] || "$FK" eval controls --bundle "$2" --env $ENV_NAME --episodes 8 --steps "$3" \
-            --threads 1 --json --out "$RUNS/controls/$1.json" > /dev/null
+        controls_row "$1" "$2" "$3"
     done
 }
 stage_guidance() {
@@ -261,9 +264,7 @@ stage_controls() {
     for row in "dmd_1 $RUNS/dmd/bundle 1" "dmd_1_g5 $RUNS/dmd/bundle 1 --guidance 5.0" "dcm_2 $RUNS/dcm/bundle 2" \
                "causal_20 $RUNS/causal/bundle 20" "guidance_1 $RUNS/guidance/bundle 1"; do
         set -- $row
-        local name=$1 bundle=$2 steps=$3; shift 3
-        [[ -f $RUNS/controls/$name.json ]] || "$FK" eval controls --bundle "$bundle" --env $ENV_NAME --episodes 8 \
-            --steps "$steps" --threads 1 --json --out "$RUNS/controls/$name.json" "$@" > /dev/null
+        controls_row "$@"
     done
 }
 stage_ship() {

@@ -204,10 +204,11 @@ def evaluate_world(cfg: WorldEvalConfig, video: str | None = None, progress: boo
                            "real_exact": round(float(r.all(-1).float().mean()), 4),
                            "generated_per_key": round(float(g.float().mean()), 4),
                            "real_per_key": round(float(r.float().mean()), 4)}
+    rollouts = [e for _, e in episodes]
     if video:
-        write_side_by_side(video, [e for _, e in episodes], cfg.context, bundle.fps)
+        write_side_by_side(video, rollouts, cfg.context, bundle.fps)
     if frames:
-        write_frame_grid(frames, [e for _, e in episodes], cfg.context, hs)
+        write_frame_grid(frames, rollouts, cfg.context, hs)
     return result
 
 
