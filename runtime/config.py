@@ -225,6 +225,10 @@ class SamplerConfig:
     at inference (`runtime.stacking.noised_at`), which keeps long rollouts of a model fed back its
     own frames from running away. ``noise_scale`` multiplies the noise each chunk starts from (a sampling
     temperature: below 1 a few-step student draws closer to its mean, so a still world shimmers less).
+    ``reproject`` (per-frame codecs): each generated chunk enters the context as the codec's encoding of its
+    decoded frames, the frames the viewer sees, not as the raw latents: a model fed back its own latents
+    compounds what its decoder cannot show (a still view melts into a token-grid texture within a few hundred
+    frames); re-encoded, every frame it continues from is one the codec can draw. One encode per frame.
     """
 
     kind: str = "consistency"
@@ -236,6 +240,7 @@ class SamplerConfig:
     guidance_scale: float = 1.0
     stack_noise: float = 0.0
     noise_scale: float = 1.0
+    reproject: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.noise_scale <= 1:

@@ -23,6 +23,7 @@ a chunk being denoised sees the frames before it, a committed chunk each frame's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -79,8 +80,12 @@ def _cat(parts: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
 
 class Rollout:
     def __init__(self, model: CausalDiT, sampler: SamplerConfig, batch: int = 1, kv_cache: bool = True,
-                 generator: torch.Generator | None = None, fuse_commit: bool = False) -> None:
+                 generator: torch.Generator | None = None, fuse_commit: bool = False,
+                 reproject: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``reproject``: applied to each generated chunk's clean latents ``[B, n, C, H, W]`` before they enter
+        the context (`SamplerConfig.reproject`: the session passes decode-then-encode)."""
         self.model = model
+        self.reproject = reproject
         self.sampler = sampler
         self.batch = batch
         self.use_cache = kv_cache
@@ -272,6 +277,8 @@ class Rollout:
             if writes:
                 ctx_latent, ctx_level = x, torch.full(x.shape[:2], t, dtype=x.dtype, device=x.device)
             x = sampling.step(self.sampler.kind, x, v, t, t_next, self.generator)
+        if self.reproject is not None:
+            x = self.reproject(x)
         if last_step:  # the cache holds the last step's keys: its input saw the denoising-time previous frames
             self._commit(ctx_latent, ctx_level, cond)
             self._push_recent(x)

@@ -67,10 +67,15 @@ class StreamSession:
         self.text = self._check_text(text)
         self.fps = bundle.fps
         self._generator = torch.Generator(self.device)
-        self._rollout = Rollout(runner if runner is not None else bundle.model, self.sampler, batch=1,
-                                kv_cache=kv_cache, generator=self._generator, fuse_commit=True)
         # Temporal codecs (the Wan VAE) decode a chunk with the state the previous chunks left.
         self.decoder = bundle.codec.streaming_decoder()
+        if self.sampler.reproject and bundle.codec.temporal:
+            raise ValueError(f"the sampler's reproject needs a per-frame codec; this bundle's codec "
+                             f"{bundle.codec.type_name!r} is temporal")
+        self._shown: torch.Tensor | None = None   # the frames `_reproject` decoded for the chunk just generated
+        self._rollout = Rollout(runner if runner is not None else bundle.model, self.sampler, batch=1,
+                                kv_cache=kv_cache, generator=self._generator, fuse_commit=True,
+                                reproject=self._reproject if self.sampler.reproject else None)
         self._chunk_ms: deque[float] = deque(maxlen=2048)
         self._chunk_frames: deque[int] = deque(maxlen=2048)  # video frames each chunk gave
         self.reset(seed)
@@ -112,7 +117,8 @@ class StreamSession:
         VAE: 1 for the stream's first latent frame, 4 for each later one)."""
         start = time.perf_counter()
         x0 = self.generate_latents(action, audio, video)
-        frames = self.decoder.decode_chunk(x0).cpu().numpy()
+        shown, self._shown = self._shown, None
+        frames = (shown if shown is not None else self.decoder.decode_chunk(x0)).cpu().numpy()
         self.record_chunk((time.perf_counter() - start) * 1000, len(frames))
         return frames
 
@@ -120,12 +126,19 @@ class StreamSession:
     def generate_latents(self, action: Any = None, audio: Any = None, video: Any = None) -> torch.Tensor:
         """The next chunk's clean latents ``[n, C, h, w]``, not decoded and not timed (`step` does both;
         a caller that decodes elsewhere, e.g. on another CUDA stream, times with `record_chunk`)."""
+        self._shown = None
         n = self._rollout.next_chunk_frames()
         cond = self._condition(n, [action] * n, audio, video)
         cfg = self.config
         noise = torch.randn((1, n, cfg.in_channels, cfg.latent_height, cfg.latent_width),
                             generator=self._generator, device=self.device)
         return self._rollout.generate_chunk(noise, cond, steps=self.steps)[0]
+
+    def _reproject(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[1, n, C, h, w]`` generated latents -> the encoding of their decoded frames (`SamplerConfig.reproject`);
+        the decoded frames are kept for `step` to show, so reprojecting costs one encode per frame."""
+        self._shown = self.decoder.decode_chunk(latents[0])
+        return self.bundle.codec.encode(self._shown)[None].to(latents.dtype)
 
     def record_chunk(self, elapsed_ms: float, frames: int) -> None:
         """Count one delivered chunk of ``frames`` video frames that took ``elapsed_ms`` into `stats`."""

@@ -144,3 +144,48 @@ def test_a_world_models_own_latents_join_the_decoders_adversarial_training(tmp_p
     cfg.out, cfg.adversarial_weight = str(tmp_path / "no_disc"), 0.0
     with pytest.raises(ValueError, match="adversarial"):
         train_codec(cfg, progress=False, init=base)
+
+
+def test_pairs_stay_inside_episodes_and_are_cropped_alike():
+    from training.codec import join_pairs, pair_starts, paired, split_pairs
+
+    assert pair_starts([3, 1, 2]).tolist() == [0, 1, 4]      # an episode of one frame has no pair
+    x = torch.arange(5 * 2 * 3 * 3, dtype=torch.float32).view(5, 2, 3, 3)
+    both = paired(x, torch.tensor([0, 3]), 1)
+    assert both.shape == (2, 4, 3, 3) and torch.equal(both[1, 2:], x[4])
+    assert torch.equal(join_pairs(split_pairs(both)), both)
+    assert torch.equal(split_pairs(both)[:2], x[[0, 3]])      # first frames, then the second ones
+
+
+def test_a_pair_discriminator_sees_a_texture_that_does_not_move_with_the_view():
+    """Real pairs: a texture and the same texture moved a pixel (the view turns); fake pairs: the texture twice
+    (a texture fixed to the grid). Each frame alone is the same kind of texture, so only the pair tells them apart."""
+    torch.manual_seed(0)
+    tex = torch.rand(16, 3, 16, 16) * 2 - 1
+    real, fake = torch.cat([tex, tex.roll(1, -1)], 1), torch.cat([tex, tex], 1)
+    disc = PatchDiscriminator((8, 16), in_channels=6)
+    opt = torch.optim.Adam(disc.parameters(), lr=2e-3)
+    for _ in range(80):
+        loss = hinge_discriminator_loss(disc(real), disc(fake))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    held = torch.rand(8, 3, 16, 16) * 2 - 1                   # textures it never saw
+    assert disc(torch.cat([held, held.roll(1, -1)], 1)).mean() > disc(torch.cat([held, held], 1)).mean() + 0.5
+
+
+def test_the_decoder_fine_tune_judges_consecutive_frames(tmp_path):
+    frames = _frames(32, 16)
+    data = _store(tmp_path, frames)
+    base = _trained_codec(tmp_path, frames)
+    Bundle.random(ModelConfig.tiny(in_channels=4, latent_height=8, latent_width=8), codec=base).save(tmp_path / "b")
+    cfg = CodecTrainConfig(data=data, out=str(tmp_path / "pairs"), steps=2, batch=4, crop=8, warmup=1,
+                           freeze_encoder=True, adversarial_weight=0.5, adversarial_pairs=True,
+                           fake_bundle=str(tmp_path / "b"), fake_rollouts=2, fake_frames=3)
+    result = train_codec(cfg, progress=False, init=base)
+    assert result["adv_scale"] > 0 and result["layout_l1"] >= 0
+    disc = torch.load(tmp_path / "pairs" / "ckpt.pt", weights_only=False)["disc"]
+    assert next(iter(disc.values())).shape[1] == 6              # it reads a frame and the next one
+    cfg.out, cfg.adversarial_weight, cfg.fake_bundle = str(tmp_path / "no_disc"), 0.0, ""
+    with pytest.raises(ValueError, match="adversarial_pairs needs adversarial_weight"):
+        train_codec(cfg, progress=False, init=base)

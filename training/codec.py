@@ -70,6 +70,10 @@ class CodecTrainConfig:
     fake_bundle: str = ""
     fake_rollouts: int = 64
     fake_frames: int = 24
+    # Judge pairs of consecutive frames (both crops at the same place) instead of single frames: the engine's
+    # texture travels with the view, so a decoder that paints a texture fixed to the token grid while the
+    # layout under it turns (what a single-frame judge let through) is told apart from the engine.
+    adversarial_pairs: bool = False
     seed: int = 0
     ckpt_every_s: float = 180.0
     log_every: int = 50
@@ -93,6 +97,30 @@ def random_crops(frames: torch.Tensor, idx: torch.Tensor, crop: int, factor: int
     xs = torch.randint(0, (w - crop) // factor + 1, (len(idx),), generator=gen) * factor
     return torch.stack([frames[i, y:y + crop, x:x + crop] for i, y, x in zip(idx.tolist(), ys.tolist(),
                                                                               xs.tolist())])
+
+
+def pair_starts(lengths: list[int]) -> torch.Tensor:
+    """Indices i of frames concatenated from episodes of ``lengths`` whose next frame i + 1 is in the same episode."""
+    out, offset = [], 0
+    for n in lengths:
+        out.append(torch.arange(offset, offset + n - 1))
+        offset += n
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def paired(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x[idx]`` and ``x[idx + 1]`` side by side on ``dim``, so one random crop cuts both at the same place."""
+    return torch.cat([x[idx], x[idx + 1]], dim=dim)
+
+
+def split_pairs(x: torch.Tensor) -> torch.Tensor:
+    """[n, 2c, h, w] pairs -> [2n, c, h, w]: the first frames, then the second ones."""
+    return torch.cat(x.chunk(2, dim=1))
+
+
+def join_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `split_pairs`: [2n, c, h, w] -> [n, 2c, h, w]."""
+    return torch.cat(x.chunk(2), dim=1)
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +263,12 @@ def load_codec(path: str | Path) -> ConvAutoencoder:
     return model.eval()
 
 
-def load_frames(data: str) -> torch.Tensor:
+def load_frames(data: str) -> tuple[torch.Tensor, list[int]]:
+    """Every frame of ``data`` and the episodes' lengths (in the frames' order)."""
     from training.data import ClipDataset
 
-    return torch.from_numpy(ClipDataset(data, clip_frames=1).all_frames())
+    clips = ClipDataset(data, clip_frames=1)
+    return torch.from_numpy(clips.all_frames()), [r[2] for r in clips.episode_rows]
 
 
 def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
@@ -254,7 +284,10 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    frames = load_frames(cfg.data) if frames is None else frames
+    frames, lengths = load_frames(cfg.data) if frames is None else (frames, [len(frames)])
+    pairs = pair_starts(lengths) if cfg.adversarial_pairs else None
+    if cfg.adversarial_pairs and cfg.adversarial_weight <= 0:
+        raise ValueError("adversarial_pairs needs adversarial_weight > 0 (the pairs are what the discriminator judges)")
     ckpt = load_checkpoint(out / "ckpt.pt")
     if ckpt is not None:
         model_cfg = ConvAEConfig(**ckpt["model_cfg"])
@@ -267,7 +300,7 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
         model.load_state_dict(init.state_dict())
     trained = model.decoder if cfg.freeze_encoder else model
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
-    disc = PatchDiscriminator() if cfg.adversarial_weight > 0 else None
+    disc = PatchDiscriminator(in_channels=6 if cfg.adversarial_pairs else 3) if cfg.adversarial_weight > 0 else None
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc else None
     if cfg.fake_bundle and disc is None:
         raise ValueError("fake_bundle needs adversarial_weight > 0 (its latents are judged by the discriminator)")
@@ -280,6 +313,7 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
                              "it: init)")
         fakes = student_latents(cfg.fake_bundle, cfg.data, cfg.fake_rollouts, cfg.fake_frames, seed=cfg.seed,
                                 progress=progress).float()
+        fake_pairs = pair_starts([cfg.fake_frames] * cfg.fake_rollouts)
         anchor = ConvAutoencoder.from_config(model.config())
         anchor.load_state_dict(model.state_dict())
         anchor.eval().requires_grad_(False)
@@ -313,20 +347,31 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        idx = torch.randint(len(frames), (cfg.batch,), generator=gen)
-        batch = random_crops(frames, idx, cfg.crop, model.spatial_factor, gen)
+        if pairs is None:
+            idx = torch.randint(len(frames), (cfg.batch,), generator=gen)
+            batch = random_crops(frames, idx, cfg.crop, model.spatial_factor, gen)
+        else:   # each frame and the next one, cropped alike, reconstructed as one batch of 2 * batch
+            idx = pairs[torch.randint(len(pairs), (cfg.batch,), generator=gen)]
+            both = random_crops(paired(frames, idx, -1), torch.arange(cfg.batch), cfg.crop, model.spatial_factor, gen)
+            batch = torch.cat(both.chunk(2, dim=-1))
         x, y = reconstruct(model, batch, cfg.latent_noise, cfg.latent_blur, cfg.freeze_encoder)
         loss, stats = reconstruction_loss(x, y, cfg.l1_weight, cfg.edge_weight)
-        decoded = [y]
+        judged = join_pairs if pairs is not None else (lambda t: t)
+        decoded = [judged(y)]
         if fakes is not None:
-            z = random_latent_crops(fakes, cfg.batch, cfg.crop // model.spatial_factor, gen)
+            crop = cfg.crop // model.spatial_factor
+            if pairs is None:
+                z = random_latent_crops(fakes, cfg.batch, crop, gen)
+            else:
+                zi = fake_pairs[torch.randint(len(fake_pairs), (cfg.batch,), generator=gen)]
+                z = split_pairs(random_latent_crops(paired(fakes, zi, 1), cfg.batch, crop, gen))
             y_fake = model.decoder(z)
             layout = (F.avg_pool2d(y_fake, 4) - F.avg_pool2d(anchor.decoder(z), 4)).abs().mean()
             loss = loss + layout
-            decoded.append(y_fake)
+            decoded.append(judged(y_fake))
             stats["layout_l1"] = float(layout.detach())
         if disc is not None:
-            loss, adv = adversarial_step(model, disc, disc_opt, x, decoded, loss, cfg.adversarial_weight)
+            loss, adv = adversarial_step(model, disc, disc_opt, judged(x), decoded, loss, cfg.adversarial_weight)
             stats.update(adv)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -89,7 +89,7 @@ def _train_codec(args: argparse.Namespace) -> int:
                            edge_weight=args.edge_weight, init=args.init or "", freeze_encoder=args.freeze_encoder,
                            adversarial_weight=args.adversarial_weight, latent_blur=args.latent_blur,
                            fake_bundle=args.fake_bundle or "", fake_rollouts=args.fake_rollouts,
-                           fake_frames=args.fake_frames)
+                           fake_frames=args.fake_frames, adversarial_pairs=args.adversarial_pairs)
     if args.freeze_encoder and not args.init:
         raise UsageError("--freeze-encoder needs --init (the trained codec whose encoder is kept)")
     init = load_codec_arg(args.init) if args.init else None
@@ -111,7 +111,7 @@ def _eval_codec(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    frames = load_frames(args.data)
+    frames, _ = load_frames(args.data)
     if args.max_frames and len(frames) > args.max_frames:
         idx = torch.randperm(len(frames), generator=torch.Generator().manual_seed(0))[: args.max_frames]
         frames = frames[idx.sort().values]
@@ -265,7 +265,7 @@ def _ship(args: argparse.Namespace) -> int:
 
     out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
                card=args.card, name=args.name, seed=args.seed, steps=args.steps, stack_noise=args.stack_noise,
-               noise_scale=args.noise_scale, decoder=args.decoder)
+               noise_scale=args.noise_scale, decoder=args.decoder, reproject=args.reproject)
     print(json.dumps({"bundle": str(out)}))
     return 0
 
@@ -315,6 +315,9 @@ def register(commands) -> None:
     p.add_argument("--decoder", default=None,
                    help="codec dir whose decoder replaces the bundle's (its encoder must be the bundle's: "
                         "`train codec --init BUNDLE --freeze-encoder`)")
+    p.add_argument("--reproject", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed each generated frame back as the codec's encoding of its decoded frame "
+                        "(SamplerConfig.reproject; default: the bundle's)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
@@ -366,6 +369,9 @@ def register(commands) -> None:
                         "to draw sharp (needs --adversarial-weight)")
     p.add_argument("--fake-rollouts", type=positive_int, default=64, help="training clips the bundle rolls out")
     p.add_argument("--fake-frames", type=positive_int, default=24, help="frames generated per rollout")
+    p.add_argument("--adversarial-pairs", action="store_true",
+                   help="the discriminator judges consecutive frames together, so texture must travel with the view "
+                        "(needs --adversarial-weight)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)

@@ -118,9 +118,12 @@ def _mean_motion(metric: str, last_context: np.ndarray, rollout: np.ndarray, **k
     return float(getattr(metrics, metric)(seq[:-1], seq[1:], **kwargs).float().mean())
 
 
-def stillness(last_context: np.ndarray, rollout: np.ndarray) -> dict[str, float]:
+def stillness(last_context: np.ndarray, rollout: np.ndarray, engine: np.ndarray | None = None
+              ) -> dict[str, float]:
     """How still a no-key rollout stays: mean |frame-to-frame change| (0-255) and the lowest PSNR of a
-    frame against the last real one (dB)."""
+    frame against the last real one (dB); given the ``engine``'s own no-key frames, also the lowest PSNR of
+    a frame against the engine's frame at the same step (the engine keeps moving for a few frames after
+    a key is released, Doom's momentum, so "against the last real frame" is a fair goal only at rest)."""
     import torch
 
     from training.metrics import PSNR_CAP, psnr
@@ -129,7 +132,11 @@ def stillness(last_context: np.ndarray, rollout: np.ndarray) -> dict[str, float]
     change = float(np.abs(np.diff(seq, axis=0)).mean())
     last = torch.from_numpy(last_context).expand(len(rollout), *last_context.shape)
     floor = float(psnr(torch.from_numpy(rollout), last).clamp(max=PSNR_CAP).min())
-    return {"change": change, "min_psnr": floor}
+    out = {"change": change, "min_psnr": floor}
+    if engine is not None:
+        out["min_psnr_vs_engine"] = float(psnr(torch.from_numpy(rollout), torch.from_numpy(engine))
+                                          .clamp(max=PSNR_CAP).min())
+    return out
 
 
 def control_response(env, session, cfg: ControlEvalConfig, progress: bool = False) -> dict:
@@ -170,7 +177,7 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
             if still_real is not None:
                 still_engine.append(stillness(context[-1], still_real))
                 still_model.append(stillness(context[-1], _model_hold(session, seed, start, options[None],
-                                                                      cfg.still)))
+                                                                      cfg.still), still_real))
         other_noise = _model_hold(session, seed + OTHER_NOISE, start, options[None], cfg.hold)
         spread.append(_diff(other_noise, gen[None]))
         seeds.append(seed)
@@ -208,7 +215,11 @@ def _still(engine: list[dict], model: list[dict], frames: int) -> dict | None:
             "model_change": round(float(np.mean([m["change"] for m in model])), 3),
             "model_change_max": round(float(np.max([m["change"] for m in model])), 3),
             "model_min_psnr": round(float(np.min([m["min_psnr"] for m in model])), 2),
-            "model_min_psnr_mean": round(float(np.mean([m["min_psnr"] for m in model])), 2)}
+            "model_min_psnr_mean": round(float(np.mean([m["min_psnr"] for m in model])), 2),
+            "engine_min_psnr": round(float(np.min([e["min_psnr"] for e in engine])), 2),
+            "engine_min_psnr_mean": round(float(np.mean([e["min_psnr"] for e in engine])), 2),
+            "model_min_psnr_vs_engine": round(float(np.min([m["min_psnr_vs_engine"] for m in model])), 2),
+            "model_min_psnr_vs_engine_mean": round(float(np.mean([m["min_psnr_vs_engine"] for m in model])), 2)}
 
 
 def _ratio(model: list[float], engine: list[float]) -> float | None:

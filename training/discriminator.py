@@ -16,12 +16,13 @@ import torch.nn as nn
 
 
 class PatchDiscriminator(nn.Module):
-    """Per-patch real/fake logits of [n, 3, h, w] images in [-1, 1] (h, w multiples of 4)."""
+    """Per-patch real/fake logits of [n, in_channels, h, w] images in [-1, 1] (h, w multiples of 4); 6 input
+    channels judge a frame and the next one together."""
 
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)) -> None:
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), in_channels: int = 3) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        c_in = 3
+        c_in = in_channels
         for i, c in enumerate(channels):
             stride = 2 if i < len(channels) - 1 else 1
             layers += [nn.Conv2d(c_in, c, 4 if stride == 2 else 3, stride=stride, padding=1),
