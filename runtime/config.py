@@ -14,6 +14,7 @@ from runtime.actions import ActionCondition, ActionSpace
 from runtime.chunks import ChunkPattern
 
 STACK_NOISE_FORMS = ("mix", "add")   # ModelConfig.stack_noise_form
+WARP_MODES = ("bilinear", "bicubic")   # ModelConfig.warp_mode
 
 # What a JSON value may be for each annotation used by the config dataclasses below.
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
@@ -97,6 +98,9 @@ class ModelConfig:
     # per key (CausalDiT.camera_flow, latent-pixel offsets per unit of the average, measured from the data by
     # training.camera): walking is parallax, the floor and ceiling streaming past at a speed set by the average.
     camera_flow: bool = False
+    # How the camera warp resamples the stacked frames (torch grid_sample). A move by a fraction of a latent
+    # pixel, as the keys' averages ramp up and down, blurs the frame bilinearly; bicubic keeps more of its edges.
+    warp_mode: str = "bilinear"
     # With audio: the latent-pixel box (y0, x0, y1, x1) whose tokens also get each frame's audio embedding
     # added to their input (a lip-sync model's mask box): the mouth's tokens read the audio directly, not
     # only through the per-frame adaLN modulation every token shares with the timestep.
@@ -140,6 +144,8 @@ class ModelConfig:
         if not 0 <= self.action_momentum < 1 or (self.action_momentum and not self.actions.dim):
             raise ValueError(f"action_momentum must be in [0, 1) and needs an action space, got "
                              f"{self.action_momentum}")
+        if self.warp_mode not in WARP_MODES:
+            raise ValueError(f"warp_mode must be one of {WARP_MODES}, got {self.warp_mode!r}")
         if self.camera_flow and not (self.camera_warp and self.action_momentum):
             raise ValueError("camera_flow needs camera_warp and action_momentum > 0")
         if self.patch_overlap < 0:

@@ -53,11 +53,12 @@ def still_velocity(x_t: torch.Tensor, t: torch.Tensor, previous: torch.Tensor, s
     return v.to(x_t.dtype)
 
 
-def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor | None = None) -> torch.Tensor:
+def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor | None = None,
+                mode: str = "bilinear") -> torch.Tensor:
     """Move frames ``[B, F, C, H, W]`` by per-frame ``motion`` ``[B, F, 3]``: translation right and
     down (in grid units, 2 = the whole width or height) and log zoom about the centre, and by a per-pixel
-    ``flow`` ``[B, F, 2, H, W]`` (right and down, grid units) on top. Bilinear, edges repeated where the
-    move uncovers them; zero motion is the identity."""
+    ``flow`` ``[B, F, 2, H, W]`` (right and down, grid units) on top. Resampled by ``mode`` (grid_sample's
+    bilinear or bicubic), edges repeated where the move uncovers them; zero motion is the identity."""
     b, f, c, h, w = frames.shape
     tx, ty, log_zoom = motion.float().flatten(0, 1).unbind(-1)
     inv, zero = torch.exp(-log_zoom), torch.zeros_like(tx)
@@ -65,8 +66,7 @@ def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor |
     grid = F.affine_grid(theta, [b * f, c, h, w], align_corners=False)
     if flow is not None:   # content moves by +flow: each pixel samples from where it came from
         grid = grid - flow.float().flatten(0, 1).permute(0, 2, 3, 1)
-    out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode=mode, padding_mode="border", align_corners=False)
     return out.view(b, f, c, h, w).to(frames.dtype)
 
 
@@ -326,7 +326,7 @@ class CausalDiT(nn.Module):
                 flow = None                                         # their averages by camera_flow
                 if self.camera_flow is not None:
                     flow = torch.einsum("bfa,aqhw->bfqhw", action[..., a:].to(self.camera_flow.dtype), self.camera_flow)
-                previous = warp_frames(previous, keys @ self.camera_motion, flow)
+                previous = warp_frames(previous, keys @ self.camera_motion, flow, cfg.warp_mode)
             x = torch.cat([x, previous.to(x.dtype)], dim=2)
         if cfg.text_dim and text is None:
             raise ValueError(f"this model has text cross-attention: pass text [B, L, {cfg.text_dim}]")

@@ -93,6 +93,8 @@ def test_pan_direction_and_stillness():
     assert {"stream_engine", "stream_model", "stream_same_way"} <= set(left)   # walking's direction, per key
     assert oracle["still"]["engine_change"] == 0 and oracle["still"]["model_change"] == 0
     assert oracle["still"]["model_min_psnr"] == 100 and oracle["still"]["starts"] == 2
+    assert oracle["still"]["at_rest"] == {"starts": 2, "rest_db": 30.0, "engine_change": 0, "model_change": 0,
+                                          "model_min_psnr": 100, "model_min_psnr_mean": 100}
     mirrored = control_response(ShiftEnv(), MirroredSession(), cfg)
     assert mirrored["response_ratio"] == pytest.approx(1.0)      # the response ratio cannot tell ...
     assert mirrored["keys"]["left"]["pan_same_way"] == 0          # ... but the pan can
@@ -121,8 +123,41 @@ def test_stillness_against_the_engine_where_the_engine_itself_keeps_moving():
     # the last real frame is no fair target here: the engine's own frames leave it, and so does a faithful model
     assert still["engine_min_psnr"] < 30 and still["model_min_psnr"] < 30
     assert still["model_min_psnr_vs_engine"] == 100 and still["model_min_psnr_vs_engine_mean"] == 100
+    assert still["at_rest"] == {"starts": 0, "rest_db": 30.0}    # no start where the engine stands still
     frozen = control_response(CoastingEnv(), DeafSession(), cfg)["still"]   # a model that stops dead
     assert frozen["model_min_psnr_vs_engine"] < 30
+
+
+class SlowingEnv(ShiftEnv):
+    """Coasts on its own for the first 30 frames of an episode, then stands still unless a key is held."""
+
+    def reset(self, seed):
+        self.t = 0
+        return super().reset(seed)
+
+    def step(self, action):
+        self.t += 1
+        self.x += int(self.t <= 30)
+        return super().step(action)
+
+
+class SlowingOracle(SlowingEnv, OracleSession):
+    def reset(self, seed, context, context_actions, action_history=None):
+        OracleSession.reset(self, seed, context, context_actions, action_history)
+        self.t = len(context) + len(action_history or [])
+
+    def step(self, action):
+        return SlowingEnv.step(self, action)[0][None]
+
+
+def test_the_still_check_starts_once_the_engine_has_settled():
+    cfg = ControlEvalConfig(bundle="", env="", episodes=2, hold=4, context=2, start_max=4, still=6, settle=0)
+    coasting = control_response(SlowingEnv(), SlowingOracle(), cfg)["still"]
+    assert coasting["settle"] == 0 and coasting["at_rest"]["starts"] == 0 and coasting["engine_change"] > 0
+    cfg.settle = 32
+    settled = control_response(SlowingEnv(), SlowingOracle(), cfg)["still"]
+    assert settled["engine_change"] == 0 and settled["at_rest"]["starts"] == 2
+    assert settled["model_min_psnr"] == 100 == settled["at_rest"]["model_min_psnr"]
 
 
 def test_a_nondeterministic_engine_is_refused():

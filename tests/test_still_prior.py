@@ -109,6 +109,23 @@ def test_warp_frames_moves_by_whole_pixels_exactly_and_repeats_the_uncovered_edg
     assert not torch.allclose(warp_frames(frames, zoom), frames, atol=1e-3)
 
 
+def test_a_bicubic_warp_keeps_more_of_a_frame_moved_by_half_a_pixel():
+    """Moved half a latent pixel and back, bilinear averages neighbours twice; bicubic keeps more of the edges."""
+    frames = torch.randn(1, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    half = torch.zeros(1, 1, 3)
+    half[..., 0] = 1 / 16   # half a pixel of 16
+    inner = (..., slice(2, -2))
+
+    def there_and_back(mode):
+        return warp_frames(warp_frames(frames, half, mode=mode), -half, mode=mode)
+
+    errors = {m: float((there_and_back(m) - frames)[inner].abs().mean()) for m in ("bilinear", "bicubic")}
+    assert errors["bicubic"] < 0.8 * errors["bilinear"]
+    assert torch.allclose(warp_frames(frames, torch.zeros(1, 1, 3), mode="bicubic"), frames, atol=1e-5)
+    with pytest.raises(ValueError, match="warp_mode"):
+        ModelConfig.tiny(warp_mode="nearest")
+
+
 def test_calibration_finds_how_far_and_which_way_each_key_moves_the_view():
     clips = moving_clips({0: 1, 1: -2})
     motion, report = calibrate_camera_motion(clips, 3)
@@ -160,3 +177,30 @@ def test_a_camera_warp_teacher_measures_the_motion_before_it_trains_and_keeps_it
     assert float(bundle.model.camera_motion[0, 0]) * 12 / 2 == pytest.approx(1, abs=0.1)
     assert float(bundle.model.camera_motion[1, 0]) * 12 / 2 == pytest.approx(-2, abs=0.1)
     assert bundle.extra["camera_motion"]["forward"]["right_px"] == pytest.approx(1, abs=0.1)
+
+
+def test_ship_sets_a_camera_warp_bundles_resampling_and_the_model_uses_it(tmp_path):
+    from runtime import Bundle
+    from training.ship import ship
+
+    Bundle.random(ModelConfig.tiny(stack_frames=1), seed=0).save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="warps no frames"):
+        ship(tmp_path / "plain", tmp_path / "x", warp_mode="bicubic")
+    warp = Bundle.random(ModelConfig.tiny(stack_frames=1, camera_warp=True, frames_per_chunk=1, window_frames=3,
+                                          sink_frames=0), seed=0)
+    with torch.no_grad():
+        warp.model.camera_motion[0, 0] = 1 / warp.config.latent_width   # half a latent pixel per frame
+    warp.save(tmp_path / "warp")
+    shipped = Bundle.load(ship(tmp_path / "warp", tmp_path / "bicubic", warp_mode="bicubic"))
+    assert shipped.config.warp_mode == "bicubic" == shipped.model.config.warp_mode
+    before = Bundle.load(tmp_path / "warp")
+    key = torch.zeros(1, 1, before.config.actions.dim)
+    key[..., 0] = 1
+    gen = torch.Generator().manual_seed(0)
+    cfg = before.config
+    x = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+    prev = torch.randn(x.shape, generator=gen)
+    t = torch.ones(1, 1)
+    with torch.no_grad():
+        a, b = (m.model(x, t, action=key, previous=prev) for m in (before, shipped))
+    assert not torch.allclose(a, b, atol=1e-4)

@@ -20,7 +20,7 @@ from forcekit.cli import (
     seed_int,
 )
 from runtime.commands import png_path, video_path
-from runtime.config import STACK_NOISE_FORMS
+from runtime.config import STACK_NOISE_FORMS, WARP_MODES
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -163,7 +163,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
                             stack_noise_condition=args.stack_noise_condition,
                             patch_overlap=args.patch_overlap,
                             camera_warp=args.camera_warp, action_momentum=args.action_momentum,
-                            camera_flow=args.camera_flow,
+                            camera_flow=args.camera_flow, warp_mode=args.warp_mode,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
     extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
@@ -221,7 +221,8 @@ def _eval_controls(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = ControlEvalConfig(bundle=args.bundle, env=args.env, episodes=args.episodes, hold=args.hold,
                             context=args.context, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                            still=args.still, mode=args.mode)
+                            still=args.still, settle=args.settle, rest_db=args.rest_db,
+                            mode=args.mode)
     result = evaluate_controls(cfg)
     if args.out:
         with open(args.out, "w") as f:
@@ -265,7 +266,7 @@ def _ship(args: argparse.Namespace) -> int:
 
     out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
                card=args.card, name=args.name, seed=args.seed, steps=args.steps, stack_noise=args.stack_noise,
-               noise_scale=args.noise_scale, decoder=args.decoder, reproject=args.reproject)
+               noise_scale=args.noise_scale, decoder=args.decoder, reproject=args.reproject, warp_mode=args.warp_mode)
     print(json.dumps({"bundle": str(out)}))
     return 0
 
@@ -318,6 +319,8 @@ def register(commands) -> None:
     p.add_argument("--reproject", action=argparse.BooleanOptionalAction, default=None,
                    help="feed each generated frame back as the codec's encoding of its decoded frame "
                         "(SamplerConfig.reproject; default: the bundle's)")
+    p.add_argument("--warp-mode", default=None, choices=list(WARP_MODES),
+                   help="a camera-warp bundle's resampling of the stacked frames at inference (default: as trained)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
@@ -436,6 +439,8 @@ def register(commands) -> None:
     p.add_argument("--camera-flow", action="store_true",
                    help="with --camera-warp and --action-momentum: the keys' running averages also move the stacked "
                         "frames by a per-pixel flow per key (walking's parallax), measured from the training data")
+    p.add_argument("--warp-mode", default="bilinear", choices=list(WARP_MODES),
+                   help="how the camera warp resamples the stacked frames (bicubic blurs a fractional move less)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
@@ -477,6 +482,11 @@ def register(commands) -> None:
     p.add_argument("--hold", type=positive_int, default=8, help="frames each key is held")
     p.add_argument("--still", type=nonnegative_int, default=64,
                    help="frames with no key held for the stillness check (0: skip it)")
+    p.add_argument("--settle", type=nonnegative_int, default=32,
+                   help="no-key frames the engine plays before the still check's context, so it starts at rest")
+    p.add_argument("--rest-db", type=nonnegative_float, default=30.0,
+                   help="still starts count as at rest where the engine's own frames stay this close to the last "
+                        "real one (PSNR, dB)")
     p.add_argument("--mode", default="session", choices=["session", "bidirectional"],
                    help="session: open_session (causal, KV cache); bidirectional: a teacher samples each new frame "
                         "jointly with its context window (as eval world --mode bidirectional)")

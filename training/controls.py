@@ -18,7 +18,10 @@ makes at once: the *pan* (per key, the horizontal shift of the view in pixels pe
 `training.metrics.floor_stream`: walking forward streams the floor down and the ceiling up, so a
 walk must stream the same way); and *stillness* (no key held for ``still`` frames: the engine's
 frame does not change, so the model's must not drift either; reported as the mean absolute
-frame-to-frame change and the lowest PSNR of any generated frame against the last real one).
+frame-to-frame change and the lowest PSNR of any generated frame against the last real one). The still
+check starts ``settle`` no-key frames after the key checks' start, once Doom's momentum has run out, and
+its ``at_rest`` figures keep the starts where the engine's own frames really stay put (the screen flashes
+when the acid floor hurts); the lowest PSNR against the engine's own frame at each step is reported too.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class ControlEvalConfig:
     guidance: float | None = None
     max_hold: int = 12             # the random policy's longest hold before the context
     still: int = 64                # frames with no key held for the stillness check (0: skip it)
+    settle: int = 32               # no-key frames played before the still check's context (momentum runs out)
+    rest_db: float = 30.0          # a still start is "at rest" where the engine's own frames stay this close (PSNR)
     pan_threshold: float = 1.0     # engine pans under this (pixels per frame) have no direction to match
     mode: str = "session"          # or "bidirectional": a teacher, as eval world plays it (BidirectionalSession)
 
@@ -66,6 +71,22 @@ def _start(env, seed: int, cfg: ControlEvalConfig) -> tuple[list, np.ndarray, li
         frames.append(frame)
     producers = [None, *actions]
     return actions, np.stack(frames[start:]), producers[start:], producers[:start]
+
+
+def _settled(env, seed: int, start: tuple, no_key: np.ndarray, cfg: ControlEvalConfig) -> tuple | None:
+    """``start`` followed by ``cfg.settle`` frames with no key held, its context the newest of them (as `_start`
+    returns it): the still check starts where Doom's momentum has run out, so the engine's own frame stops
+    changing. None if the episode ends first."""
+    prefix, context, context_actions, history = start
+    if not cfg.settle:
+        return start
+    settling = _engine_hold(env, seed, prefix, no_key, cfg.settle, context[-1])
+    if settling is None:
+        return None
+    producers = [*history, *context_actions, *[no_key] * cfg.settle]
+    n = len(context)
+    return ([*prefix, *[no_key] * cfg.settle], np.concatenate([context, settling])[-n:], producers[-n:],
+            producers[:-n])
 
 
 def _engine_hold(env, seed: int, prefix: list, key: np.ndarray, hold: int, last_context: np.ndarray
@@ -172,12 +193,14 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
             pan_model[k].append(mean_pan(context[-1], gen[k]))
             stream_engine[k].append(mean_stream(context[-1], real[k]))
             stream_model[k].append(mean_stream(context[-1], gen[k]))
-        if cfg.still:
-            still_real = _engine_hold(env, seed, prefix, options[None], cfg.still, context[-1])
+        still_start = _settled(env, seed, start, options[None], cfg) if cfg.still else None
+        if still_start is not None:
+            still_prefix, still_context = still_start[:2]
+            still_real = _engine_hold(env, seed, still_prefix, options[None], cfg.still, still_context[-1])
             if still_real is not None:
-                still_engine.append(stillness(context[-1], still_real))
-                still_model.append(stillness(context[-1], _model_hold(session, seed, start, options[None],
-                                                                      cfg.still), still_real))
+                still_engine.append(stillness(still_context[-1], still_real))
+                still_model.append(stillness(still_context[-1], _model_hold(session, seed, still_start, options[None],
+                                                                            cfg.still), still_real))
         other_noise = _model_hold(session, seed + OTHER_NOISE, start, options[None], cfg.hold)
         spread.append(_diff(other_noise, gen[None]))
         seeds.append(seed)
@@ -195,7 +218,7 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
             "engine_response": round(float(np.mean(every_engine)), 3),
             "model_response": round(float(np.mean(every_model)), 3),
             "sampling_spread": round(float(np.mean(spread)), 3),
-            "still": _still(still_engine, still_model, cfg.still)}
+            "still": _still(still_engine, still_model, cfg)}
 
 
 def _pan(engine: list[float], model: list[float], threshold: float, name: str = "pan") -> dict:
@@ -207,10 +230,21 @@ def _pan(engine: list[float], model: list[float], threshold: float, name: str = 
             f"{name}_same_way": round(agree / len(moving), 3) if moving else None}
 
 
-def _still(engine: list[dict], model: list[dict], frames: int) -> dict | None:
+def _still(engine: list[dict], model: list[dict], cfg: ControlEvalConfig) -> dict | None:
+    """The no-key figures over every start, and ``at_rest``: the same over the starts where the engine's own
+    frames stay within ``cfg.rest_db`` of the last real frame (where "the frame does not change" holds; elsewhere
+    the view coasts on Doom's momentum or the screen flashes when the floor hurts)."""
     if not engine:
         return None
-    return {"frames": frames, "starts": len(engine),
+    rest = [i for i, e in enumerate(engine) if e["min_psnr"] >= cfg.rest_db]
+    at_rest = {"starts": len(rest), "rest_db": cfg.rest_db}
+    if rest:
+        at_rest.update(
+            engine_change=round(float(np.mean([engine[i]["change"] for i in rest])), 3),
+            model_change=round(float(np.mean([model[i]["change"] for i in rest])), 3),
+            model_min_psnr=round(float(np.min([model[i]["min_psnr"] for i in rest])), 2),
+            model_min_psnr_mean=round(float(np.mean([model[i]["min_psnr"] for i in rest])), 2))
+    return {"frames": cfg.still, "settle": cfg.settle, "starts": len(engine), "at_rest": at_rest,
             "engine_change": round(float(np.mean([e["change"] for e in engine])), 3),
             "model_change": round(float(np.mean([m["change"] for m in model])), 3),
             "model_change_max": round(float(np.max([m["change"] for m in model])), 3),

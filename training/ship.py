@@ -60,11 +60,12 @@ def replace_decoder(b: Bundle, codec_dir: str | os.PathLike) -> None:
 def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | None = None, scenes: int = 8,
          scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0,
          steps: int | None = None, stack_noise: float | None = None, noise_scale: float | None = None,
-         decoder: str | None = None, reproject: bool | None = None) -> Path:
+         decoder: str | None = None, reproject: bool | None = None, warp_mode: str | None = None) -> Path:
     """Copy ``bundle`` to ``out`` with start scenes from ``start_data``, the card file ``card`` and,
     given ``steps``, that many sampler steps per chunk by default (``stack_noise``: the sampler's
     inference-time noise on the stacked frames; ``noise_scale``: its sampling temperature; ``decoder``:
-    a codec dir whose decoder replaces the bundle's; ``reproject``: `SamplerConfig.reproject`)."""
+    a codec dir whose decoder replaces the bundle's; ``reproject``: `SamplerConfig.reproject`; ``warp_mode``: how a
+    camera-warp model resamples its stacked frames at inference, `ModelConfig.warp_mode`)."""
     b = Bundle.load(bundle)
     if decoder is not None:
         replace_decoder(b, decoder)
@@ -73,6 +74,11 @@ def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | No
         b.sampler = replace(b.sampler, noise_scale=noise_scale)
     if reproject is not None:
         b.sampler = replace(b.sampler, reproject=reproject)
+    if warp_mode is not None:
+        if not b.config.camera_warp:
+            raise ValueError(f"--warp-mode needs a camera-warp bundle; {bundle} warps no frames")
+        b.config = replace(b.config, warp_mode=warp_mode)
+        b.model.config = b.config
     if stack_noise is not None:
         if not b.config.stack_frames:
             raise ValueError(f"--stack-noise needs a frame-stacking bundle; {bundle} stacks no frames")
