@@ -101,6 +101,10 @@ class ModelConfig:
     # How the camera warp resamples the stacked frames (torch grid_sample). A move by a fraction of a latent
     # pixel, as the keys' averages ramp up and down, blurs the frame bilinearly; bicubic keeps more of its edges.
     warp_mode: str = "bilinear"
+    # With the still prior and an action space: a learned per-channel gate of the action condition on the residual
+    # (CausalDiT.rest_gate), which can close where nothing moves (no key held, no speed left).
+    rest_gate: bool = False
+    rest_gate_hidden: int = 32
     # With audio: the latent-pixel box (y0, x0, y1, x1) whose tokens also get each frame's audio embedding
     # added to their input (a lip-sync model's mask box): the mouth's tokens read the audio directly, not
     # only through the per-frame adaLN modulation every token shares with the timestep.
@@ -144,6 +148,8 @@ class ModelConfig:
         if not 0 <= self.action_momentum < 1 or (self.action_momentum and not self.actions.dim):
             raise ValueError(f"action_momentum must be in [0, 1) and needs an action space, got "
                              f"{self.action_momentum}")
+        if self.rest_gate and not (self.still_prior and self.actions.dim):
+            raise ValueError("rest_gate needs still_prior > 0 and an action space")
         if self.warp_mode not in WARP_MODES:
             raise ValueError(f"warp_mode must be one of {WARP_MODES}, got {self.warp_mode!r}")
         if self.camera_flow and not (self.camera_warp and self.action_momentum):

@@ -163,7 +163,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
                             stack_noise_condition=args.stack_noise_condition,
                             patch_overlap=args.patch_overlap,
                             camera_warp=args.camera_warp, action_momentum=args.action_momentum,
-                            camera_flow=args.camera_flow, warp_mode=args.warp_mode,
+                            camera_flow=args.camera_flow, warp_mode=args.warp_mode, rest_gate=args.rest_gate,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
     extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
@@ -171,7 +171,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
                              guidance_scale=args.guidance, sample_steps=args.sample_steps,
                              timestep_shift=args.timestep_shift, stack_noise=args.stack_noise,
                              save_rank_states=args.save_rank_states, device=args.device,
-                             max_seconds=args.max_seconds, extra=extra)
+                             max_seconds=args.max_seconds, action_dropout=args.action_dropout, extra=extra)
     clips = encode_latents(args.data, codec, args.max_episodes, cache_dir=args.out)
     result = train_teacher(cfg, model_cfg, clips, codec, fps=float(meta.get("fps", 15.0)))
     if result["rank"] == 0:
@@ -441,6 +441,12 @@ def register(commands) -> None:
                         "frames by a per-pixel flow per key (walking's parallax), measured from the training data")
     p.add_argument("--warp-mode", default="bilinear", choices=list(WARP_MODES),
                    help="how the camera warp resamples the stacked frames (bicubic blurs a fractional move less)")
+    p.add_argument("--rest-gate", action="store_true",
+                   help="with --still-prior: a learned gate of the keys and their averages on the residual, which can "
+                        "close where nothing moves")
+    p.add_argument("--action-dropout", type=fraction, default=0.1,
+                   help="chance a clip's actions are zeroed (classifier-free guidance on the keys; 0 with --rest-gate: "
+                        "a zeroed clip that moves would teach the gate that rest moves)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
