@@ -101,10 +101,9 @@ class ModelConfig:
     # How the camera warp resamples the stacked frames (torch grid_sample). A move by a fraction of a latent
     # pixel, as the keys' averages ramp up and down, blurs the frame bilinearly; bicubic keeps more of its edges.
     warp_mode: str = "bilinear"
-    # With the still prior and an action space: a learned per-channel gate of the action condition on the residual
-    # (CausalDiT.rest_gate), which can close where nothing moves (no key held, no speed left).
+    # With the still prior and an action space: a learned per-channel gate of each frame's conditioning (level, keys,
+    # their averages) on the residual (CausalDiT.rest_gate), which can close where nothing moves.
     rest_gate: bool = False
-    rest_gate_hidden: int = 32
     # With audio: the latent-pixel box (y0, x0, y1, x1) whose tokens also get each frame's audio embedding
     # added to their input (a lip-sync model's mask box): the mouth's tokens read the audio directly, not
     # only through the per-frame adaLN modulation every token shares with the timestep.

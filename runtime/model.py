@@ -248,18 +248,15 @@ class CausalDiT(nn.Module):
             self.register_buffer("audio_tokens", self._region_tokens(cfg), persistent=False)
         else:
             self.audio_token_embedder = None
-        # rest_gate: the residual on top of the still prior is scaled per channel by 2 sigmoid(g(action)), g a small
-        # MLP of the action condition (the keys and their running averages) whose output starts at 0 (scale 1).
-        # With no key held and no speed left the engine's frame does not change; the gate can learn to close there,
-        # so a still view is copied as it is instead of collecting the network's small errors frame after frame.
-        if cfg.rest_gate:
-            hidden = cfg.rest_gate_hidden
-            self.rest_gate = nn.Sequential(nn.Linear(cfg.action_condition_dim, hidden), nn.SiLU(),
-                                           nn.Linear(hidden, cfg.out_channels))
-            nn.init.zeros_(self.rest_gate[2].weight)
-            nn.init.zeros_(self.rest_gate[2].bias)
-        else:
-            self.rest_gate = None
+        # rest_gate: the residual on top of the still prior is scaled per channel by 2 sigmoid(g(temb)), g a linear
+        # read of each frame's conditioning embedding (its level, keys, their running averages) whose output starts
+        # at 0 (scale 1). With no key held and no speed left the engine's frame does not change, and at level 1 the
+        # still prior alone already lands on the previous frame: the gate can learn to close there, so a one-step
+        # student copies a still view as it is instead of adding its small errors frame after frame.
+        self.rest_gate = nn.Sequential(nn.SiLU(), nn.Linear(d, cfg.out_channels)) if cfg.rest_gate else None
+        if self.rest_gate is not None:
+            nn.init.zeros_(self.rest_gate[1].weight)
+            nn.init.zeros_(self.rest_gate[1].bias)
         if cfg.still_prior:  # a fresh model starts as the still world: its residual velocity is 0
             nn.init.zeros_(self.proj_out.weight)
             nn.init.zeros_(self.proj_out.bias)
@@ -378,7 +375,6 @@ class CausalDiT(nn.Module):
             h, temb = h[:, commit_frames * gh * gw:], temb[:, commit_frames:]
             x_t, timestep, previous = x_t[:, commit_frames:], timestep[:, commit_frames:], (
                 None if previous is None else previous[:, commit_frames:])
-            action = None if action is None else action[:, commit_frames:]
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
         d = h.shape[-1]
@@ -386,15 +382,17 @@ class CausalDiT(nn.Module):
         out = self.proj_out(h)  # [B, F*gh*gw, ph*pw*C], channel last as in Wan
         out = out.view(b, nf, gh, gw, ph, pw, cfg.out_channels).permute(0, 1, 6, 2, 4, 3, 5)
         out = out.reshape(b, nf, cfg.out_channels, hgt, wid)
-        if self.rest_gate is not None and action is not None:
-            out = out * (2 * torch.sigmoid(self.rest_gate(action.to(out.dtype))))[..., None, None]
+        if self.rest_gate is not None:
+            out = out * (2 * torch.sigmoid(self.rest_gate(temb).to(out.dtype)))[..., None, None]
         if cfg.still_prior:
             out = out + still_velocity(x_t, timestep, previous[:, :, :c], cfg.still_prior)
         return out
 
     @torch.no_grad()
-    def rest_gate_scale(self, action: torch.Tensor) -> torch.Tensor:
-        """The rest gate's per-channel scale ``[..., C]`` of the residual for action conditions ``[..., A]``."""
+    def rest_gate_scale(self, timestep: torch.Tensor, action: torch.Tensor | None) -> torch.Tensor:
+        """The rest gate's per-channel scale ``[B, F, C]`` of the residual at ``timestep`` ``[B, F]`` under ``action``
+        ``[B, F, A]`` (stacked frames clean)."""
         if self.rest_gate is None:
             raise ValueError("this model has no rest gate (ModelConfig.rest_gate)")
-        return 2 * torch.sigmoid(self.rest_gate(action.float()))
+        temb, _ = self.condition_embedder(timestep * self.config.timestep_scale, action, None)
+        return 2 * torch.sigmoid(self.rest_gate(temb).float())

@@ -442,8 +442,8 @@ def register(commands) -> None:
     p.add_argument("--warp-mode", default="bilinear", choices=list(WARP_MODES),
                    help="how the camera warp resamples the stacked frames (bicubic blurs a fractional move less)")
     p.add_argument("--rest-gate", action="store_true",
-                   help="with --still-prior: a learned gate of the keys and their averages on the residual, which can "
-                        "close where nothing moves")
+                   help="with --still-prior: a learned gate of each frame's level, keys and their averages on the "
+                        "residual, which can close where nothing moves")
     p.add_argument("--action-dropout", type=fraction, default=0.1,
                    help="chance a clip's actions are zeroed (classifier-free guidance on the keys; 0 with --rest-gate: "
                         "a zeroed clip that moves would teach the gate that rest moves)")
