@@ -12,7 +12,7 @@
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
 # walk (the keys' running average and the flow of walking), rest (walk with unbiased stack noise) and told (rest,
 # the model told the stack noise level), sharp (told, self-forced on long rollouts, with an adversarially
-# fine-tuned decoder; all six docs/world_controls.md) run only when named.
+# fine-tuned decoder) and gate (told, with the rest gate; all seven docs/world_controls.md) run only when named.
 # THREADS (default 2) is the torch thread count of the training stages, DEVICE (default cpu) where they train
 # (cuda on a GPU: scripts/gpu_recipe.sh), RECORD_JOBS (default 1) the engine processes recording; TEACHER_STEPS etc.
 # (WARP_CAUSAL_STEPS: a causal stage before dCM in the still and walk recipes, default 0: none)
@@ -211,6 +211,26 @@ stage_sharp() {
         eval_row "$1" "$2" 1
         controls_row "$1" "$2" 1
     done
+}
+stage_gate() {
+    # The told teacher of models/health_gathering_teacher_told (its edge-loss codec, 2,000 steps) with the rest gate: a
+    # learned gate of each frame's conditioning on the residual over the still prior, which can close where nothing
+    # moves, and no action dropout (a zeroed clip that moves would teach the gate that rest moves); its dCM student
+    # told the stack-noise level, shipped at 1 step (docs/world_controls.md, twelfth sitting).
+    local S=$RUNS/gate T=$RUNS/gate/teacher/bundle
+    [[ -f $T/config.json ]] || timed gate_teacher "$FK" train teacher --data "$TRAIN" \
+        --codec "${TOLD_TEACHER:-models/health_gathering_teacher_told}" --out "$S/teacher" \
+        --steps "${GATE_TEACHER_STEPS:-2000}" --batch 8 --clip-frames 6 --layers 6 --heads 4 --head-dim 32 --ffn 512 \
+        --patch 2 --guidance 1.0 --threads "$THREADS" --device "$DEVICE" --stack-frames 1 --stack-noise 0.3 \
+        --timestep-shift 3 --still-prior 0.5 --patch-overlap 1 --camera-warp --action-momentum 0.82 --camera-flow \
+        --stack-noise-form add --stack-noise-condition --rest-gate --action-dropout 0
+    [[ -f $S/dcm/bundle/config.json ]] || timed gate_dcm "$FK" train dcm --bundle "$T" --out "$S/dcm" \
+        --steps "${WARP_DCM_STEPS:-300}" --lr 1e-4 --guidance 1.0 --stack-noise 0.3 "${STUDENT[@]}"
+    [[ -f $S/dcm_1/config.json ]] || "$FK" ship --bundle "$S/dcm/bundle" --out "$S/dcm_1" --start-data "$HELDOUT" \
+        --scenes 8 --scene-frames 4 --steps 1 --seed 1
+    mkdir -p "$RUNS/eval" "$RUNS/controls"
+    eval_row gate_dcm_1 "$S/dcm_1" 1
+    controls_row gate_dcm_1 "$S/dcm_1" 1
 }
 # A camera-warp teacher NAME (TEACHER_STEPS, extra teacher flags) and its students, with their quality and control rows.
 warp_recipe() {
