@@ -341,6 +341,7 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
     every = Every(cfg.ckpt_every_s)
     bar = tqdm(total=cfg.steps, initial=step, desc="train codec", disable=not progress)
     stats, t0, start = {}, time.time(), step
+    judged = join_pairs if pairs is not None else (lambda t: t)   # what the discriminator reads of a decoded batch
     model.train()
     if cfg.freeze_encoder:
         model.encoder.eval().requires_grad_(False)
@@ -356,7 +357,6 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
             batch = torch.cat(both.chunk(2, dim=-1))
         x, y = reconstruct(model, batch, cfg.latent_noise, cfg.latent_blur, cfg.freeze_encoder)
         loss, stats = reconstruction_loss(x, y, cfg.l1_weight, cfg.edge_weight)
-        judged = join_pairs if pairs is not None else (lambda t: t)
         decoded = [judged(y)]
         if fakes is not None:
             crop = cfg.crop // model.spatial_factor

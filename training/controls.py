@@ -73,20 +73,21 @@ def _start(env, seed: int, cfg: ControlEvalConfig) -> tuple[list, np.ndarray, li
     return actions, np.stack(frames[start:]), producers[start:], producers[:start]
 
 
-def _settled(env, seed: int, start: tuple, no_key: np.ndarray, cfg: ControlEvalConfig) -> tuple | None:
-    """``start`` followed by ``cfg.settle`` frames with no key held, its context the newest of them (as `_start`
-    returns it): the still check starts where Doom's momentum has run out, so the engine's own frame stops
-    changing. None if the episode ends first."""
+def _settled(env, seed: int, start: tuple, no_key: np.ndarray, cfg: ControlEvalConfig
+             ) -> tuple[tuple, np.ndarray] | None:
+    """No key held from ``start`` for ``cfg.settle`` frames, then ``cfg.still`` more, in one engine replay: the still
+    check's start (as `_start` returns it, its context the newest settling frames, where Doom's momentum has run
+    out and the engine's own frame stops changing) and the engine's ``cfg.still`` frames after it. None if the
+    episode ends first."""
     prefix, context, context_actions, history = start
-    if not cfg.settle:
-        return start
-    settling = _engine_hold(env, seed, prefix, no_key, cfg.settle, context[-1])
-    if settling is None:
+    frames = _engine_hold(env, seed, prefix, no_key, cfg.settle + cfg.still, context[-1])
+    if frames is None:
         return None
     producers = [*history, *context_actions, *[no_key] * cfg.settle]
     n = len(context)
-    return ([*prefix, *[no_key] * cfg.settle], np.concatenate([context, settling])[-n:], producers[-n:],
-            producers[:-n])
+    still_start = ([*prefix, *[no_key] * cfg.settle], np.concatenate([context, frames[:cfg.settle]])[-n:],
+                   producers[-n:], producers[:-n])
+    return still_start, frames[cfg.settle:]
 
 
 def _engine_hold(env, seed: int, prefix: list, key: np.ndarray, hold: int, last_context: np.ndarray
@@ -193,14 +194,13 @@ def control_response(env, session, cfg: ControlEvalConfig, progress: bool = Fals
             pan_model[k].append(mean_pan(context[-1], gen[k]))
             stream_engine[k].append(mean_stream(context[-1], real[k]))
             stream_model[k].append(mean_stream(context[-1], gen[k]))
-        still_start = _settled(env, seed, start, options[None], cfg) if cfg.still else None
-        if still_start is not None:
-            still_prefix, still_context = still_start[:2]
-            still_real = _engine_hold(env, seed, still_prefix, options[None], cfg.still, still_context[-1])
-            if still_real is not None:
-                still_engine.append(stillness(still_context[-1], still_real))
-                still_model.append(stillness(still_context[-1], _model_hold(session, seed, still_start, options[None],
-                                                                            cfg.still), still_real))
+        settled = _settled(env, seed, start, options[None], cfg) if cfg.still else None
+        if settled is not None:
+            still_start, still_real = settled
+            last = still_start[1][-1]
+            still_engine.append(stillness(last, still_real))
+            still_model.append(stillness(last, _model_hold(session, seed, still_start, options[None], cfg.still),
+                                         still_real))
         other_noise = _model_hold(session, seed + OTHER_NOISE, start, options[None], cfg.hold)
         spread.append(_diff(other_noise, gen[None]))
         seeds.append(seed)
@@ -239,21 +239,26 @@ def _still(engine: list[dict], model: list[dict], cfg: ControlEvalConfig) -> dic
     rest = [i for i, e in enumerate(engine) if e["min_psnr"] >= cfg.rest_db]
     at_rest = {"starts": len(rest), "rest_db": cfg.rest_db}
     if rest:
-        at_rest.update(
-            engine_change=round(float(np.mean([engine[i]["change"] for i in rest])), 3),
-            model_change=round(float(np.mean([model[i]["change"] for i in rest])), 3),
-            model_min_psnr=round(float(np.min([model[i]["min_psnr"] for i in rest])), 2),
-            model_min_psnr_mean=round(float(np.mean([model[i]["min_psnr"] for i in rest])), 2))
+        kept_engine, kept_model = [engine[i] for i in rest], [model[i] for i in rest]
+        at_rest.update(engine_change=_stat(kept_engine, "change", np.mean, 3),
+                       model_change=_stat(kept_model, "change", np.mean, 3),
+                       model_min_psnr=_stat(kept_model, "min_psnr", np.min),
+                       model_min_psnr_mean=_stat(kept_model, "min_psnr", np.mean))
     return {"frames": cfg.still, "settle": cfg.settle, "starts": len(engine), "at_rest": at_rest,
-            "engine_change": round(float(np.mean([e["change"] for e in engine])), 3),
-            "model_change": round(float(np.mean([m["change"] for m in model])), 3),
-            "model_change_max": round(float(np.max([m["change"] for m in model])), 3),
-            "model_min_psnr": round(float(np.min([m["min_psnr"] for m in model])), 2),
-            "model_min_psnr_mean": round(float(np.mean([m["min_psnr"] for m in model])), 2),
-            "engine_min_psnr": round(float(np.min([e["min_psnr"] for e in engine])), 2),
-            "engine_min_psnr_mean": round(float(np.mean([e["min_psnr"] for e in engine])), 2),
-            "model_min_psnr_vs_engine": round(float(np.min([m["min_psnr_vs_engine"] for m in model])), 2),
-            "model_min_psnr_vs_engine_mean": round(float(np.mean([m["min_psnr_vs_engine"] for m in model])), 2)}
+            "engine_change": _stat(engine, "change", np.mean, 3),
+            "model_change": _stat(model, "change", np.mean, 3),
+            "model_change_max": _stat(model, "change", np.max, 3),
+            "model_min_psnr": _stat(model, "min_psnr", np.min),
+            "model_min_psnr_mean": _stat(model, "min_psnr", np.mean),
+            "engine_min_psnr": _stat(engine, "min_psnr", np.min),
+            "engine_min_psnr_mean": _stat(engine, "min_psnr", np.mean),
+            "model_min_psnr_vs_engine": _stat(model, "min_psnr_vs_engine", np.min),
+            "model_min_psnr_vs_engine_mean": _stat(model, "min_psnr_vs_engine", np.mean)}
+
+
+def _stat(rows: list[dict], key: str, reduce, digits: int = 2) -> float:
+    """``reduce`` (np.mean, np.min, np.max) of ``key`` over the per-start ``rows``, rounded."""
+    return round(float(reduce([r[key] for r in rows])), digits)
 
 
 def _ratio(model: list[float], engine: list[float]) -> float | None:
