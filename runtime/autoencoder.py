@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime.codec import Codec, float_to_frames, frames_to_float, register_codec
+from runtime.codec import Codec, FrameDecoder, StreamingDecoder, float_to_frames, frames_to_float, register_codec
+from runtime.config import WARP_MODES
+from runtime.warp import CameraMotion, warp_frames
 
 
 @dataclass
@@ -36,6 +39,12 @@ class ConvAEConfig:
     # (None: identity). Normalised latents are what the world model sees.
     shift: list[float] | None = None
     scale: list[float] | None = None
+    # A refiner after the decoder (`FrameRefiner`, 0: none): at full resolution it blends the decoded frame
+    # with the frame shown before it, moved by the camera (`RefiningDecoder`), so texture the latents cannot
+    # place travels with the view and a still view stays as it was. Width, residual blocks, resampling.
+    refine_channels: int = 0
+    refine_blocks: int = 2
+    refine_warp: str = "bilinear"
 
     def __post_init__(self) -> None:
         lists = [self.encoder_channels, self.encoder_blocks, self.decoder_channels, self.decoder_blocks]
@@ -50,6 +59,11 @@ class ConvAEConfig:
                 raise ValueError(f"{name} needs {self.latent_channels} entries, got {len(v)}")
         if self.scale is not None and min(self.scale) <= 0:
             raise ValueError(f"scale entries must be > 0, got {self.scale}")
+        if self.refine_channels < 0 or self.refine_blocks < 0:
+            raise ValueError(f"refine_channels and refine_blocks must be >= 0, got {self.refine_channels}, "
+                             f"{self.refine_blocks}")
+        if self.refine_warp not in WARP_MODES:
+            raise ValueError(f"refine_warp must be one of {WARP_MODES}, got {self.refine_warp!r}")
 
 
 class ResBlock(nn.Module):
@@ -107,6 +121,54 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.blocks(self.conv_in(z))))
 
 
+MOTION_CHANNELS = 5   # translation right, down and log zoom (each a plane), then the flow right and down
+
+
+def motion_channels(motion: CameraMotion | None, n: int, height: int, width: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """``motion`` of ``n`` frames as planes ``[n, MOTION_CHANNELS, height, width]`` in pixels of the frame
+    (zoom as is); zeros where there is none."""
+    out = torch.zeros(n, MOTION_CHANNELS, height, width, device=device)
+    if motion is None:
+        return out
+    half = torch.tensor([width / 2, height / 2, 1.0], device=device)
+    out[:, :3] = (motion.shift.float().to(device) * half)[:, :, None, None]
+    if motion.flow is not None:
+        flow = F.interpolate(motion.flow.float().to(device), size=(height, width), mode="bilinear",
+                             align_corners=False)
+        out[:, 3:] = flow * half[:2, None, None]
+    return out
+
+
+class FrameRefiner(nn.Module):
+    """Draws a frame from its decode and the frame shown before it, already moved by the camera.
+
+    The per-frame decoder can only paint texture its 4x-smaller latents locate, so it paints an average
+    or a texture fixed to the latent grid; the engine's texture travels with the view. Where the decode
+    agrees with the moved previous frame, the refiner keeps the previous frame's pixels (``mask`` near 1);
+    where the view shows something new (an uncovered edge, an object moving) it keeps the decode, corrected
+    by a residual. Output ``mask * moved + (1 - mask) * (decoded + residual)``; it starts at the decode.
+    It also reads the motion itself (`motion_channels`): with no key held and no speed left the view does
+    not move, and a world model's small errors there are drift, not news.
+    """
+
+    def __init__(self, channels: int, blocks: int) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(6 + MOTION_CHANNELS, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResBlock(channels) for _ in range(blocks)])
+        self.conv_out = nn.Conv2d(channels, 4, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        with torch.no_grad():
+            self.conv_out.bias[0] = -4.0   # mask 0.018: a fresh refiner shows the decode
+
+    def forward(self, decoded: torch.Tensor, moved: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
+        """``decoded``, ``moved`` ``[n, 3, H, W]`` in [-1, 1], ``motion`` ``[n, MOTION_CHANNELS, H, W]``."""
+        h = self.conv_out(F.silu(self.blocks(self.conv_in(torch.cat([decoded, moved, motion], 1)))))
+        mask = torch.sigmoid(h[:, :1])
+        return mask * moved + (1 - mask) * (decoded + h[:, 1:])
+
+
 class ConvAutoencoder(Codec):
     """Codec interface: encode(uint8 [n,H,W,3]) -> latents [n,C,h,w]; decode(latents) -> uint8 frames."""
 
@@ -117,6 +179,8 @@ class ConvAutoencoder(Codec):
         self.cfg = cfg or ConvAEConfig()
         self.encoder = Encoder(self.cfg)
         self.decoder = Decoder(self.cfg)
+        refine = self.cfg.refine_channels
+        self.refiner = FrameRefiner(refine, self.cfg.refine_blocks) if refine else None
         c = self.cfg.latent_channels
         shift = torch.tensor(self.cfg.shift or [0.0] * c).view(1, c, 1, 1)
         scale = torch.tensor(self.cfg.scale or [1.0] * c).view(1, c, 1, 1)
@@ -175,6 +239,21 @@ class ConvAutoencoder(Codec):
             raise ValueError(f"expected latents [n, {self.cfg.latent_channels}, h, w], got {tuple(z.shape)}")
         return self.decoder(z * self.scale + self.shift)
 
+    def refine_unit(self, decoded: torch.Tensor, previous: torch.Tensor, motion: CameraMotion | None) -> torch.Tensor:
+        """Decoded frames ``[n, 3, H, W]`` (`decode_unit`) drawn on the frames shown before each, ``previous``
+        ``[n, 3, H, W]`` in [-1, 1], moved by ``motion`` (n frames; None: the view did not move)."""
+        if self.refiner is None:
+            raise ValueError("this codec has no refiner (ConvAEConfig.refine_channels)")
+        n, _, h, w = decoded.shape
+        planes = motion_channels(motion, n, h, w, decoded.device).to(decoded.dtype)
+        if motion is not None:
+            flow = None if motion.flow is None else motion.flow[:, None]
+            previous = warp_frames(previous[:, None], motion.shift[:, None], flow, self.cfg.refine_warp)[:, 0]
+        return self.refiner(decoded, previous.to(decoded.dtype), planes)
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        return RefiningDecoder(self) if self.refiner is not None else FrameDecoder(self)
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         p = next(self.parameters())
         return self.encode_unit(self.to_unit(frames.to(p.device)).to(p.dtype))
@@ -182,6 +261,46 @@ class ConvAutoencoder(Codec):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         p = next(self.parameters())
         return self.to_uint8(self.decode_unit(latents.to(p.device, p.dtype)).float())
+
+
+class RefiningDecoder(StreamingDecoder):
+    """A refining codec's stream: each frame is decoded, then drawn on the frame shown before it (kept
+    here, as shown: quantised), moved by the camera motion into it (`ConvAutoencoder.refine_unit`). The
+    stream starts from ``reset(last_frame)``, the real frame it continues; without one its first frame is
+    the plain decode."""
+
+    def __init__(self, codec: ConvAutoencoder) -> None:
+        self.codec = codec
+        self.previous: torch.Tensor | None = None
+        self.reset()
+
+    def reset(self, last_frame: np.ndarray | None = None) -> None:
+        if last_frame is None:
+            self.previous = None
+            return
+        p = next(self.codec.parameters())
+        self.previous = self.codec.to_unit(torch.as_tensor(np.asarray(last_frame))[None]).to(p.device, p.dtype)
+
+    def decode_chunk(self, latents: torch.Tensor, motion: CameraMotion | None = None) -> torch.Tensor:
+        p = next(self.codec.parameters())
+        decoded = self.codec.decode_unit(latents.to(p.device, p.dtype))
+        if motion is not None and len(motion.shift) != len(decoded):
+            raise ValueError(f"motion holds {len(motion.shift)} frames for {len(decoded)} latent frames")
+        out = []
+        for i in range(len(decoded)):
+            frame = decoded[i:i + 1]
+            if self.previous is not None:
+                step = None if motion is None else CameraMotion(
+                    motion.shift[i:i + 1], None if motion.flow is None else motion.flow[i:i + 1])
+                frame = self.codec.refine_unit(frame, self.previous, step)
+            shown = self.codec.to_uint8(frame.float())
+            self.previous = self.codec.to_unit(shown).to(p.device, p.dtype)
+            out.append(shown)
+        return torch.cat(out)
+
+    @property
+    def state_bytes(self) -> int:
+        return 0 if self.previous is None else self.previous.numel() * self.previous.element_size()
 
 
 register_codec(ConvAutoencoder.type_name, ConvAutoencoder)

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime.warp import CameraMotion
+
 
 class Codec(nn.Module, ABC):
     """encode: uint8 ``[n, H, W, 3]`` -> float ``[n, C, h, w]``; decode: the way back.
@@ -69,12 +71,15 @@ class StreamingDecoder(ABC):
     """
 
     @abstractmethod
-    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
-        """The next latent frames ``[n, C, h, w]`` -> the video frames they complete, uint8 ``[m, H, W, 3]``."""
+    def decode_chunk(self, latents: torch.Tensor, motion: CameraMotion | None = None) -> torch.Tensor:
+        """The next latent frames ``[n, C, h, w]`` -> the video frames they complete, uint8 ``[m, H, W, 3]``.
+        ``motion``: how the view moved into each of the ``n`` frames (`CausalDiT.camera_move`), for a decoder
+        that draws on the frame it showed last (`runtime.autoencoder.RefiningDecoder`); others ignore it."""
 
     @abstractmethod
-    def reset(self) -> None:
-        """Forget the stream: the next chunk is decoded as the first of a new one."""
+    def reset(self, last_frame: np.ndarray | None = None) -> None:
+        """Forget the stream: the next chunk is decoded as the first of a new one. ``last_frame``: the real
+        frame uint8 ``[H, W, 3]`` the stream continues from, for a decoder that draws on the frame before."""
 
     @property
     def state_bytes(self) -> int:
@@ -88,10 +93,10 @@ class FrameDecoder(StreamingDecoder):
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
 
-    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_chunk(self, latents: torch.Tensor, motion: CameraMotion | None = None) -> torch.Tensor:
         return self.codec.decode(latents)
 
-    def reset(self) -> None:
+    def reset(self, last_frame: np.ndarray | None = None) -> None:
         """Nothing to forget: per-frame decoding has no state."""
 
 

@@ -274,15 +274,14 @@ class OverlappedStream:
             torch.cuda.synchronize(self.session.device)
 
     def _launch_decode(self, x0: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        decoder = self.session.decoder
         if not self._cuda:
-            return decoder.decode_chunk(x0), None
+            return self.session.decode(x0), None
         ready = torch.cuda.Event()
         ready.record()
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
             x0.record_stream(self._stream)  # allocated on the main stream, read on this one
-            frames = decoder.decode_chunk(x0)
+            frames = self.session.decode(x0)
             host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
             host.copy_(frames, non_blocking=True)
             done = torch.cuda.Event()

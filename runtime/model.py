@@ -27,6 +27,7 @@ from runtime.attention import attention
 from runtime.config import ModelConfig
 from runtime.kv_cache import CacheGeometry, KVCache
 from runtime.rope import apply_rope, rope_angles, rope_cos_sin
+from runtime.warp import CameraMotion, warp_frames
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -51,23 +52,6 @@ def still_velocity(x_t: torch.Tensor, t: torch.Tensor, previous: torch.Tensor, s
     var = sigma * sigma
     v = (x_t.float() * (s - var * q) - s * previous.float()) / (var * q * q + s * s)
     return v.to(x_t.dtype)
-
-
-def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor | None = None,
-                mode: str = "bilinear") -> torch.Tensor:
-    """Move frames ``[B, F, C, H, W]`` by per-frame ``motion`` ``[B, F, 3]``: translation right and
-    down (in grid units, 2 = the whole width or height) and log zoom about the centre, and by a per-pixel
-    ``flow`` ``[B, F, 2, H, W]`` (right and down, grid units) on top. Resampled by ``mode`` (grid_sample's
-    bilinear or bicubic), edges repeated where the move uncovers them; zero motion is the identity."""
-    b, f, c, h, w = frames.shape
-    tx, ty, log_zoom = motion.float().flatten(0, 1).unbind(-1)
-    inv, zero = torch.exp(-log_zoom), torch.zeros_like(tx)
-    theta = torch.stack([torch.stack([inv, zero, -tx], -1), torch.stack([zero, inv, -ty], -1)], 1)
-    grid = F.affine_grid(theta, [b * f, c, h, w], align_corners=False)
-    if flow is not None:   # content moves by +flow: each pixel samples from where it came from
-        grid = grid - flow.float().flatten(0, 1).permute(0, 2, 3, 1)
-    out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode=mode, padding_mode="border", align_corners=False)
-    return out.view(b, f, c, h, w).to(frames.dtype)
 
 
 class MLPEmbedder(nn.Module):
@@ -329,13 +313,9 @@ class CausalDiT(nn.Module):
                 got = None if previous is None else list(previous.shape)
                 raise ValueError(f"this model stacks {cfg.stack_frames} previous frame(s): pass previous "
                                  f"{list(want)} (runtime.stacking.previous_frames), got {got}")
-            if self.camera_motion is not None and action is not None:
-                a = cfg.actions.dim
-                keys = action[..., :a].to(self.camera_motion.dtype)   # the held keys move by camera_motion,
-                flow = None                                         # their averages by camera_flow
-                if self.camera_flow is not None:
-                    flow = torch.einsum("bfa,aqhw->bfqhw", action[..., a:].to(self.camera_flow.dtype), self.camera_flow)
-                previous = warp_frames(previous, keys @ self.camera_motion, flow, cfg.warp_mode)
+            move = self.camera_move(action)
+            if move is not None:
+                previous = warp_frames(previous, move.shift, move.flow, cfg.warp_mode)
             x = torch.cat([x, previous.to(x.dtype)], dim=2)
         if cfg.text_dim and text is None:
             raise ValueError(f"this model has text cross-attention: pass text [B, L, {cfg.text_dim}]")
@@ -387,6 +367,19 @@ class CausalDiT(nn.Module):
         if cfg.still_prior:
             out = out + still_velocity(x_t, timestep, previous[:, :, :c], cfg.still_prior)
         return out
+
+    def camera_move(self, action: torch.Tensor | None) -> CameraMotion | None:
+        """How the view moves under each frame's action condition ``[B, F, A]`` (keys, then their running
+        averages): the held keys by ``camera_motion``, their averages by ``camera_flow``; shift ``[B, F, 3]``,
+        flow ``[B, F, 2, h, w]``. None for a model without a camera warp (or without actions)."""
+        if self.camera_motion is None or action is None:
+            return None
+        a = self.config.actions.dim
+        shift = action[..., :a].to(self.camera_motion.dtype) @ self.camera_motion
+        flow = None
+        if self.camera_flow is not None:
+            flow = torch.einsum("bfa,aqhw->bfqhw", action[..., a:].to(self.camera_flow.dtype), self.camera_flow)
+        return CameraMotion(shift, flow)
 
     @torch.no_grad()
     def rest_gate_scale(self, timestep: torch.Tensor, action: torch.Tensor | None) -> torch.Tensor:

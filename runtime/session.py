@@ -23,6 +23,7 @@ import torch
 from runtime.actions import ActionSpace
 from runtime.bundle import AUTO, DEFAULT_NAME, MODELS_DIR, RANDOM_TINY, Bundle, shipped_bundles
 from runtime.rollout import ChunkCondition, Rollout
+from runtime.warp import CameraMotion
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
@@ -96,7 +97,7 @@ class StreamSession:
         self._actions.reset()
         if action_history is not None:
             self._actions(action_history)   # advances the running average only
-        self.decoder.reset()
+        self._motion = None
         self._chunk_ms.clear()
         self._chunk_frames.clear()
         self._frames_out = 0
@@ -107,6 +108,7 @@ class StreamSession:
             context, context_actions = scenes.scene(seed)
         if context is not None:
             self._add_context(context, context_actions)
+        self.decoder.reset(last_frame=None if context is None else np.asarray(context)[-1])
         self._setup_ms = (time.perf_counter() - start) * 1000   # counted into the first frame's latency
 
     @torch.no_grad()
@@ -118,7 +120,7 @@ class StreamSession:
         start = time.perf_counter()
         x0 = self.generate_latents(action, audio, video)
         shown, self._shown = self._shown, None
-        frames = (shown if shown is not None else self.decoder.decode_chunk(x0)).cpu().numpy()
+        frames = (shown if shown is not None else self.decode(x0)).cpu().numpy()
         self.record_chunk((time.perf_counter() - start) * 1000, len(frames))
         return frames
 
@@ -129,15 +131,27 @@ class StreamSession:
         self._shown = None
         n = self._rollout.next_chunk_frames()
         cond = self._condition(n, [action] * n, audio, video)
+        move = self.bundle.model.camera_move(cond.action)
+        self._motion = None if move is None else CameraMotion(*(None if t is None else t[0] for t in move))
         cfg = self.config
         noise = torch.randn((1, n, cfg.in_channels, cfg.latent_height, cfg.latent_width),
                             generator=self._generator, device=self.device)
         return self._rollout.generate_chunk(noise, cond, steps=self.steps)[0]
 
+    @property
+    def motion(self) -> CameraMotion | None:
+        """How the view moved into the chunk just generated (`CausalDiT.camera_move`; None without a camera warp)."""
+        return self._motion
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The chunk just generated (`generate_latents`), latents ``[n, C, h, w]``, as uint8 frames: the stream's
+        decoder is told how the view moved into them (a refining decoder draws on the frame shown before)."""
+        return self.decoder.decode_chunk(latents, self._motion)
+
     def _reproject(self, latents: torch.Tensor) -> torch.Tensor:
         """``[1, n, C, h, w]`` generated latents -> the encoding of their decoded frames (`SamplerConfig.reproject`);
         the decoded frames are kept for `step` to show, so reprojecting costs one encode per frame."""
-        self._shown = self.decoder.decode_chunk(latents[0])
+        self._shown = self.decode(latents[0])
         return self.bundle.codec.encode(self._shown)[None].to(latents.dtype)
 
     def record_chunk(self, elapsed_ms: float, frames: int) -> None:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from runtime.codec import Codec, StreamingDecoder, float_to_frames, frames_to_float, register_codec
+from runtime.warp import CameraMotion
 
 # Wan2.1's VAE (diffusers' AutoencoderKLWan defaults, spelled out so a bundle's config is explicit).
 WAN21_VAE: dict[str, Any] = {
@@ -154,12 +156,12 @@ class WanStreamingDecoder(StreamingDecoder):
         self._slots = sum(type(m).__name__ == "WanCausalConv3d" for m in codec.vae.decoder.modules())
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, last_frame: np.ndarray | None = None) -> None:
         self._feat_cache: list[Any] = [None] * self._slots
         self._first = True
         self.latent_frames = 0  # latent frames decoded since the reset
 
-    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_chunk(self, latents: torch.Tensor, motion: CameraMotion | None = None) -> torch.Tensor:
         return float_to_frames(self.decode_pixels(latents))
 
     @torch.no_grad()

@@ -144,7 +144,7 @@ def _walking_clips(frames: int = 400) -> LatentClips:
 
 
 def test_warp_frames_flow_moves_each_pixel_by_its_own_offset():
-    from runtime.model import warp_frames
+    from runtime.warp import warp_frames
 
     frames = torch.randn(1, 2, 3, 6, 8, generator=torch.Generator().manual_seed(0))
     flow = torch.zeros(1, 2, 2, 6, 8)

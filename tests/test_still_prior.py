@@ -5,8 +5,9 @@ import torch
 
 from runtime import ChunkCondition, SamplerConfig
 from runtime.config import ModelConfig
-from runtime.model import still_velocity, warp_frames
+from runtime.model import still_velocity
 from runtime.rollout import Rollout
+from runtime.warp import warp_frames
 from tests.helpers import moving_clips, rollout_latents, tiny_model
 from training.camera import calibrate_camera_motion
 

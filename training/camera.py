@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.model import warp_frames
+from runtime.warp import warp_frames
 from training.latents import LatentClips
 
 
@@ -38,7 +38,7 @@ def _argmin_subpixel(err: torch.Tensor, max_shift: int) -> float:
 
 def calibrate_camera_motion(clips: LatentClips, action_dim: int, max_shift: int = 3, frames: int = 1024,
                             min_frames: int = 32, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """Per-key motion ``[action_dim, 3]`` (`runtime.model.warp_frames` units) and a report per key:
+    """Per-key motion ``[action_dim, 3]`` (`runtime.warp.warp_frames` units) and a report per key:
     the frames used, the translation in latent pixels, and the error of copy and of the shifted copy."""
     if not isinstance(clips.cond, torch.Tensor):
         raise ValueError("camera calibration needs action-conditioned clips")
@@ -87,7 +87,7 @@ def calibrate_camera_flow(clips: LatentClips, codec, action_dim: int, motion: to
                           frames: int = 512, min_frames: int = 32, min_speed: float = 0.7, seed: int = 0,
                           gains: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
                           ) -> tuple[torch.Tensor, dict]:
-    """Per-key flow ``[action_dim, 2, h, w]`` (`runtime.model.warp_frames` units per unit of the key's running
+    """Per-key flow ``[action_dim, 2, h, w]`` (`runtime.warp.warp_frames` units per unit of the key's running
     average) for a `camera_flow` model, and a report per key.
 
     ``clips`` hold the keys and their running averages (`LatentClips.with_momentum`). For each key whose

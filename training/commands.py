@@ -104,6 +104,19 @@ def _train_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_refiner(args: argparse.Namespace) -> int:
+    from training.refiner import RefinerTrainConfig, train_refiner
+
+    cfg = RefinerTrainConfig(data=args.data, out=args.out, init=args.init, motion=args.motion, steps=args.steps,
+                             batch=args.batch, unroll=args.unroll, channels=args.channels, blocks=args.blocks,
+                             warp=args.warp, lr=args.lr, edge_weight=args.edge_weight, latent_noise=args.latent_noise,
+                             latent_blur=args.latent_blur, student=args.student or "",
+                             student_chains=args.student_chains, student_share=args.student_share, seed=args.seed,
+                             ckpt_every_s=args.ckpt_every_s, threads=args.threads)
+    print(json.dumps(train_refiner(cfg)))
+    return 0
+
+
 def _eval_codec(args: argparse.Namespace) -> int:
     import torch
 
@@ -375,6 +388,37 @@ def register(commands) -> None:
     p.add_argument("--adversarial-pairs", action="store_true",
                    help="the discriminator judges consecutive frames together, so texture must travel with the view "
                         "(needs --adversarial-weight)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
+    p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
+    _threads_arg(p)
+
+    p = commands.add("refiner", help="train a codec's frame refiner: each frame drawn on the one shown before it, "
+                                     "moved by the camera (resumable: rerun continues)",
+                     func=_train_refiner, group="train")
+    p.add_argument("--data", required=True, help="training data dir (forcekit record)")
+    p.add_argument("--out", required=True, help="run dir: ckpt.pt, codec.json, codec.safetensors (ship --decoder)")
+    p.add_argument("--init", required=True, help="codec dir or bundle dir: the encoder and decoder, kept frozen")
+    p.add_argument("--motion", required=True,
+                   help="bundle with a camera warp whose measured key motion moves the previous frame")
+    p.add_argument("--steps", type=positive_int, default=3000, help="total optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=8, help="chains of real frames per step")
+    p.add_argument("--unroll", type=positive_int, default=4, help="frames per chain after its real first frame")
+    p.add_argument("--channels", type=positive_int, default=24, help="refiner width (full resolution)")
+    p.add_argument("--blocks", type=nonnegative_int, default=2, help="refiner residual blocks")
+    p.add_argument("--warp", default="bilinear", choices=list(WARP_MODES), help="how the previous frame is resampled")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--edge-weight", type=nonnegative_float, default=0.5,
+                   help="weight of the L1 loss on pixel differences")
+    p.add_argument("--latent-noise", type=nonnegative_float, default=0.1,
+                   help="latent noise std, relative to the batch's latent std (a world model's imperfect latents)")
+    p.add_argument("--latent-blur", type=fraction, default=0.5,
+                   help="chance a latent is blurred toward its 3x3 average")
+    p.add_argument("--student", default=None,
+                   help="world-model bundle whose own rollouts from real frames the refiner also learns on (its "
+                        "latents drift where the engine stands still)")
+    p.add_argument("--student-chains", type=positive_int, default=1024, help="chains the --student plays, once")
+    p.add_argument("--student-share", type=fraction, default=0.5,
+                   help="share of each batch from the --student's chains")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)

@@ -40,21 +40,29 @@ def scenes_from_data(data: str | os.PathLike, scenes: int, frames: int, seed: in
     return StartScenes(np.stack(out_frames), np.stack(out_actions).astype(np.float32))
 
 
+REFINER_FIELDS = ("refine_channels", "refine_blocks", "refine_warp")   # what a decoder swap may add or change
+
+
 def replace_decoder(b: Bundle, codec_dir: str | os.PathLike) -> None:
-    """Give ``b`` the decoder of the codec in ``codec_dir``, which must share the bundle codec's encoder,
-    latent normalisation and geometry (so the model's latents mean the same to both)."""
+    """Give ``b`` the decoder of the codec in ``codec_dir`` (and its frame refiner, or none), which must share
+    the bundle codec's encoder, latent normalisation and geometry (so the model's latents mean the same to both)."""
     from training.codec import load_codec
 
     new = load_codec(codec_dir)
     old = b.codec
-    if type(new) is not type(old) or new.config() != old.config():
+
+    def shared(codec) -> dict:
+        return {k: v for k, v in codec.config().items() if k not in REFINER_FIELDS}
+
+    if type(new) is not type(old) or shared(new) != shared(old):
         raise ValueError(f"--decoder {codec_dir}: its codec config differs from the bundle's (train it with "
-                         "`forcekit train codec --init BUNDLE --freeze-encoder`)")
+                         "`forcekit train codec --init BUNDLE --freeze-encoder` or `forcekit train refiner --init "
+                         "BUNDLE`)")
     for name, tensor in old.encoder.state_dict().items():
         if not torch.equal(tensor, new.encoder.state_dict()[name]):
             raise ValueError(f"--decoder {codec_dir}: its encoder differs from the bundle's ({name}); the model's "
                              "latents would not mean the same to it")
-    old.decoder.load_state_dict(new.decoder.state_dict())
+    b.codec = new.to(next(old.parameters()).device).eval()
 
 
 def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | None = None, scenes: int = 8,

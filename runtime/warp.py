@@ -1,0 +1,43 @@
+"""Moving frames by a camera motion: the one resampling the world model's camera warp and the
+refining decoder (`runtime.autoencoder.RefiningDecoder`) share.
+
+A motion is what `CausalDiT.camera_move` reads off the keys: per frame a translation right and down
+and a log zoom (``[.., 3]``), and optionally a per-pixel flow (``[.., 2, h, w]``). Both are in
+``grid_sample`` units (2 = the whole width or height), so one motion moves a 16x16 latent and the
+64x64 frame decoded from it alike.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class CameraMotion(NamedTuple):
+    """Per-frame motion of ``n`` frames: ``shift`` ``[n, 3]``, ``flow`` ``[n, 2, h, w]`` or None."""
+
+    shift: torch.Tensor
+    flow: torch.Tensor | None = None
+
+
+def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor | None = None,
+                mode: str = "bilinear") -> torch.Tensor:
+    """Move frames ``[B, F, C, H, W]`` by per-frame ``motion`` ``[B, F, 3]``: translation right and
+    down (in grid units, 2 = the whole width or height) and log zoom about the centre, and by a per-pixel
+    ``flow`` ``[B, F, 2, h, w]`` (right and down, grid units; resized to ``H x W`` where it differs) on top.
+    Resampled by ``mode`` (grid_sample's bilinear or bicubic), edges repeated where the move uncovers them;
+    zero motion is the identity."""
+    b, f, c, h, w = frames.shape
+    tx, ty, log_zoom = motion.float().flatten(0, 1).unbind(-1)
+    inv, zero = torch.exp(-log_zoom), torch.zeros_like(tx)
+    theta = torch.stack([torch.stack([inv, zero, -tx], -1), torch.stack([zero, inv, -ty], -1)], 1)
+    grid = F.affine_grid(theta, [b * f, c, h, w], align_corners=False)
+    if flow is not None:   # content moves by +flow: each pixel samples from where it came from
+        flow = flow.float().flatten(0, 1)
+        if flow.shape[-2:] != (h, w):
+            flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
+        grid = grid - flow.permute(0, 2, 3, 1)
+    out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.view(b, f, c, h, w).to(frames.dtype)

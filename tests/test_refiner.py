@@ -1,0 +1,195 @@
+"""The frame refiner (runtime/autoencoder.py `FrameRefiner`, `RefiningDecoder`; training/refiner.py): each
+frame drawn on the one shown before it, moved by the camera, in the codec, the session, training and ship."""
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import Bundle, ModelConfig
+from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
+from runtime.warp import CameraMotion, warp_frames
+from tests.test_worlds_codec import TINY, _frames
+from training.codec import save_codec
+
+SIZE = 16   # frames SIZE x SIZE; the tiny codec halves them
+
+
+def _codec(copying: bool = False, seed: int = 0) -> ConvAutoencoder:
+    """A tiny refining codec; ``copying``: its refiner's mask wide open (it shows the moved previous frame)."""
+    torch.manual_seed(seed)
+    codec = ConvAutoencoder(ConvAEConfig(**TINY, refine_channels=8, refine_blocks=1)).eval()
+    if copying:
+        with torch.no_grad():
+            codec.refiner.conv_out.bias[0] = 30.0
+    return codec
+
+
+def _shift(px: float, n: int = 1) -> CameraMotion:
+    """``n`` frames each moved ``px`` pixels right (grid units: 2 = the width)."""
+    return CameraMotion(torch.tensor([[2 * px / SIZE, 0.0, 0.0]]).repeat(n, 1))
+
+
+def test_a_flow_at_latent_size_moves_a_full_size_frame_by_the_same_share_of_it():
+    frames = torch.randn(1, 1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    flow = torch.zeros(1, 1, 2, SIZE // 4, SIZE // 4)
+    flow[:, :, 0] = 2 * 4 / SIZE          # four pixels right at full size, one at a quarter
+    moved = warp_frames(frames, torch.zeros(1, 1, 3), flow)
+    assert torch.allclose(moved[..., 4:], frames[..., :-4], atol=1e-5)
+
+
+def test_a_fresh_refiner_shows_the_decode_and_an_open_one_the_moved_previous_frame():
+    frames = _frames(2, SIZE)
+    fresh = _codec()
+    z = fresh.encode(frames[1:])
+    decoded = fresh.decode_unit(z)
+    previous = fresh.to_unit(frames[:1])
+    drawn = fresh.refine_unit(decoded, previous, None)
+    assert (drawn - decoded).abs().max() < 0.05 * (decoded - previous).abs().max()   # mask 0.018
+    copying = _codec(copying=True)
+    moved = copying.refine_unit(copying.decode_unit(z), previous, _shift(2))
+    assert torch.allclose(moved[..., 2:], previous[..., :-2], atol=1e-4)
+    with pytest.raises(ValueError, match="no refiner"):
+        ConvAutoencoder(ConvAEConfig(**TINY)).refine_unit(decoded, previous, None)
+    with pytest.raises(ValueError, match="refine_warp"):
+        ConvAEConfig(**TINY, refine_warp="nearest")
+
+
+def test_the_refining_stream_starts_from_the_real_frame_and_keeps_a_still_view_exactly():
+    frames = _frames(3, SIZE)
+    codec = _codec(copying=True)
+    stream = codec.streaming_decoder()
+    z = codec.encode(frames[1:])
+    stream.reset(last_frame=frames[0].numpy())
+    still = stream.decode_chunk(z, _shift(0, 2))
+    assert torch.equal(still, frames[:1].repeat(2, 1, 1, 1))          # the real frame, as it was, twice
+    assert stream.state_bytes == 3 * SIZE * SIZE * 4
+    turned = stream.decode_chunk(z[:1], _shift(2))
+    assert torch.equal(turned[0, :, 2:], frames[0, :, :-2])           # texture travels two pixels right
+    stream.reset()
+    assert torch.equal(stream.decode_chunk(z[:1]), codec.decode(z[:1]))   # no frame before: the plain decode
+    with pytest.raises(ValueError, match="motion holds 1 frames for 2"):
+        stream.decode_chunk(z, _shift(0, 1))
+    plain = ConvAutoencoder(ConvAEConfig(**TINY)).streaming_decoder()
+    plain.reset(last_frame=frames[0].numpy())
+    assert plain.state_bytes == 0
+
+
+def _warp_bundle(codec: ConvAutoencoder, path, turn_px: float = 2.0) -> Bundle:
+    """A fresh camera-warp world model (its residual 0: the still prior) on ``codec``; key 0 turns ``turn_px``
+    pixels right a frame."""
+    cfg = ModelConfig.tiny(in_channels=4, latent_height=SIZE // 2, latent_width=SIZE // 2, stack_frames=1,
+                           still_prior=0.5, camera_warp=True, window_frames=3, sink_frames=0)
+    bundle = Bundle.random(cfg, codec=codec)
+    with torch.no_grad():
+        bundle.model.camera_motion[0, 0] = 2 * turn_px / SIZE
+    bundle.save(path)
+    return Bundle.load(path)
+
+
+def test_a_session_hands_its_decoder_the_last_real_frame_and_the_keys_motion(tmp_path):
+    from runtime import open_session
+
+    frames = _frames(2, SIZE)
+    session = open_session(_warp_bundle(_codec(copying=True), tmp_path / "b"), steps=1)
+    session.reset(0, context=frames.numpy(), context_actions=[None, None])
+    assert np.array_equal(session.step(None)[0], frames[-1].numpy())          # no key: the view stays
+    turned = session.step(["forward"])[0]                                     # key 0 of the tiny space
+    assert np.array_equal(turned[:, 2:], frames[-1, :, :-2].numpy())
+    session.reset(0, context=frames.numpy(), context_actions=[None, None])
+    assert np.array_equal(session.step(None)[0], frames[-1].numpy())          # reset: from the context again
+
+
+def _chain_data(tmp_path, n: int = 48) -> str:
+    """One episode where key 0 is always held and the view moves two pixels right a frame."""
+    from training.data.shards import Episode, ShardStore
+
+    g = torch.Generator().manual_seed(0)
+    wide = torch.rand(1, 3, SIZE // 4, (SIZE + 2 * n) // 4, generator=g)
+    wide = torch.nn.functional.interpolate(wide, size=(SIZE, SIZE + 2 * n), mode="bilinear", align_corners=False)
+    frames = torch.stack([wide[0, :, :, 2 * (n - i): 2 * (n - i) + SIZE] for i in range(n)])
+    frames = (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    store = ShardStore(tmp_path / "data")
+    store.write_meta({"engine": "synthetic", "version": "0", "fps": 10.0, "resolution": [SIZE, SIZE],
+                      "action_space": {"keys": ["forward", "back", "left", "right", "attack"], "values": [],
+                                       "bindings": {}}})
+    actions = np.zeros((n, 5), np.float32)
+    actions[:, 0] = 1
+    store.append([Episode(frames, actions, seed=0)])
+    return str(tmp_path / "data")
+
+
+def test_train_refiner_learns_to_carry_the_moving_view_resumes_and_ships(tmp_path):
+    from training.refiner import RefinerTrainConfig, chain_loss, chain_starts, episode_conditions, train_refiner
+    from training.ship import ship
+
+    assert chain_starts([5, 2, 4], 2).tolist() == [0, 1, 2, 7, 8]
+    data = _chain_data(tmp_path)
+    base = ConvAutoencoder(ConvAEConfig(**TINY)).eval()     # an untrained decoder: the moved frame is worth more
+    save_codec(base, tmp_path / "base")
+    world = _warp_bundle(ConvAutoencoder(ConvAEConfig(**TINY)), tmp_path / "world")
+    cfg = RefinerTrainConfig(data=data, out=str(tmp_path / "r"), init=str(tmp_path / "base"),
+                             motion=str(tmp_path / "world"), steps=60, batch=4, unroll=3, channels=8, blocks=1,
+                             lr=1e-2, warmup=1, latent_noise=0.0, latent_blur=0.0)
+    from training.codec import load_frames
+
+    frames, lengths = load_frames(data)
+    actions = torch.zeros(len(frames), 5)
+    actions[:, 0] = 1
+    cond = episode_conditions(actions, lengths, world.config.action_condition())
+    rows = torch.arange(10, 14)[:, None] + torch.arange(4)
+
+    def loss(codec) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(chain_loss(codec, frames[rows], world.model.camera_move(cond[rows[:, 1:]]), cfg)[0])
+
+    from training.refiner import refiner_codec
+
+    torch.manual_seed(0)
+    before = loss(refiner_codec(base, cfg))        # a fresh refiner: the untrained decode
+    assert train_refiner(cfg, progress=False)["steps_this_run"] == 60
+    from training.codec import load_codec
+
+    trained = load_codec(tmp_path / "r")
+    assert loss(trained) < 0.5 * before
+    for name, t in base.state_dict().items():                  # encoder and decoder untouched
+        assert torch.equal(t, trained.state_dict()[name]), name
+    cfg.steps = 62
+    assert train_refiner(cfg, progress=False)["steps_this_run"] == 2
+    plain = _warp_bundle(base, tmp_path / "plain")
+    shipped = Bundle.load(ship(tmp_path / "plain", tmp_path / "shipped", decoder=str(tmp_path / "r")))
+    assert shipped.codec.config()["refine_channels"] == 8 and plain.codec.refiner is None
+    z = base.encode(frames[:2])
+    assert torch.equal(shipped.codec.encode(frames[:2]), z)
+    cfg.motion, cfg.out = str(tmp_path / "base"), str(tmp_path / "bad")
+    with pytest.raises((ValueError, FileNotFoundError)):
+        train_refiner(cfg, progress=False)
+
+
+def test_student_chains_are_the_world_models_own_latents_from_real_frames_and_train_the_refiner(tmp_path):
+    from training.codec import load_frames
+    from training.refiner import RefinerTrainConfig, episode_producers, student_chains, train_refiner
+
+    data = _chain_data(tmp_path, n=24)
+    codec = ConvAutoencoder(ConvAEConfig(**TINY)).eval()
+    save_codec(codec, tmp_path / "base")
+    _warp_bundle(codec, tmp_path / "world")
+    frames, lengths = load_frames(data)
+    actions = torch.zeros(len(frames), 5)
+    actions[:, 0] = 1
+    producers = episode_producers(actions, lengths)
+    assert producers[0].abs().sum() == 0 and torch.equal(producers[1:], actions[:-1])
+    own = student_chains(str(tmp_path / "world"), frames, producers, lengths, chains=3, unroll=2, context=2)
+    assert own.rows.shape == (3, 3) and torch.equal(own.rows[:, 1:] - own.rows[:, :1], torch.tensor([[1, 2]] * 3))
+    assert own.latents.shape == (3, 2, 4, SIZE // 2, SIZE // 2) and own.motion.flow is None
+    assert torch.allclose(own.motion.shift[..., 0], torch.full((3, 2), 2 * 2.0 / SIZE))   # key 0 held: 2 px
+    cfg = RefinerTrainConfig(data=data, out=str(tmp_path / "r"), init=str(tmp_path / "base"),
+                             motion=str(tmp_path / "world"), student=str(tmp_path / "world"), student_chains=4,
+                             student_share=0.5, steps=2, batch=4, unroll=2, channels=8, blocks=1, warmup=1)
+    assert "student_psnr" in train_refiner(cfg, progress=False)
+    assert (tmp_path / "r" / "student_chains.pt").is_file()
+    cfg.steps, cfg.student_share = 3, 1.0                       # resumed: the chains are read back, not replayed
+    assert train_refiner(cfg, progress=False)["steps_this_run"] == 1
+    cfg.student_share = 1.5
+    with pytest.raises(ValueError, match="student_share"):
+        train_refiner(cfg, progress=False)
