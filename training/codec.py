@@ -167,11 +167,12 @@ def codec_loss(model: ConvAutoencoder, batch_u8: torch.Tensor, l1_weight: float,
     return reconstruction_loss(x, y, l1_weight, edge_weight)
 
 
-def adversarial_step(model: ConvAutoencoder, disc: torch.nn.Module, disc_opt: torch.optim.Optimizer,
+def adversarial_step(last_layer: torch.Tensor, disc: torch.nn.Module, disc_opt: torch.optim.Optimizer,
                      x: torch.Tensor, ys: list[torch.Tensor], rec_loss: torch.Tensor,
                      weight: float) -> tuple[torch.Tensor, dict]:
-    """One discriminator update on x (real) against each decoded batch in ys, then the decoder's total
-    loss: the reconstruction plus the adaptively weighted hinge generator loss."""
+    """One discriminator update on x (real) against each decoded batch in ys, then the generator's total
+    loss: the reconstruction plus the hinge generator loss, weighted adaptively at ``last_layer`` (the
+    generator's output weight)."""
     from training.discriminator import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss
 
     real_logits = disc(x)
@@ -180,7 +181,7 @@ def adversarial_step(model: ConvAutoencoder, disc: torch.nn.Module, disc_opt: to
     d_loss.backward()
     disc_opt.step()
     g_loss = sum(hinge_generator_loss(disc(y)) for y in ys) / len(ys)
-    scale = weight * adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight)
+    scale = weight * adaptive_weight(rec_loss, g_loss, last_layer)
     total = rec_loss + scale * g_loss
     return total, {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()), "adv_scale": float(scale)}
 
@@ -371,7 +372,8 @@ def train_codec(cfg: CodecTrainConfig, model_cfg: ConvAEConfig | None = None,
             decoded.append(judged(y_fake))
             stats["layout_l1"] = float(layout.detach())
         if disc is not None:
-            loss, adv = adversarial_step(model, disc, disc_opt, judged(x), decoded, loss, cfg.adversarial_weight)
+            loss, adv = adversarial_step(model.decoder.conv_out.weight, disc, disc_opt, judged(x), decoded, loss,
+                                         cfg.adversarial_weight)
             stats.update(adv)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -111,7 +111,8 @@ def _train_refiner(args: argparse.Namespace) -> int:
                              batch=args.batch, unroll=args.unroll, channels=args.channels, blocks=args.blocks,
                              warp=args.warp, lr=args.lr, edge_weight=args.edge_weight, latent_noise=args.latent_noise,
                              latent_blur=args.latent_blur, student=args.student or "",
-                             student_chains=args.student_chains, student_share=args.student_share, seed=args.seed,
+                             student_chains=args.student_chains, student_share=args.student_share,
+                             adversarial_weight=args.adversarial_weight, lowpass=args.lowpass, seed=args.seed,
                              ckpt_every_s=args.ckpt_every_s, threads=args.threads)
     print(json.dumps(train_refiner(cfg)))
     return 0
@@ -419,6 +420,10 @@ def register(commands) -> None:
     p.add_argument("--student-chains", type=positive_int, default=1024, help="chains the --student plays, once")
     p.add_argument("--student-share", type=fraction, default=0.5,
                    help="share of each batch from the --student's chains")
+    p.add_argument("--adversarial-weight", type=nonnegative_float, default=0.0,
+                   help="judge the drawn frames with a patch discriminator, this times the adaptive weight")
+    p.add_argument("--lowpass", type=positive_int, default=1,
+                   help="compare drawn and real frames averaged over NxN pixels (the texture left to the judge)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
