@@ -213,3 +213,40 @@ def test_a_lowpass_chain_loss_leaves_texture_within_a_block_to_the_judge():
         pooled = chain_loss(codec, chain, still, RefinerTrainConfig(lowpass=4, edge_weight=0), z)[0]
         plain = chain_loss(codec, chain, still, RefinerTrainConfig(lowpass=1, edge_weight=0), z)[0]
     assert float(pooled) < 1e-6 < float(plain)
+
+
+def test_rest_chains_start_where_the_engine_stands_still_and_aim_at_the_still_frame(tmp_path):
+    from training.refiner import chain_starts, episode_producers, rest_starts, student_chains
+
+    moving = torch.from_numpy(np.asarray(_frames(12, SIZE)))
+    still = moving[-1:].repeat(12, 1, 1, 1)
+    frames = torch.cat([moving, still])                     # 12 moving frames, then 12 of one still view
+    actions = torch.zeros(24, 5)
+    actions[:12, 0] = 1                                     # key 0 held while it moves (frames 1-12)
+    producers = episode_producers(actions, [24])
+    found = rest_starts(frames, producers, chain_starts([24], 5), 6)
+    assert len(found) and found.min() >= 12                 # only inside the still stretch, after the key
+    codec = ConvAutoencoder(ConvAEConfig(**TINY)).eval()
+    _warp_bundle(codec, tmp_path / "world")
+    rest = student_chains(str(tmp_path / "world"), frames, producers, [24], chains=3, unroll=2, context=2,
+                          rest_skip=5)
+    assert (rest.rows == rest.rows[:, :1]).all() and rest.rows.min() >= 13    # every target: the still frame
+    assert rest.motion.shift.abs().max() == 0                                   # no key, no motion
+    with pytest.raises(ValueError, match="stands still"):
+        student_chains(str(tmp_path / "world"), moving, producers[:12], [12], chains=1, unroll=2, context=2,
+                       rest_skip=5)
+    from training.data.shards import Episode, ShardStore
+    from training.refiner import RefinerTrainConfig, train_refiner
+
+    store = ShardStore(tmp_path / "data")
+    store.write_meta({"engine": "synthetic", "version": "0", "fps": 10.0, "resolution": [SIZE, SIZE],
+                      "action_space": {"keys": ["forward", "back", "left", "right", "attack"], "values": [],
+                                       "bindings": {}}})
+    store.append([Episode(frames.numpy(), actions.numpy(), seed=0)])
+    save_codec(codec, tmp_path / "base")
+    cfg = RefinerTrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "r"), init=str(tmp_path / "base"),
+                             motion=str(tmp_path / "world"), student=str(tmp_path / "world"), student_chains=2,
+                             rest_chains=3, rest_skip=4, steps=1, batch=2, unroll=2, channels=8, blocks=1, warmup=1)
+    train_refiner(cfg, progress=False)
+    saved = torch.load(tmp_path / "r" / "student_chains.pt", weights_only=True)
+    assert saved["rows"].shape == (5, 3) and (saved["rows"][2:] == saved["rows"][2:, :1]).all()

@@ -112,6 +112,7 @@ def _train_refiner(args: argparse.Namespace) -> int:
                              warp=args.warp, lr=args.lr, edge_weight=args.edge_weight, latent_noise=args.latent_noise,
                              latent_blur=args.latent_blur, student=args.student or "",
                              student_chains=args.student_chains, student_share=args.student_share,
+                             rest_chains=args.rest_chains, rest_skip=args.rest_skip,
                              adversarial_weight=args.adversarial_weight, lowpass=args.lowpass, seed=args.seed,
                              ckpt_every_s=args.ckpt_every_s, threads=args.threads)
     print(json.dumps(train_refiner(cfg)))
@@ -420,6 +421,10 @@ def register(commands) -> None:
     p.add_argument("--student-chains", type=positive_int, default=1024, help="chains the --student plays, once")
     p.add_argument("--student-share", type=fraction, default=0.5,
                    help="share of each batch from the --student's chains")
+    p.add_argument("--rest-chains", type=nonnegative_int, default=0,
+                   help="also this many --student chains from still stretches, after up to --rest-skip unseen no-key "
+                        "frames, every target the still real frame")
+    p.add_argument("--rest-skip", type=positive_int, default=256, help="most no-key frames played before a rest chain")
     p.add_argument("--adversarial-weight", type=nonnegative_float, default=0.0,
                    help="judge the drawn frames with a patch discriminator, this times the adaptive weight")
     p.add_argument("--lowpass", type=positive_int, default=1,

@@ -53,6 +53,11 @@ class RefinerTrainConfig:
     student: str = ""
     student_chains: int = 1024
     student_share: float = 0.5
+    # Rest chains of the student (`student_chains` with rest_skip): this many more, each after up to rest_skip
+    # unseen no-key frames, every target the still real frame; a still view then stays still however far the
+    # student's latents have drifted.
+    rest_chains: int = 0
+    rest_skip: int = 256
     # A patch discriminator judging the drawn frames against the real ones (x the adaptive weight, 0: none):
     # where the moved previous frame is close but not exact (a turn streams Doom's floor a little unlike a
     # scroll) the plain loss prefers the decode's blur; the judge prefers the sharp texture that travelled.
@@ -146,38 +151,71 @@ class StudentChains:
     motion: CameraMotion      # shift [n, unroll, 3], flow [n, unroll, 2, h, w] or None: what its session moved
 
 
+def rest_starts(frames: torch.Tensor, producers: torch.Tensor, starts: torch.Tensor, span: int,
+                min_db: float = 40.0) -> torch.Tensor:
+    """The ``starts`` whose ``span`` frames were all produced with no key held and stay within ``min_db`` PSNR of
+    their first: where the engine stands still (its momentum run out)."""
+    keep = []
+    for s in starts.tolist():
+        if producers[s + 1:s + span].abs().sum() > 0:
+            continue
+        window = frames[s:s + span].float()
+        mse = (window - window[:1]).pow(2).flatten(1).mean(1).max()
+        if mse <= 255.0 ** 2 / 10 ** (min_db / 10):
+            keep.append(s)
+    return torch.tensor(keep, dtype=torch.long)
+
+
 @torch.no_grad()
 def student_chains(bundle: str, frames: torch.Tensor, producers: torch.Tensor, lengths: list[int], chains: int,
-                   unroll: int, context: int = 4, seed: int = 0, progress: bool = False) -> StudentChains:
+                   unroll: int, context: int = 4, seed: int = 0, rest_skip: int = 0,
+                   progress: bool = False) -> StudentChains:
     """``chains`` random chains of the recorded episodes (``frames`` concatenated, ``producers[t]`` the action that
     produced frame t) played by ``bundle``'s session: from ``context`` real frames (its key momentum from the
     episode's keys before them), ``unroll`` frames under the recorded keys. The refiner learns on them what a
-    world model's own latents look like, drift at rest included, against the real frames they stand for."""
+    world model's own latents look like, drift at rest included, against the real frames they stand for.
+
+    ``rest_skip`` > 0: *rest chains* instead, from starts where the engine stands still (`rest_starts`); the
+    session first plays 0..rest_skip no-key frames unseen, so the chain's latents have drifted as far as a long
+    still view drifts, and every target is the last real frame: the engine's frame does not change at rest."""
     from tqdm import tqdm
 
     from runtime import open_session
 
     session = open_session(bundle)
     starts = chain_starts(lengths, context - 1 + unroll)
+    if rest_skip:
+        starts = rest_starts(frames, producers, starts, context + unroll)
+        if not len(starts):
+            raise ValueError("no stretch of the data stands still for a rest chain (no key, frames unchanged)")
     episode_start = torch.repeat_interleave(torch.tensor([0, *lengths[:-1]]).cumsum(0), torch.tensor(lengths))
     g = torch.Generator().manual_seed(seed)
     rows, latents, shifts, flows = [], [], [], []
     for i, s in enumerate(tqdm(starts[torch.randint(len(starts), (chains,), generator=g)].tolist(),
-                               desc="student chains", disable=not progress)):
+                               desc="rest chains" if rest_skip else "student chains", disable=not progress)):
         last = s + context - 1
         session.reset(seed + i, context=frames[s:last + 1].numpy(),
                       context_actions=list(producers[s:last + 1].numpy()),
                       action_history=list(producers[int(episode_start[s]):s].numpy()))
+        no_key = torch.zeros_like(producers[0]).numpy()
+        for _ in range(int(torch.randint(rest_skip + 1, (1,), generator=g)) if rest_skip else 0):
+            session.generate_latents(no_key)
         z, moves = [], []
         for h in range(unroll):
-            z.append(session.generate_latents(producers[last + 1 + h].numpy()))
+            z.append(session.generate_latents(no_key if rest_skip else producers[last + 1 + h].numpy()))
             moves.append(session.motion)
-        rows.append(torch.arange(last, last + 1 + unroll))
+        rows.append(torch.full((1 + unroll,), last) if rest_skip else torch.arange(last, last + 1 + unroll))
         latents.append(torch.cat(z))
         shifts.append(torch.cat([m.shift for m in moves]))
         flows.append(None if moves[0].flow is None else torch.cat([m.flow for m in moves]))
     flow = None if flows[0] is None else torch.stack(flows)
     return StudentChains(torch.stack(rows), torch.stack(latents).float(), CameraMotion(torch.stack(shifts), flow))
+
+
+def _joined(a: StudentChains, b: StudentChains) -> StudentChains:
+    flow = None if a.motion.flow is None else torch.cat([a.motion.flow, b.motion.flow])
+    return StudentChains(torch.cat([a.rows, b.rows]), torch.cat([a.latents, b.latents]),
+                         CameraMotion(torch.cat([a.motion.shift, b.motion.shift]), flow))
 
 
 def refiner_codec(init: ConvAutoencoder, cfg: RefinerTrainConfig) -> ConvAutoencoder:
@@ -257,6 +295,9 @@ def train_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> dict:
         else:
             own = student_chains(cfg.student, frames, producers, lengths, cfg.student_chains, cfg.unroll,
                                  seed=cfg.seed, progress=progress)
+            if cfg.rest_chains:
+                own = _joined(own, student_chains(cfg.student, frames, producers, lengths, cfg.rest_chains, cfg.unroll,
+                                                  seed=cfg.seed + 1, rest_skip=cfg.rest_skip, progress=progress))
             save_checkpoint(cached, {"rows": own.rows, "latents": own.latents, "shift": own.motion.shift,
                                      **({} if own.motion.flow is None else {"flow": own.motion.flow})})
     mine = round(cfg.batch * cfg.student_share) if own is not None else 0
