@@ -20,12 +20,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
+
 from training.checkpoint import (
     Every,
     load_checkpoint,
@@ -35,6 +37,9 @@ from training.checkpoint import (
     set_rng_state,
     tensorboard_writer,
 )
+
+if TYPE_CHECKING:
+    from training.refiner import RefinerTrainConfig
 
 
 @dataclass
@@ -80,7 +85,8 @@ class CodecTrainConfig:
     threads: int = 0                # torch threads (0: leave as is)
 
 
-def lr_at(cfg: CodecTrainConfig, step: int) -> float:
+def lr_at(cfg: CodecTrainConfig | RefinerTrainConfig, step: int) -> float:
+    """Linear warmup to ``cfg.lr``, then a cosine to ``cfg.min_lr`` at ``cfg.steps``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))

@@ -16,7 +16,6 @@ codec still decodes as before, and the refiner is the only new part. Output dire
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from runtime.autoencoder import ConvAEConfig, ConvAutoencoder, FrameRefiner
 from runtime.warp import CameraMotion
 from training.checkpoint import Every, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from training.codec import adversarial_step, blur_latents, reconstruction_loss, save_codec
+from training.codec import adversarial_step, blur_latents, lr_at, reconstruction_loss, save_codec
 
 
 @dataclass
@@ -72,13 +71,6 @@ class RefinerTrainConfig:
     ckpt_every_s: float = 180.0
     log_every: int = 50
     threads: int = 0
-
-
-def lr_at(cfg: RefinerTrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
 def episode_producers(actions: torch.Tensor, lengths: list[int]) -> torch.Tensor:
