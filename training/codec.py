@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
-
 from training.checkpoint import (
     Every,
     load_checkpoint,
