@@ -37,7 +37,7 @@ fi
 # The recipe calls "$FK" as one word: a wrapper runs this checkout's forcekit with $PY.
 printf '#!/usr/bin/env bash\nPYTHONPATH=%q exec %q -m forcekit "$@"\n' "$PWD" "$(command -v "$PY")" > "$WORK/bin/forcekit"
 chmod +x "$WORK/bin/forcekit"
-export FK=$WORK/bin/forcekit DATA=$WORK/data RUNS=$WORK/runs CODEC=models/default IDLE_PROB=0.06
+export FK=$WORK/bin/forcekit DATA=$WORK/data RUNS=$WORK/runs CODEC=models/health_gathering_guided IDLE_PROB=0.06
 export TRAIN=$DATA/hg_train_idle WARP_EVAL=0 RECORD_JOBS=$(nproc)
 EVAL_EPISODES=16 CONTROL_EPISODES=8 STILL=64 TEACHER_EPISODES=4 HORIZON=64 HOLD=8 GAP_CLIPS=256
 if [[ $TINY == 1 ]]; then

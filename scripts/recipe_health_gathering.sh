@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole recipe for the shipped default world model (ViZDoom health_gathering, 64x64):
 # record -> codec -> bidirectional teacher -> probe -> causal teacher -> dCM -> SF-DMD -> guidance distillation ->
-# evaluation against the engine and of the controls -> ship (models/default) -> speed and long-play checks.
+# evaluation against the engine and of the controls -> ship (the previous default, models/health_gathering_guided)
+# -> refine (the told SF-DMD student with a frame refiner: models/default) -> speed and long-play checks.
 #
 # Every stage is resumable: each command continues from its run dir's checkpoint, and a stage
 # whose bundle (or result file) exists is skipped. Rerun the script after an interruption.
 #
 #   DATA=/work/data RUNS=/work/runs scripts/recipe_health_gathering.sh [stage ...]
 #
-# Stages: record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay (default: all, in order);
+# Stages: record codec teacher probe causal dcm dmd guidance eval controls ship refine bench longplay (default: all, in order);
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
 # walk (the keys' running average and the flow of walking), rest (walk with unbiased stack noise) and told (rest,
 # the model told the stack noise level), sharp (told, self-forced on long rollouts, with an adversarially
@@ -288,10 +289,26 @@ stage_controls() {
     done
 }
 stage_ship() {
-    # The shipped default: the guidance-distilled SF-DMD student at 1 step, with 8 real start scenes from
-    # held-out episodes. The card (models/default/card.md) holds the figures measured in our run.
-    "$FK" ship --bundle "$RUNS/guidance/bundle" --out models/default --start-data "$HELDOUT" --scenes 8 --scene-frames 4 \
+    # The previous default (until 2026-12-07): the guidance-distilled SF-DMD student at 1 step, with 8 real start
+    # scenes from held-out episodes. Its card (models/health_gathering_guided/card.md) holds the figures of our run.
+    "$FK" ship --bundle "$RUNS/guidance/bundle" --out models/health_gathering_guided --start-data "$HELDOUT" \
+        --scenes 8 --scene-frames 4 --steps 1 --seed 1 --card models/health_gathering_guided/card.md \
+        --name health_gathering_guided
+}
+stage_refine() {
+    # The shipped default: the told SF-DMD student (TOLD_SF: the committed models/health_gathering_told_sf, or the
+    # sharp stage's $RUNS/told/dmd_long/bundle) with a frame refiner after its decoder, trained on its own chains and
+    # on rest chains (docs/world_controls.md, thirteenth sitting). Rest chains need stretches where the engine stands
+    # still: our run had TRAIN=$DATA/hg_train_idle, recorded with IDLE_PROB=0.06. The card holds our figures.
+    local F=${TOLD_SF:-models/health_gathering_told_sf} S=$RUNS/refine
+    [[ -f $S/codec.json && -f $S/done ]] || { timed refiner "$FK" train refiner --data "$TRAIN" --out "$S" --init "$F" \
+        --motion "$F" --student "$F" --rest-chains 256 --rest-skip 256 --adversarial-weight 0.5 \
+        --steps "${REFINER_STEPS:-1200}" --threads 1 && touch "$S/done"; }
+    "$FK" ship --bundle "$F" --decoder "$S" --out models/default --start-data "$HELDOUT" --scenes 8 --scene-frames 4 \
         --steps 1 --seed 1 --card models/default/card.md --name default
+    mkdir -p "$RUNS/eval" "$RUNS/controls"
+    eval_row default_1 models/default 1
+    controls_row default_1 models/default 1
 }
 stage_bench() {
     mkdir -p "$RUNS/bench"
@@ -313,7 +330,7 @@ stage_longplay() {
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0   # sourced (scripts/gpu_recipe.sh): the stages only
 mkdir -p "$RUNS"
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd guidance eval controls ship bench longplay)
+[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd guidance eval controls ship refine bench longplay)
 for s in "${stages[@]}"; do
     log "stage $s"
     "stage_$s"
