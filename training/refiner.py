@@ -7,8 +7,11 @@ previous output moved by the camera motion of that frame, and compared with the 
 frames per chain, the gradient through the whole chain, so the refiner learns not to let its own small
 errors pile up. The camera motion comes from a world model (``motion``: a bundle with a camera warp):
 its measured per-key motion under each frame's recorded keys and their running average, exactly what
-the session hands the decoder at play time. Encoder and decoder stay frozen: every world model on the
-codec still decodes as before, and the refiner is the only new part. Output directory:
+the session hands the decoder at play time. With a ``student`` (a world model), part of every batch is
+chains it played itself from real frames (`student_chains`): a world model's latents drift where the engine
+stands still, and rest chains (after up to ``rest_skip`` unseen no-key frames, every target the still real
+frame) teach the refiner to keep a still view however far they drifted. Encoder and decoder stay frozen:
+every world model on the codec still decodes as before, and the refiner is the only new part. Output directory:
     ckpt.pt            training state (resume)
     codec.json         the codec config with the refiner (``refine_channels``, ...)
     codec.safetensors  the codec's weights, refiner included (`forcekit ship --decoder` takes the directory)
