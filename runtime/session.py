@@ -97,6 +97,7 @@ class StreamSession:
         self._actions.reset()
         if action_history is not None:
             self._actions(action_history)   # advances the running average only
+        self.decoder.reset()
         self._motion = None
         self._chunk_ms.clear()
         self._chunk_frames.clear()
@@ -108,7 +109,7 @@ class StreamSession:
             context, context_actions = scenes.scene(seed)
         if context is not None:
             self._add_context(context, context_actions)
-        self.decoder.reset(last_frame=None if context is None else np.asarray(context)[-1])
+            self.decoder.reset(last_frame=np.asarray(context)[-1])   # a refining decoder draws on it first
         self._setup_ms = (time.perf_counter() - start) * 1000   # counted into the first frame's latency
 
     @torch.no_grad()
