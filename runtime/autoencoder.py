@@ -290,8 +290,7 @@ class RefiningDecoder(StreamingDecoder):
         for i in range(len(decoded)):
             frame = decoded[i:i + 1]
             if self.previous is not None:
-                step = None if motion is None else CameraMotion(
-                    motion.shift[i:i + 1], None if motion.flow is None else motion.flow[i:i + 1])
+                step = None if motion is None else motion.at(slice(i, i + 1))
                 frame = self.codec.refine_unit(frame, self.previous, step)
             shown = self.codec.to_uint8(frame.float())
             self.previous = self.codec.to_unit(shown).to(p.device, p.dtype)

@@ -133,7 +133,7 @@ class StreamSession:
         n = self._rollout.next_chunk_frames()
         cond = self._condition(n, [action] * n, audio, video)
         move = self.bundle.model.camera_move(cond.action)
-        self._motion = None if move is None else CameraMotion(*(None if t is None else t[0] for t in move))
+        self._motion = None if move is None else move.at(0)   # the stream's one batch row
         cfg = self.config
         noise = torch.randn((1, n, cfg.in_channels, cfg.latent_height, cfg.latent_width),
                             generator=self._generator, device=self.device)

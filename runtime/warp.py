@@ -21,6 +21,11 @@ class CameraMotion(NamedTuple):
     shift: torch.Tensor
     flow: torch.Tensor | None = None
 
+    def at(self, index) -> CameraMotion:
+        """The motion of the frames ``index`` picks (an int, a slice, a tensor of indices, or a tuple of
+        those, as on the leading axes of ``shift``), the flow alike."""
+        return CameraMotion(self.shift[index], None if self.flow is None else self.flow[index])
+
 
 def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor | None = None,
                 mode: str = "bilinear") -> torch.Tensor:

@@ -128,8 +128,7 @@ def chain_loss(codec: ConvAutoencoder, frames: torch.Tensor, motion: CameraMotio
         decoded = codec.decode_unit(z).view(b, k, *x.shape[2:])
     previous, total, stats, drawn = x[:, 0], 0.0, {}, []
     for i in range(k):
-        step = CameraMotion(motion.shift[:, i], None if motion.flow is None else motion.flow[:, i])
-        drawn.append(codec.refine_unit(decoded[:, i], previous, step))
+        drawn.append(codec.refine_unit(decoded[:, i], previous, motion.at((slice(None), i))))
         loss, stats = reconstruction_loss(_lowpass(x[:, i + 1], cfg.lowpass), _lowpass(drawn[-1], cfg.lowpass),
                                           cfg.l1_weight, cfg.edge_weight)
         total = total + loss / k
@@ -335,9 +334,8 @@ def train_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> dict:
             real.append(frames[rows[:, 1:]])
         if mine:
             pick = torch.randint(len(own.rows), (mine,), generator=gen)
-            flow = None if own.motion.flow is None else own.motion.flow[pick]
-            parts.append((mine, *chain_loss(codec, frames[own.rows[pick]], CameraMotion(own.motion.shift[pick], flow),
-                                            cfg, own.latents[pick])))
+            parts.append((mine, *chain_loss(codec, frames[own.rows[pick]], own.motion.at(pick), cfg,
+                                            own.latents[pick])))
             real.append(frames[own.rows[pick, 1:]])
         loss = sum(n * part for n, part, _, _ in parts) / cfg.batch
         stats = {**parts[0][2], "loss": float(loss.detach())}
