@@ -250,3 +250,15 @@ def test_rest_chains_start_where_the_engine_stands_still_and_aim_at_the_still_fr
     train_refiner(cfg, progress=False)
     saved = torch.load(tmp_path / "r" / "student_chains.pt", weights_only=True)
     assert saved["rows"].shape == (5, 3) and (saved["rows"][2:] == saved["rows"][2:, :1]).all()
+
+
+def test_a_dataset_gives_every_action_row_for_row_with_its_frames(tmp_path):
+    from training.data import ClipDataset
+
+    data = _chain_data(tmp_path, n=10)
+    clips = ClipDataset(data, clip_frames=1)
+    frames, actions = clips.all_frames(), clips.all_actions()
+    assert frames.shape[0] == actions.shape[0] == 10 and actions.dtype == np.float32
+    assert (actions[:, 0] == 1).all() and (actions[:, 1:] == 0).all()
+    empty = ClipDataset(data, clip_frames=1, seeds={99})
+    assert empty.all_actions().shape == (0, 5)

@@ -71,12 +71,11 @@ def pairs(data: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from training.data import ClipDataset
 
     ds = ClipDataset(data, clip_frames=2)
-    frames = torch.from_numpy(ds.all_frames())
+    frames, every = torch.from_numpy(ds.all_frames()), torch.from_numpy(ds.all_actions())
     actions, before, row = [], [], 0
-    for si, start, length, _ in ds.episode_rows:
-        acts = torch.from_numpy(ds.load_shard(si)["actions"][start:start + length])
+    for _, _, length, _ in ds.episode_rows:
         before.append(torch.arange(row, row + length - 1))
-        actions.append(acts[:-1])
+        actions.append(every[row:row + length - 1])
         row += length
     idx = torch.cat(before)
     return frames, idx, torch.cat(actions)

@@ -240,7 +240,7 @@ def train_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from runtime import Bundle
-    from training.codec import load_frames
+    from training.data import ClipDataset
 
     if cfg.unroll < 1:
         raise ValueError(f"unroll must be >= 1, got {cfg.unroll}")
@@ -269,12 +269,9 @@ def train_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> dict:
         disc = PatchDiscriminator()
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
 
-    frames, lengths = load_frames(cfg.data)
-    from training.data import ClipDataset
-
-    clips = ClipDataset(cfg.data, clip_frames=1)
-    actions = torch.cat([torch.from_numpy(clips.load_shard(si)["actions"][row:row + n])
-                         for si, row, n, _ in clips.episode_rows])
+    clips = ClipDataset(cfg.data, clip_frames=1)     # one pass over the shards: frames and actions
+    frames, actions = torch.from_numpy(clips.all_frames()), torch.from_numpy(clips.all_actions())
+    lengths = [n for _, _, n, _ in clips.episode_rows]
     producers = episode_producers(actions, lengths)
     conditions = episode_conditions(producers, lengths, world.config.action_condition())
     starts = chain_starts(lengths, cfg.unroll)

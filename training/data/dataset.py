@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.data.shards import ShardStore, open_shard
+from training.data.shards import ShardStore, action_dim, open_shard
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -87,3 +87,9 @@ class ClipDataset(torch.utils.data.Dataset):
         h, w = self.meta["resolution"]
         out = [self.load_shard(si)["frames"][row: row + length] for si, row, length, _ in self.episode_rows]
         return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.uint8)
+
+    def all_actions(self) -> np.ndarray:
+        """Every recorded action of the kept episodes, float32 [N, D], row for row with `all_frames` (row t
+        produced frame t + 1 of its episode)."""
+        out = [self.load_shard(si)["actions"][row: row + length] for si, row, length, _ in self.episode_rows]
+        return np.concatenate(out) if out else np.zeros((0, action_dim(self.meta)), np.float32)

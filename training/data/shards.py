@@ -174,12 +174,17 @@ def open_shard(path: Path, members: tuple[str, ...] = MEMBERS) -> dict[str, np.n
         raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
 
 
+def action_dim(meta: dict) -> int:
+    """Width of a recorded action row: one entry per key, then one per value."""
+    return len(meta["action_space"]["keys"]) + len(meta["action_space"].get("values", []))
+
+
 def verify_shard(path: Path, meta: dict) -> dict[str, np.ndarray]:
     """Read every byte of a shard (zip CRCs checked) and check it against the metadata."""
     arr = open_shard(path)
     frames, actions, lengths = arr["frames"], arr["actions"], arr["episode_lengths"]
     h, w = meta["resolution"]
-    dim = len(meta["action_space"]["keys"]) + len(meta["action_space"].get("values", []))
+    dim = action_dim(meta)
     problems = []
     if frames.dtype != np.uint8 or frames.shape[1:] != (h, w, 3):
         problems.append(f"frames {frames.dtype} {frames.shape}, expected uint8 [N,{h},{w},3]")
