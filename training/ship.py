@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from runtime import Bundle
+from runtime.autoencoder import ConvAEConfig
 from runtime.start_scenes import StartScenes
 from training.data.dataset import ClipDataset
 from training.latents import conditioning_actions
@@ -40,7 +41,8 @@ def scenes_from_data(data: str | os.PathLike, scenes: int, frames: int, seed: in
     return StartScenes(np.stack(out_frames), np.stack(out_actions).astype(np.float32))
 
 
-REFINER_FIELDS = ("refine_channels", "refine_blocks", "refine_warp")   # what a decoder swap may add or change
+# What a decoder swap may add or change: the refiner's fields of the codec config.
+REFINER_FIELDS = tuple(name for name in ConvAEConfig.__dataclass_fields__ if name.startswith("refine_"))
 
 
 def replace_decoder(b: Bundle, codec_dir: str | os.PathLike) -> None:
