@@ -269,6 +269,16 @@ def load_codec(path: str | Path) -> ConvAutoencoder:
     return model.eval()
 
 
+def load_codec_or_bundle(path: str | Path):
+    """A trained codec dir (codec.json), or a bundle dir's codec (config.json and no codec.json)."""
+    path = Path(path)
+    if not (path / "codec.json").is_file() and (path / "config.json").is_file():
+        from runtime import Bundle
+
+        return Bundle.load(path).codec.eval()
+    return load_codec(path)
+
+
 def load_frames(data: str) -> tuple[torch.Tensor, list[int]]:
     """Every frame of ``data`` and the episodes' lengths (in the frames' order)."""
     from training.data import ClipDataset

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from forcekit.cli import (
     CommandError,
@@ -122,7 +121,7 @@ def _train_refiner(args: argparse.Namespace) -> int:
 def _eval_codec(args: argparse.Namespace) -> int:
     import torch
 
-    from training.codec import eval_codec, load_codec, load_frames
+    from training.codec import eval_codec, load_codec_or_bundle, load_frames
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +129,7 @@ def _eval_codec(args: argparse.Namespace) -> int:
     if args.max_frames and len(frames) > args.max_frames:
         idx = torch.randperm(len(frames), generator=torch.Generator().manual_seed(0))[: args.max_frames]
         frames = frames[idx.sort().values]
-    codec = load_codec_arg(args.codec) if (Path(args.codec) / "config.json").is_file() else load_codec(args.codec)
+    codec = load_codec_or_bundle(args.codec)
     result = {"codec": args.codec, "data": args.data, **eval_codec(codec, frames)}
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
@@ -139,18 +138,15 @@ def _eval_codec(args: argparse.Namespace) -> int:
 def load_codec_arg(spec: str):
     """`pixel` or `pixel:N` (identity codec, average-pooled by N), a trained codec dir, or a bundle dir (its
     codec: a teacher can be trained on the shipped model's latents without the codec's run dir)."""
-    from runtime.bundle import Bundle
     from runtime.codec import PixelCodec
-    from training.codec import load_codec
+    from training.codec import load_codec_or_bundle
 
     if spec == "pixel" or spec.startswith("pixel:"):
         factor = spec.partition(":")[2] or "1"
         if not factor.isdigit() or int(factor) < 1:
             raise UsageError(f"--codec {spec!r}: expected pixel, pixel:N with N a positive integer, or a codec dir")
         return PixelCodec(int(factor))
-    if not (Path(spec) / "codec.json").is_file() and (Path(spec) / "config.json").is_file():
-        return Bundle.load(spec).codec.eval()
-    return load_codec(spec)
+    return load_codec_or_bundle(spec)
 
 
 def _train_teacher(args: argparse.Namespace) -> int:

@@ -223,13 +223,9 @@ def refiner_codec(init: ConvAutoencoder, cfg: RefinerTrainConfig) -> ConvAutoenc
 
 
 def _load_init(path: str) -> ConvAutoencoder:
-    from training.codec import load_codec
+    from training.codec import load_codec_or_bundle
 
-    if (Path(path) / "codec.json").is_file():
-        return load_codec(path)
-    from runtime import Bundle
-
-    codec = Bundle.load(path).codec
+    codec = load_codec_or_bundle(path)
     if not isinstance(codec, ConvAutoencoder):
         raise ValueError(f"--init {path}: a refiner needs a conv_ae codec, got {codec.type_name!r}")
     return codec
