@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from runtime.codec import Codec, FrameDecoder, StreamingDecoder, float_to_frames, frames_to_float, register_codec
 from runtime.config import WARP_MODES
-from runtime.warp import CameraMotion, warp_frames
+from runtime.warp import CameraMotion, gaussian_blur, move_without_blur, warp_frames
 
 
 @dataclass
@@ -45,6 +45,11 @@ class ConvAEConfig:
     refine_channels: int = 0
     refine_blocks: int = 2
     refine_warp: str = "bilinear"
+    # Texture carried with the view after the refiner (0: off; it is not trained): the detail of the frame shown
+    # before (what a Gaussian blur of this sigma, in pixels, removes) replaces the refined frame's own, moved by
+    # the camera motion without resampling blur (`carried_detail`), so texture travels with a turn or a walk
+    # instead of fading into the decode's average. Where a turn uncovers the view, the refined frame keeps its own.
+    refine_detail_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         lists = [self.encoder_channels, self.encoder_blocks, self.decoder_channels, self.decoder_blocks]
@@ -62,6 +67,8 @@ class ConvAEConfig:
         if self.refine_channels < 0 or self.refine_blocks < 0:
             raise ValueError(f"refine_channels and refine_blocks must be >= 0, got {self.refine_channels}, "
                              f"{self.refine_blocks}")
+        if self.refine_detail_sigma < 0:
+            raise ValueError(f"refine_detail_sigma must be >= 0 (0: off), got {self.refine_detail_sigma}")
         if self.refine_warp not in WARP_MODES:
             raise ValueError(f"refine_warp must be one of {WARP_MODES}, got {self.refine_warp!r}")
 
@@ -251,6 +258,18 @@ class ConvAutoencoder(Codec):
             previous = warp_frames(previous[:, None], motion.shift[:, None], flow, self.cfg.refine_warp)[:, 0]
         return self.refiner(decoded, previous.to(decoded.dtype), planes)
 
+    def carry_detail(self, refined: torch.Tensor, previous: torch.Tensor, motion: CameraMotion,
+                     carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined frames ``[n, 3, H, W]`` whose fine detail (`ConvAEConfig.refine_detail_sigma`) is the frame shown
+        before's, ``previous``, moved by ``motion`` without resampling blur (`runtime.warp.move_without_blur`,
+        ``carry`` its sub-pixel remainder ``[n, 2]``); where the move uncovered the view they keep their own.
+        Returns the frames and the new carry."""
+        sigma = self.cfg.refine_detail_sigma
+        moved, held, carry = move_without_blur(previous, motion, carry)
+        moved = moved.to(refined.dtype)
+        detail = (moved - gaussian_blur(moved, sigma)) - (refined - gaussian_blur(refined, sigma))
+        return refined + held.to(refined.dtype) * detail, carry
+
     def streaming_decoder(self) -> StreamingDecoder:
         return RefiningDecoder(self) if self.refiner is not None else FrameDecoder(self)
 
@@ -267,14 +286,17 @@ class RefiningDecoder(StreamingDecoder):
     """A refining codec's stream: each frame is decoded, then drawn on the frame shown before it (kept
     here, as shown: quantised), moved by the camera motion into it (`ConvAutoencoder.refine_unit`). The
     stream starts from ``reset(last_frame)``, the real frame it continues; without one its first frame is
-    the plain decode."""
+    the plain decode. With `ConvAEConfig.refine_detail_sigma` the shown frame's fine detail travels on with the
+    motion (`ConvAutoencoder.carry_detail`); ``carry`` keeps the sub-pixel part of the motion not yet moved."""
 
     def __init__(self, codec: ConvAutoencoder) -> None:
         self.codec = codec
         self.previous: torch.Tensor | None = None
+        self.carry = torch.zeros(1, 2)
         self.reset()
 
     def reset(self, last_frame: np.ndarray | None = None) -> None:
+        self.carry = torch.zeros(1, 2)
         if last_frame is None:
             self.previous = None
             return
@@ -292,6 +314,8 @@ class RefiningDecoder(StreamingDecoder):
             if self.previous is not None:
                 step = None if motion is None else motion.at(slice(i, i + 1))
                 frame = self.codec.refine_unit(frame, self.previous, step)
+                if self.codec.cfg.refine_detail_sigma > 0 and step is not None:
+                    frame, self.carry = self.codec.carry_detail(frame, self.previous, step, self.carry.to(frame.device))
             shown = self.codec.to_uint8(frame.float())
             self.previous = self.codec.to_unit(shown).to(p.device, p.dtype)
             out.append(shown)

@@ -28,12 +28,12 @@ class CameraMotion(NamedTuple):
 
 
 def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor | None = None,
-                mode: str = "bilinear") -> torch.Tensor:
+                mode: str = "bilinear", padding: str = "border") -> torch.Tensor:
     """Move frames ``[B, F, C, H, W]`` by per-frame ``motion`` ``[B, F, 3]``: translation right and
     down (in grid units, 2 = the whole width or height) and log zoom about the centre, and by a per-pixel
     ``flow`` ``[B, F, 2, h, w]`` (right and down, grid units; resized to ``H x W`` where it differs) on top.
-    Resampled by ``mode`` (grid_sample's bilinear or bicubic), edges repeated where the move uncovers them;
-    zero motion is the identity."""
+    Resampled by ``mode`` (grid_sample's bilinear, bicubic or nearest), edges repeated where the move uncovers
+    them (``padding`` "border"; "zeros" leaves them 0); zero motion is the identity."""
     b, f, c, h, w = frames.shape
     tx, ty, log_zoom = motion.float().flatten(0, 1).unbind(-1)
     inv, zero = torch.exp(-log_zoom), torch.zeros_like(tx)
@@ -44,5 +44,35 @@ def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor |
         if flow.shape[-2:] != (h, w):
             flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
         grid = grid - flow.permute(0, 2, 3, 1)
-    out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode=mode, padding_mode=padding, align_corners=False)
     return out.view(b, f, c, h, w).to(frames.dtype)
+
+
+def gaussian_blur(frames: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[n, C, H, W]`` (radius 2.5 sigma, edges repeated)."""
+    radius = max(1, round(2.5 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=frames.device)
+    kernel = torch.exp(-x**2 / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).to(frames.dtype)
+    c = frames.shape[1]
+    out = F.pad(frames, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def move_without_blur(frames: torch.Tensor, motion: CameraMotion, carry: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move frames ``[n, C, H, W]`` by one frame's ``motion`` (n rows) without the blur a chain of bilinear
+    moves piles up: the translation is rounded to whole pixels and its fraction ``carry`` (``[n, 2]``, pixels
+    right and down) is added to the next frame's, so a turn of 3.9 pixels a frame travels 39 pixels in 10 frames
+    with every pixel copied, not averaged; a flow or zoom is sampled at the nearest pixel. Returns the moved
+    frames, where they hold content (``[n, 1, H, W]``, 0 where the move uncovered the view) and the new carry."""
+    n, _, h, w = frames.shape
+    pixels = torch.tensor([w / 2, h / 2], device=frames.device)
+    travelled = carry + motion.shift[:, :2].float() * pixels
+    whole = travelled.round()
+    shift = torch.cat([whole / pixels, motion.shift[:, 2:].float()], 1)[:, None]
+    flow = None if motion.flow is None else motion.flow[:, None]
+    moved = warp_frames(frames[:, None], shift, flow, "nearest")[:, 0]
+    held = warp_frames(torch.ones_like(frames[:, None, :1]), shift, flow, "nearest", padding="zeros")[:, 0]
+    return moved, held, travelled - whole

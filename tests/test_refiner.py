@@ -4,10 +4,11 @@ frame drawn on the one shown before it, moved by the camera, in the codec, the s
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from runtime import Bundle, ModelConfig
 from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
-from runtime.warp import CameraMotion, warp_frames
+from runtime.warp import CameraMotion, gaussian_blur, move_without_blur, warp_frames
 from tests.test_worlds_codec import TINY, _frames
 from training.codec import save_codec
 
@@ -72,6 +73,61 @@ def test_the_refining_stream_starts_from_the_real_frame_and_keeps_a_still_view_e
     plain = ConvAutoencoder(ConvAEConfig(**TINY)).streaming_decoder()
     plain.reset(last_frame=frames[0].numpy())
     assert plain.state_bytes == 0
+
+
+def test_moving_without_blur_copies_whole_pixels_and_carries_the_fraction_to_the_next_frame():
+    frame = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    carry, moved = torch.zeros(1, 2), frame
+    for _ in range(5):                                   # 0.4 px a frame: 2 px in five frames
+        moved, held, carry = move_without_blur(moved, _shift(0.4), carry)
+    assert torch.equal(moved[..., 2:], frame[..., :-2])  # every pixel copied, none averaged
+    assert torch.allclose(carry, torch.zeros(1, 2), atol=1e-5)
+    _, held, _ = move_without_blur(frame, _shift(2.2), torch.zeros(1, 2))
+    assert held[..., :2].eq(0).all() and held[..., 2:].eq(1).all()      # what the 2 px move uncovered
+    blurred = frame
+    for _ in range(5):                                   # the bilinear chain the refiner's input takes
+        blurred = warp_frames(blurred[:, None], _shift(0.4).shift[:, None])[:, 0]
+    assert (blurred - gaussian_blur(blurred, 1.0)).abs().mean() < 0.6 * (moved - gaussian_blur(moved, 1.0)).abs().mean()
+
+
+def test_carried_detail_travels_with_the_view_and_leaves_a_still_view_and_uncovered_edges_alone():
+    frames = _frames(2, SIZE)
+    codec = _codec()                                     # a fresh refiner: it shows the smooth decode
+    codec.cfg.refine_detail_sigma = 1.0
+    previous = codec.to_unit(frames[:1])
+    refined = codec.refine_unit(codec.decode_unit(codec.encode(frames[1:])), previous, _shift(3))
+    drawn, carry = codec.carry_detail(refined, previous, _shift(3), torch.zeros(1, 2))
+    coarse = drawn - gaussian_blur(refined, 1.0)         # what is left is the carried detail
+    moved_detail = previous - gaussian_blur(previous, 1.0)
+    # three pixels right; away from the blur's reach (3 px) of the uncovered edge and of the frame's right edge
+    assert torch.allclose(coarse[..., 6:-3], moved_detail[..., 3:-6], atol=1e-5)
+    assert torch.equal(drawn[..., :3], refined[..., :3])                          # uncovered: its own
+    still, _ = codec.carry_detail(previous, previous, _shift(0), torch.zeros(1, 2))
+    assert torch.allclose(still, previous, atol=1e-6)
+    with pytest.raises(ValueError, match="refine_detail_sigma"):
+        ConvAEConfig(**TINY, refine_detail_sigma=-1.0)
+
+
+def test_a_detail_carrying_stream_keeps_the_real_frames_texture_through_a_turn():
+    frames = _frames(2, SIZE)
+    texture = torch.randint(0, 256, (SIZE, SIZE, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    real = ConvAutoencoder.to_unit(texture[None])
+    expected = (real - gaussian_blur(real, 1.0))[..., 3:-9]          # the real detail, 6 px right
+    match = []
+    for sigma in (0.0, 1.0):
+        codec = _codec()
+        codec.cfg.refine_detail_sigma = sigma
+        stream = codec.streaming_decoder()
+        stream.reset(last_frame=texture.numpy())
+        z = codec.encode(frames[1:]).repeat(4, 1, 1, 1)
+        shown = codec.to_unit(stream.decode_chunk(z, _shift(1.5, 4)))[-1:]
+        detail = (shown - gaussian_blur(shown, 1.0))[..., 9:-3]
+        match.append(float(F.cosine_similarity(detail.flatten(), expected.flatten(), 0)))
+        if sigma:
+            assert torch.allclose(stream.carry, torch.zeros(1, 2), atol=1e-5)     # 6 px travelled whole
+            stream.reset(last_frame=texture.numpy())
+            assert torch.equal(stream.carry, torch.zeros(1, 2))
+    assert match[1] > 0.5 and match[0] < 0.2      # the texture went with the turn; the plain refiner lost it
 
 
 def _warp_bundle(codec: ConvAutoencoder, path, turn_px: float = 2.0) -> Bundle:
@@ -159,6 +215,10 @@ def test_train_refiner_learns_to_carry_the_moving_view_resumes_and_ships(tmp_pat
     plain = _warp_bundle(base, tmp_path / "plain")
     shipped = Bundle.load(ship(tmp_path / "plain", tmp_path / "shipped", decoder=str(tmp_path / "r")))
     assert shipped.codec.config()["refine_channels"] == 8 and plain.codec.refiner is None
+    carrying = Bundle.load(ship(tmp_path / "shipped", tmp_path / "carrying", detail_sigma=2.0))
+    assert carrying.codec.config()["refine_detail_sigma"] == 2.0
+    with pytest.raises(ValueError, match="--detail-sigma needs a codec with a frame refiner"):
+        ship(tmp_path / "plain", tmp_path / "nope", detail_sigma=2.0)
     z = base.encode(frames[:2])
     assert torch.equal(shipped.codec.encode(frames[:2]), z)
     cfg.motion, cfg.out = str(tmp_path / "base"), str(tmp_path / "bad")

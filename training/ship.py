@@ -70,16 +70,23 @@ def replace_decoder(b: Bundle, codec_dir: str | os.PathLike) -> None:
 def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | None = None, scenes: int = 8,
          scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0,
          steps: int | None = None, stack_noise: float | None = None, noise_scale: float | None = None,
-         decoder: str | None = None, reproject: bool | None = None, warp_mode: str | None = None) -> Path:
+         decoder: str | None = None, reproject: bool | None = None, warp_mode: str | None = None,
+         detail_sigma: float | None = None) -> Path:
     """Copy ``bundle`` to ``out`` with start scenes from ``start_data``, the card file ``card`` and,
     given ``steps``, that many sampler steps per chunk by default (``stack_noise``: the sampler's
     inference-time noise on the stacked frames; ``noise_scale``: its sampling temperature; ``decoder``:
     a codec dir whose decoder replaces the bundle's; ``reproject``: `SamplerConfig.reproject`; ``warp_mode``: how a
-    camera-warp model resamples its stacked frames at inference, `ModelConfig.warp_mode`)."""
+    camera-warp model resamples its stacked frames at inference, `ModelConfig.warp_mode`; ``detail_sigma``: the
+    refining codec's `ConvAEConfig.refine_detail_sigma`, texture carried with the view)."""
     b = Bundle.load(bundle)
     if decoder is not None:
         replace_decoder(b, decoder)
         b.extra = {**b.extra, "decoder": str(decoder)}   # where the decoder came from, next to the stages' configs
+    if detail_sigma is not None:
+        if getattr(b.codec, "refiner", None) is None:
+            raise ValueError(f"--detail-sigma needs a codec with a frame refiner; {bundle}'s has none (--decoder "
+                             "a `forcekit train refiner` run)")
+        b.codec.cfg = replace(b.codec.cfg, refine_detail_sigma=detail_sigma)
     if noise_scale is not None:
         b.sampler = replace(b.sampler, noise_scale=noise_scale)
     if reproject is not None:
