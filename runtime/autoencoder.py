@@ -47,8 +47,9 @@ class ConvAEConfig:
     refine_warp: str = "bilinear"
     # Texture carried with the view after the refiner (0: off; it is not trained): the detail of the frame shown
     # before (what a Gaussian blur of this sigma, in pixels, removes) replaces the refined frame's own, moved by
-    # the camera motion without resampling blur (`carried_detail`), so texture travels with a turn or a walk
-    # instead of fading into the decode's average. Where a turn uncovers the view, the refined frame keeps its own.
+    # the camera motion without resampling blur (`ConvAutoencoder.carry_detail`), so texture travels with a turn or
+    # a walk instead of fading into the decode's average. Where a turn uncovers the view, the refined frame keeps its
+    # own.
     refine_detail_sigma: float = 0.0
 
     def __post_init__(self) -> None:
@@ -266,9 +267,8 @@ class ConvAutoencoder(Codec):
         Returns the frames and the new carry."""
         sigma = self.cfg.refine_detail_sigma
         moved, held, carry = move_without_blur(previous, motion, carry)
-        moved = moved.to(refined.dtype)
-        detail = (moved - gaussian_blur(moved, sigma)) - (refined - gaussian_blur(refined, sigma))
-        return refined + held.to(refined.dtype) * detail, carry
+        change = moved.to(refined.dtype) - refined   # the blur is linear: one blur of the difference, not one each
+        return refined + held.to(refined.dtype) * (change - gaussian_blur(change, sigma)), carry
 
     def streaming_decoder(self) -> StreamingDecoder:
         return RefiningDecoder(self) if self.refiner is not None else FrameDecoder(self)
