@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from runtime.codec import Codec, FrameDecoder, StreamingDecoder, float_to_frames, frames_to_float, register_codec
 from runtime.config import WARP_MODES
-from runtime.warp import CameraMotion, gaussian_blur, move_without_blur, warp_frames
+from runtime.canvas import ViewCanvas
+from runtime.warp import CameraMotion, gaussian_blur, warp_frames
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ConvAEConfig:
     # a walk instead of fading into the decode's average. Where a turn uncovers the view, the refined frame keeps its
     # own.
     refine_detail_sigma: float = 0.0
+    # Pixels of canvas kept beyond each edge of the view for the carried texture (`runtime.canvas.ViewCanvas`), so
+    # what a turn carries out of the view comes back with its texture when the view turns back (0: none).
+    refine_detail_margin: int = 0
 
     def __post_init__(self) -> None:
         lists = [self.encoder_channels, self.encoder_blocks, self.decoder_channels, self.decoder_blocks]
@@ -70,6 +74,8 @@ class ConvAEConfig:
                              f"{self.refine_blocks}")
         if self.refine_detail_sigma < 0:
             raise ValueError(f"refine_detail_sigma must be >= 0 (0: off), got {self.refine_detail_sigma}")
+        if self.refine_detail_margin < 0:
+            raise ValueError(f"refine_detail_margin must be >= 0 pixels, got {self.refine_detail_margin}")
         if self.refine_warp not in WARP_MODES:
             raise ValueError(f"refine_warp must be one of {WARP_MODES}, got {self.refine_warp!r}")
 
@@ -259,16 +265,15 @@ class ConvAutoencoder(Codec):
             previous = warp_frames(previous[:, None], motion.shift[:, None], flow, self.cfg.refine_warp)[:, 0]
         return self.refiner(decoded, previous.to(decoded.dtype), planes)
 
-    def carry_detail(self, refined: torch.Tensor, previous: torch.Tensor, motion: CameraMotion,
-                     carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Refined frames ``[n, 3, H, W]`` whose fine detail (`ConvAEConfig.refine_detail_sigma`) is the frame shown
-        before's, ``previous``, moved by ``motion`` without resampling blur (`runtime.warp.move_without_blur`,
-        ``carry`` its sub-pixel remainder ``[n, 2]``); where the move uncovered the view they keep their own.
-        Returns the frames and the new carry."""
-        sigma = self.cfg.refine_detail_sigma
-        moved, held, carry = move_without_blur(previous, motion, carry)
-        change = moved.to(refined.dtype) - refined   # the blur is linear: one blur of the difference, not one each
-        return refined + held.to(refined.dtype) * (change - gaussian_blur(change, sigma)), carry
+    def carry_detail(self, refined: torch.Tensor, moved: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        """Refined frames ``[n, 3, H, W]`` whose fine detail (`ConvAEConfig.refine_detail_sigma`) is ``moved``'s: the
+        frames shown before, moved by the camera without resampling blur (`runtime.canvas.ViewCanvas.move`); where
+        ``held`` (``[n, 1, H, W]``) is 0 the move brought nothing shown and the refined frame keeps its own."""
+        held = held.to(refined.dtype)
+        # the blur is linear: one blur of the difference, not one each; 0 where nothing was shown, so what the move
+        # uncovered does not leak into the detail beside it
+        change = held * (moved.to(refined.dtype) - refined)
+        return refined + held * (change - gaussian_blur(change, self.cfg.refine_detail_sigma))
 
     def streaming_decoder(self) -> StreamingDecoder:
         return RefiningDecoder(self) if self.refiner is not None else FrameDecoder(self)
@@ -286,22 +291,30 @@ class RefiningDecoder(StreamingDecoder):
     """A refining codec's stream: each frame is decoded, then drawn on the frame shown before it (kept
     here, as shown: quantised), moved by the camera motion into it (`ConvAutoencoder.refine_unit`). The
     stream starts from ``reset(last_frame)``, the real frame it continues; without one its first frame is
-    the plain decode. With `ConvAEConfig.refine_detail_sigma` the shown frame's fine detail travels on with the
-    motion (`ConvAutoencoder.carry_detail`); ``carry`` keeps the sub-pixel part of the motion not yet moved."""
+    the plain decode. With `ConvAEConfig.refine_detail_sigma` the shown frames' fine detail travels on with the
+    motion (`ConvAutoencoder.carry_detail`), kept on a ``canvas`` wider than the view by
+    `ConvAEConfig.refine_detail_margin` (`runtime.canvas.ViewCanvas`)."""
 
     def __init__(self, codec: ConvAutoencoder) -> None:
         self.codec = codec
         self.previous: torch.Tensor | None = None
-        self.carry = torch.zeros(1, 2)
+        self.canvas: ViewCanvas | None = None
         self.reset()
 
     def reset(self, last_frame: np.ndarray | None = None) -> None:
-        self.carry = torch.zeros(1, 2)
-        if last_frame is None:
-            self.previous = None
+        self.previous = self.canvas = None
+        if last_frame is not None:
+            p = next(self.codec.parameters())
+            self._show(self.codec.to_unit(torch.as_tensor(np.asarray(last_frame))[None]).to(p.device, p.dtype))
+
+    def _show(self, frame: torch.Tensor) -> None:
+        self.previous = frame
+        if self.codec.cfg.refine_detail_sigma <= 0:
             return
-        p = next(self.codec.parameters())
-        self.previous = self.codec.to_unit(torch.as_tensor(np.asarray(last_frame))[None]).to(p.device, p.dtype)
+        if self.canvas is None:
+            self.canvas = ViewCanvas(frame, self.codec.cfg.refine_detail_margin)
+        else:
+            self.canvas.paint(frame)
 
     def decode_chunk(self, latents: torch.Tensor, motion: CameraMotion | None = None) -> torch.Tensor:
         p = next(self.codec.parameters())
@@ -314,16 +327,17 @@ class RefiningDecoder(StreamingDecoder):
             if self.previous is not None:
                 step = None if motion is None else motion.at(slice(i, i + 1))
                 frame = self.codec.refine_unit(frame, self.previous, step)
-                if self.codec.cfg.refine_detail_sigma > 0 and step is not None:
-                    frame, self.carry = self.codec.carry_detail(frame, self.previous, step, self.carry.to(frame.device))
+                if self.canvas is not None and step is not None:
+                    frame = self.codec.carry_detail(frame, *self.canvas.move(step))
             shown = self.codec.to_uint8(frame.float())
-            self.previous = self.codec.to_unit(shown).to(p.device, p.dtype)
+            self._show(self.codec.to_unit(shown).to(p.device, p.dtype))
             out.append(shown)
         return torch.cat(out)
 
     @property
     def state_bytes(self) -> int:
-        return 0 if self.previous is None else self.previous.numel() * self.previous.element_size()
+        frame = 0 if self.previous is None else self.previous.numel() * self.previous.element_size()
+        return frame + (0 if self.canvas is None else self.canvas.state_bytes)
 
 
 register_codec(ConvAutoencoder.type_name, ConvAutoencoder)

@@ -306,7 +306,7 @@ stage_refine() {
         --motion "$F" --student "$F" --rest-chains 256 --rest-skip 256 --adversarial-weight 0.5 \
         --steps "${REFINER_STEPS:-1200}" --threads 1 && touch "$S/done"; }
     "$FK" ship --bundle "$F" --decoder "$S" --out models/default --start-data "$HELDOUT" --scenes 8 --scene-frames 4 \
-        --steps 1 --seed 1 --detail-sigma "${DETAIL_SIGMA:-1.5}" --card models/default/card.md --name default
+        --steps 1 --seed 1 --detail-sigma "${DETAIL_SIGMA:-1.5}" --detail-margin "${DETAIL_MARGIN:-32}" --card models/default/card.md --name default
     mkdir -p "$RUNS/eval" "$RUNS/controls"
     eval_row default_1 models/default 1
     controls_row default_1 models/default 1

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from runtime import Bundle, ModelConfig
 from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
+from runtime.canvas import ViewCanvas, widen_motion
 from runtime.warp import CameraMotion, gaussian_blur, move_without_blur, warp_frames
 from tests.test_worlds_codec import TINY, _frames
 from training.codec import save_codec
@@ -96,16 +97,68 @@ def test_carried_detail_travels_with_the_view_and_leaves_a_still_view_and_uncove
     codec.cfg.refine_detail_sigma = 1.0
     previous = codec.to_unit(frames[:1])
     refined = codec.refine_unit(codec.decode_unit(codec.encode(frames[1:])), previous, _shift(3))
-    drawn, carry = codec.carry_detail(refined, previous, _shift(3), torch.zeros(1, 2))
+    moved, held = ViewCanvas(previous, 0).move(_shift(3))
+    drawn = codec.carry_detail(refined, moved, held)
     coarse = drawn - gaussian_blur(refined, 1.0)         # what is left is the carried detail
     moved_detail = previous - gaussian_blur(previous, 1.0)
     # three pixels right; away from the blur's reach (3 px) of the uncovered edge and of the frame's right edge
     assert torch.allclose(coarse[..., 6:-3], moved_detail[..., 3:-6], atol=1e-5)
     assert torch.equal(drawn[..., :3], refined[..., :3])                          # uncovered: its own
-    still, _ = codec.carry_detail(previous, previous, _shift(0), torch.zeros(1, 2))
+    garbage = moved + (1 - held) * 50.0                  # what lies where nothing was shown does not leak beside it
+    assert torch.allclose(codec.carry_detail(refined, garbage, held), drawn, atol=1e-5)
+    still = codec.carry_detail(previous, previous, torch.ones_like(previous[:, :1]))
     assert torch.allclose(still, previous, atol=1e-6)
     with pytest.raises(ValueError, match="refine_detail_sigma"):
         ConvAEConfig(**TINY, refine_detail_sigma=-1.0)
+    with pytest.raises(ValueError, match="refine_detail_margin"):
+        ConvAEConfig(**TINY, refine_detail_margin=-1)
+
+
+def test_the_canvas_keeps_what_a_turn_carries_out_of_the_view_and_brings_it_back():
+    view = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    narrow, wide = ViewCanvas(view, 0), ViewCanvas(view, 4)
+    for canvas in (narrow, wide):
+        for px in (1.5, 1.5, -1.5, -1.5):               # 3 px right, whole pixels, then back
+            moved, held = canvas.move(_shift(px))
+    assert torch.equal(wide._view(wide.pixels), view) and held.eq(1).all()   # the columns past the edge came back
+    back, known = narrow.move(_shift(0))
+    assert known[..., -3:].eq(0).all() and torch.equal(back[..., :-3], view[..., :-3])    # without a margin: gone
+    assert wide.state_bytes == (3 + 1) * (SIZE + 8) ** 2 * 4 + 2 * 4
+    with pytest.raises(ValueError, match="margin"):
+        ViewCanvas(view, -1)
+
+
+def test_a_stream_with_a_margin_shows_the_real_texture_again_when_the_view_turns_back():
+    frames = _frames(2, SIZE)
+    texture = torch.randint(0, 256, (SIZE, SIZE, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    real = ConvAutoencoder.to_unit(texture[None])
+    z = _codec().encode(frames[1:]).repeat(2, 1, 1, 1)
+    match = []
+    for margin in (0, 6):
+        codec = _codec()
+        codec.cfg.refine_detail_sigma, codec.cfg.refine_detail_margin = 1.0, margin
+        stream = codec.streaming_decoder()
+        stream.reset(last_frame=texture.numpy())
+        stream.decode_chunk(z, _shift(2.5, 2))                        # 5 px right: 5 columns past the edge
+        shown = codec.to_unit(stream.decode_chunk(z, _shift(-2.5, 2)))[-1:]      # and back
+        edge = (lambda x: (x - gaussian_blur(x, 1.0))[..., -5:])
+        match.append(float(F.cosine_similarity(edge(shown).flatten(), edge(real).flatten(), 0)))
+    assert match[1] > 0.9 and match[0] < 0.3
+
+
+def test_a_flow_widened_over_the_margin_moves_the_view_as_it_moves_alone():
+    view = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    flow = torch.zeros(1, 2, SIZE // 4, SIZE // 4)
+    flow[:, 0] = torch.linspace(-1, 1, SIZE // 4) * 4 / SIZE        # the view spreads sideways, as in a walk
+    motion = CameraMotion(torch.tensor([[2 * 1.0 / SIZE, 0.0, 0.02]]), flow)
+    wide = widen_motion(motion, (SIZE, SIZE), 4)
+    assert wide.flow.shape == (1, 2, SIZE + 8, SIZE + 8)
+    assert torch.allclose(wide.shift[:, :2] * (SIZE + 8) / 2, motion.shift[:, :2] * SIZE / 2)   # same pixels
+    alone, _ = ViewCanvas(view, 0).move(motion)
+    assert not torch.equal(alone, view)
+    widened, known = ViewCanvas(view, 4).move(motion)
+    assert torch.equal(widened[..., 2:-2, 2:-2], alone[..., 2:-2, 2:-2])
+    assert known[..., 2:-2, 2:-2].eq(1).all()
 
 
 def test_a_detail_carrying_stream_keeps_the_real_frames_texture_through_a_turn():
@@ -124,9 +177,9 @@ def test_a_detail_carrying_stream_keeps_the_real_frames_texture_through_a_turn()
         detail = (shown - gaussian_blur(shown, 1.0))[..., 9:-3]
         match.append(float(F.cosine_similarity(detail.flatten(), expected.flatten(), 0)))
         if sigma:
-            assert torch.allclose(stream.carry, torch.zeros(1, 2), atol=1e-5)     # 6 px travelled whole
+            assert torch.allclose(stream.canvas.carry, torch.zeros(1, 2), atol=1e-5)     # 6 px travelled whole
             stream.reset(last_frame=texture.numpy())
-            assert torch.equal(stream.carry, torch.zeros(1, 2))
+            assert torch.equal(stream.canvas.carry, torch.zeros(1, 2))
     assert match[1] > 0.5 and match[0] < 0.2      # the texture went with the turn; the plain refiner lost it
 
 
@@ -215,10 +268,12 @@ def test_train_refiner_learns_to_carry_the_moving_view_resumes_and_ships(tmp_pat
     plain = _warp_bundle(base, tmp_path / "plain")
     shipped = Bundle.load(ship(tmp_path / "plain", tmp_path / "shipped", decoder=str(tmp_path / "r")))
     assert shipped.codec.config()["refine_channels"] == 8 and plain.codec.refiner is None
-    carrying = Bundle.load(ship(tmp_path / "shipped", tmp_path / "carrying", detail_sigma=2.0))
+    carrying = Bundle.load(ship(tmp_path / "shipped", tmp_path / "carrying", detail_sigma=2.0, detail_margin=4))
     assert carrying.codec.config()["refine_detail_sigma"] == 2.0
-    with pytest.raises(ValueError, match="--detail-sigma needs a codec with a frame refiner"):
-        ship(tmp_path / "plain", tmp_path / "nope", detail_sigma=2.0)
+    assert carrying.codec.config()["refine_detail_margin"] == 4
+    for flag in ("sigma", "margin"):
+        with pytest.raises(ValueError, match=f"--detail-{flag} needs a codec with a frame refiner"):
+            ship(tmp_path / "plain", tmp_path / "nope", **{f"detail_{flag}": 2})
     z = base.encode(frames[:2])
     assert torch.equal(shipped.codec.encode(frames[:2]), z)
     cfg.motion, cfg.out = str(tmp_path / "base"), str(tmp_path / "bad")

@@ -278,7 +278,7 @@ def _ship(args: argparse.Namespace) -> int:
     out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
                card=args.card, name=args.name, seed=args.seed, steps=args.steps, stack_noise=args.stack_noise,
                noise_scale=args.noise_scale, decoder=args.decoder, reproject=args.reproject, warp_mode=args.warp_mode,
-               detail_sigma=args.detail_sigma)
+               detail_sigma=args.detail_sigma, detail_margin=args.detail_margin)
     print(json.dumps({"bundle": str(out)}))
     return 0
 
@@ -336,6 +336,9 @@ def register(commands) -> None:
     p.add_argument("--detail-sigma", type=nonnegative_float, default=None,
                    help="a refining codec's texture carried with the view: the shown frame's detail finer than a "
                         "Gaussian blur of this sigma (pixels) moves on with the camera (0: off; default: the bundle's)")
+    p.add_argument("--detail-margin", type=nonnegative_int, default=None,
+                   help="pixels of the carried texture kept past each edge of the view, so what a turn carries out "
+                        "comes back when the view turns back (0: none; default: the bundle's)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)

@@ -71,22 +71,26 @@ def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | No
          scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0,
          steps: int | None = None, stack_noise: float | None = None, noise_scale: float | None = None,
          decoder: str | None = None, reproject: bool | None = None, warp_mode: str | None = None,
-         detail_sigma: float | None = None) -> Path:
+         detail_sigma: float | None = None, detail_margin: int | None = None) -> Path:
     """Copy ``bundle`` to ``out`` with start scenes from ``start_data``, the card file ``card`` and,
     given ``steps``, that many sampler steps per chunk by default (``stack_noise``: the sampler's
     inference-time noise on the stacked frames; ``noise_scale``: its sampling temperature; ``decoder``:
     a codec dir whose decoder replaces the bundle's; ``reproject``: `SamplerConfig.reproject`; ``warp_mode``: how a
     camera-warp model resamples its stacked frames at inference, `ModelConfig.warp_mode`; ``detail_sigma``: the
-    refining codec's `ConvAEConfig.refine_detail_sigma`, texture carried with the view)."""
+    refining codec's `ConvAEConfig.refine_detail_sigma`, texture carried with the view; ``detail_margin``: its
+    `ConvAEConfig.refine_detail_margin`, the canvas kept past the view's edges)."""
     b = Bundle.load(bundle)
     if decoder is not None:
         replace_decoder(b, decoder)
         b.extra = {**b.extra, "decoder": str(decoder)}   # where the decoder came from, next to the stages' configs
-    if detail_sigma is not None:
+    for flag, setting, value in (("--detail-sigma", "refine_detail_sigma", detail_sigma),
+                                 ("--detail-margin", "refine_detail_margin", detail_margin)):
+        if value is None:
+            continue
         if getattr(b.codec, "refiner", None) is None:
-            raise ValueError(f"--detail-sigma needs a codec with a frame refiner; {bundle}'s has none (--decoder "
+            raise ValueError(f"{flag} needs a codec with a frame refiner; {bundle}'s has none (--decoder "
                              "a `forcekit train refiner` run)")
-        b.codec.cfg = replace(b.codec.cfg, refine_detail_sigma=detail_sigma)
+        b.codec.cfg = replace(b.codec.cfg, **{setting: value})
     if noise_scale is not None:
         b.sampler = replace(b.sampler, noise_scale=noise_scale)
     if reproject is not None:
