@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime.canvas import ViewCanvas
 from runtime.codec import Codec, FrameDecoder, StreamingDecoder, float_to_frames, frames_to_float, register_codec
 from runtime.config import WARP_MODES
-from runtime.canvas import ViewCanvas
 from runtime.warp import CameraMotion, gaussian_blur, warp_frames
 
 

@@ -128,6 +128,11 @@ def test_the_canvas_keeps_what_a_turn_carries_out_of_the_view_and_brings_it_back
         ViewCanvas(view, -1)
 
 
+def _edge_detail(x: torch.Tensor) -> torch.Tensor:
+    """The 5 right-hand columns' detail finer than a blur of sigma 1."""
+    return (x - gaussian_blur(x, 1.0))[..., -5:]
+
+
 def test_a_stream_with_a_margin_shows_the_real_texture_again_when_the_view_turns_back():
     frames = _frames(2, SIZE)
     texture = torch.randint(0, 256, (SIZE, SIZE, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
@@ -141,8 +146,7 @@ def test_a_stream_with_a_margin_shows_the_real_texture_again_when_the_view_turns
         stream.reset(last_frame=texture.numpy())
         stream.decode_chunk(z, _shift(2.5, 2))                        # 5 px right: 5 columns past the edge
         shown = codec.to_unit(stream.decode_chunk(z, _shift(-2.5, 2)))[-1:]      # and back
-        edge = (lambda x: (x - gaussian_blur(x, 1.0))[..., -5:])
-        match.append(float(F.cosine_similarity(edge(shown).flatten(), edge(real).flatten(), 0)))
+        match.append(float(F.cosine_similarity(_edge_detail(shown).flatten(), _edge_detail(real).flatten(), 0)))
     assert match[1] > 0.9 and match[0] < 0.3
 
 
@@ -377,3 +381,25 @@ def test_a_dataset_gives_every_action_row_for_row_with_its_frames(tmp_path):
     assert (actions[:, 0] == 1).all() and (actions[:, 1:] == 0).all()
     empty = ClipDataset(data, clip_frames=1, seeds={99})
     assert empty.all_actions().shape == (0, 5)
+
+
+def test_a_refiner_trained_with_the_carried_texture_is_drawn_as_the_stream_draws_it():
+    from training.refiner import RefinerTrainConfig, chain_loss, refiner_codec
+
+    cfg = RefinerTrainConfig(channels=8, blocks=1, latent_noise=0.0, latent_blur=0.0, detail_sigma=1.0,
+                             detail_margin=4)
+    codec = refiner_codec(ConvAutoencoder(ConvAEConfig(**TINY)), cfg)
+    assert codec.config()["refine_detail_sigma"] == 1.0 and codec.config()["refine_detail_margin"] == 4
+    texture = torch.randint(0, 256, (1, 3, SIZE, SIZE, 3), generator=torch.Generator().manual_seed(6),
+                            dtype=torch.uint8)
+    motion = CameraMotion(_shift(2, 2).shift[None])                         # 2 px right, twice
+    loss, _, drawn = chain_loss(codec, texture, motion, cfg)
+    loss.backward()
+    assert codec.refiner.conv_out.weight.grad.abs().sum() > 0             # the refiner still learns through it
+    stream = codec.streaming_decoder()                                     # the stream, from the same real frame
+    stream.reset(last_frame=texture[0, 0].numpy())
+    shown = codec.to_unit(stream.decode_chunk(codec.encode(texture[0, 1:]), _shift(2, 2)))
+    assert (drawn[0].detach().clamp(-1, 1) - shown).abs().max() < 3 / 255   # the same frames, but for quantisation
+    real = ConvAutoencoder.to_unit(texture[0, :1])
+    carried = (drawn[0, -1:] - gaussian_blur(drawn[0, -1:], 1.0))[..., 7:-3]
+    assert F.cosine_similarity(carried.flatten(), (real - gaussian_blur(real, 1.0))[..., 3:-7].flatten(), 0) > 0.8

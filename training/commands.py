@@ -112,7 +112,8 @@ def _train_refiner(args: argparse.Namespace) -> int:
                              latent_blur=args.latent_blur, student=args.student or "",
                              student_chains=args.student_chains, student_share=args.student_share,
                              rest_chains=args.rest_chains, rest_skip=args.rest_skip,
-                             adversarial_weight=args.adversarial_weight, lowpass=args.lowpass, seed=args.seed,
+                             adversarial_weight=args.adversarial_weight, lowpass=args.lowpass,
+                             detail_sigma=args.detail_sigma, detail_margin=args.detail_margin, seed=args.seed,
                              ckpt_every_s=args.ckpt_every_s, threads=args.threads)
     print(json.dumps(train_refiner(cfg)))
     return 0
@@ -432,6 +433,10 @@ def register(commands) -> None:
                    help="judge the drawn frames with a patch discriminator, this times the adaptive weight")
     p.add_argument("--lowpass", type=positive_int, default=1,
                    help="compare drawn and real frames averaged over NxN pixels (the texture left to the judge)")
+    p.add_argument("--detail-sigma", type=nonnegative_float, default=0.0,
+                   help="train with the texture carried with the view, as `ship --detail-sigma` runs it (0: off)")
+    p.add_argument("--detail-margin", type=nonnegative_int, default=0,
+                   help="with --detail-sigma: the canvas kept past the view's edges, as `ship --detail-margin`")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from runtime.autoencoder import ConvAEConfig, ConvAutoencoder, FrameRefiner
+from runtime.canvas import ViewCanvas
 from runtime.warp import CameraMotion
 from training.checkpoint import Every, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from training.codec import adversarial_step, blur_latents, lr_at, reconstruction_loss, save_codec
@@ -70,6 +71,12 @@ class RefinerTrainConfig:
     # under a turn), so pixel losses prefer a blur to texture that travelled a little wrong; averaged, they hold
     # the layout and leave the texture to the judge (use with adversarial_weight, edge_weight 0).
     lowpass: int = 1
+    # Train as it runs with the texture carried with the view (`ConvAEConfig.refine_detail_sigma` and
+    # `refine_detail_margin`, kept in the trained codec; 0: off): each drawn frame's fine detail is the chain's
+    # previous frames', moved, as the stream draws it, so the refiner learns on the frame it will be shown and the
+    # loss (and the judge) reach its own texture only where the move uncovered the view.
+    detail_sigma: float = 0.0
+    detail_margin: int = 0
     seed: int = 0
     ckpt_every_s: float = 180.0
     log_every: int = 50
@@ -127,8 +134,15 @@ def chain_loss(codec: ConvAutoencoder, frames: torch.Tensor, motion: CameraMotio
             z = latents.flatten(0, 1)
         decoded = codec.decode_unit(z).view(b, k, *x.shape[2:])
     previous, total, stats, drawn = x[:, 0], 0.0, {}, []
+    canvas = ViewCanvas(x[:, 0], codec.cfg.refine_detail_margin) if codec.cfg.refine_detail_sigma > 0 else None
     for i in range(k):
-        drawn.append(codec.refine_unit(decoded[:, i], previous, motion.at((slice(None), i))))
+        step = motion.at((slice(None), i))
+        frame = codec.refine_unit(decoded[:, i], previous, step)
+        if canvas is not None:   # the canvas holds no gradient: the carried texture is not the refiner's
+            moved, held = (t.clone() for t in canvas.move(step))
+            frame = codec.carry_detail(frame, moved, held)
+            canvas.paint(frame.detach().clamp(-1, 1))
+        drawn.append(frame)
         loss, stats = reconstruction_loss(_lowpass(x[:, i + 1], cfg.lowpass), _lowpass(drawn[-1], cfg.lowpass),
                                           cfg.l1_weight, cfg.edge_weight)
         total = total + loss / k
@@ -216,7 +230,8 @@ def refiner_codec(init: ConvAutoencoder, cfg: RefinerTrainConfig) -> ConvAutoenc
     """``init``'s codec with a fresh refiner of ``cfg``'s shape (its encoder and decoder copied)."""
     base = {k: v for k, v in init.config().items() if k != "type"}
     codec = ConvAutoencoder(replace(ConvAEConfig(**base), refine_channels=cfg.channels, refine_blocks=cfg.blocks,
-                                    refine_warp=cfg.warp))
+                                    refine_warp=cfg.warp, refine_detail_sigma=cfg.detail_sigma,
+                                    refine_detail_margin=cfg.detail_margin))
     state = {k: v for k, v in init.state_dict().items() if not k.startswith("refiner.")}
     codec.load_state_dict({**codec.state_dict(), **state})
     return codec
