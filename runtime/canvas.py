@@ -60,7 +60,8 @@ class ViewCanvas:
         return self._view(self.pixels), self._view(self.known)
 
     def paint(self, view: torch.Tensor) -> None:
-        """Put the frame just shown into the view."""
+        """Put the frame just shown into the view (on new tensors: what `move` returned stays as it was)."""
+        self.pixels, self.known = self.pixels.clone(), self.known.clone()
         self._view(self.pixels).copy_(view)
         self._view(self.known).fill_(1)
 

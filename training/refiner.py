@@ -139,8 +139,7 @@ def chain_loss(codec: ConvAutoencoder, frames: torch.Tensor, motion: CameraMotio
         step = motion.at((slice(None), i))
         frame = codec.refine_unit(decoded[:, i], previous, step)
         if canvas is not None:   # the canvas holds no gradient: the carried texture is not the refiner's
-            moved, held = (t.clone() for t in canvas.move(step))
-            frame = codec.carry_detail(frame, moved, held)
+            frame = codec.carry_detail(frame, *canvas.move(step))
             canvas.paint(frame.detach().clamp(-1, 1))
         drawn.append(frame)
         loss, stats = reconstruction_loss(_lowpass(x[:, i + 1], cfg.lowpass), _lowpass(drawn[-1], cfg.lowpass),
