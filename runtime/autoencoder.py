@@ -74,8 +74,9 @@ class ConvAEConfig:
                              f"{self.refine_blocks}")
         if self.refine_detail_sigma < 0:
             raise ValueError(f"refine_detail_sigma must be >= 0 (0: off), got {self.refine_detail_sigma}")
-        if self.refine_detail_margin < 0:
-            raise ValueError(f"refine_detail_margin must be >= 0 pixels, got {self.refine_detail_margin}")
+        if not isinstance(self.refine_detail_margin, int) or self.refine_detail_margin < 0:
+            raise ValueError(f"refine_detail_margin must be a whole number of pixels >= 0, got "
+                             f"{self.refine_detail_margin!r}")
         if self.refine_warp not in WARP_MODES:
             raise ValueError(f"refine_warp must be one of {WARP_MODES}, got {self.refine_warp!r}")
 

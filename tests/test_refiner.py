@@ -110,8 +110,9 @@ def test_carried_detail_travels_with_the_view_and_leaves_a_still_view_and_uncove
     assert torch.allclose(still, previous, atol=1e-6)
     with pytest.raises(ValueError, match="refine_detail_sigma"):
         ConvAEConfig(**TINY, refine_detail_sigma=-1.0)
-    with pytest.raises(ValueError, match="refine_detail_margin"):
-        ConvAEConfig(**TINY, refine_detail_margin=-1)
+    for margin in (-1, 2.5, "8"):                        # a hand-edited bundle config is named, not a crash later
+        with pytest.raises(ValueError, match="refine_detail_margin"):
+            ConvAEConfig(**TINY, refine_detail_margin=margin)
 
 
 def test_the_canvas_keeps_what_a_turn_carries_out_of_the_view_and_brings_it_back():
