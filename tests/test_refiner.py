@@ -275,7 +275,7 @@ def test_train_refiner_learns_to_carry_the_moving_view_resumes_and_ships(tmp_pat
     assert shipped.codec.config()["refine_channels"] == 8 and plain.codec.refiner is None
     carrying = Bundle.load(ship(tmp_path / "shipped", tmp_path / "carrying", detail_sigma=2.0, detail_margin=4))
     assert carrying.codec.config()["refine_detail_sigma"] == 2.0
-    assert carrying.codec.config()["refine_detail_margin"] == 4
+    assert carrying.codec.config()["refine_detail_margin"] == 4 and carrying.name == shipped.name   # the rest kept
     for flag in ("sigma", "margin"):
         with pytest.raises(ValueError, match=f"--detail-{flag} needs a codec with a frame refiner"):
             ship(tmp_path / "plain", tmp_path / "nope", **{f"detail_{flag}": 2})
