@@ -404,3 +404,23 @@ def test_a_refiner_trained_with_the_carried_texture_is_drawn_as_the_stream_draws
     real = ConvAutoencoder.to_unit(texture[0, :1])
     carried = (drawn[0, -1:] - gaussian_blur(drawn[0, -1:], 1.0))[..., 7:-3]
     assert F.cosine_similarity(carried.flatten(), (real - gaussian_blur(real, 1.0))[..., 3:-7].flatten(), 0) > 0.8
+
+
+@pytest.mark.gpu
+def test_the_refiner_trains_on_cuda_with_its_student_chains_and_saves_a_cpu_codec(tmp_path):
+    from training.codec import load_codec
+    from training.refiner import RefinerTrainConfig, train_refiner
+
+    data = _chain_data(tmp_path, n=24)
+    codec = ConvAutoencoder(ConvAEConfig(**TINY)).eval()
+    save_codec(codec, tmp_path / "base")
+    _warp_bundle(codec, tmp_path / "world")
+    cfg = RefinerTrainConfig(data=data, out=str(tmp_path / "r"), init=str(tmp_path / "base"),
+                             motion=str(tmp_path / "world"), student=str(tmp_path / "world"), student_chains=4,
+                             steps=2, batch=4, unroll=2, channels=8, blocks=1, warmup=1, adversarial_weight=0.5,
+                             detail_sigma=1.0, detail_margin=4, device="cuda")
+    assert "student_psnr" in train_refiner(cfg, progress=False)
+    trained = load_codec(tmp_path / "r")
+    assert next(trained.parameters()).device.type == "cpu" and trained.refiner is not None
+    cfg.steps = 3                                          # resumed on the same device from the CPU checkpoint
+    assert train_refiner(cfg, progress=False)["steps_this_run"] == 1

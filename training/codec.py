@@ -244,7 +244,8 @@ def save_codec(model: ConvAutoencoder, out: str | Path) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / ".codec.safetensors.tmp"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(out / ".codec.safetensors.tmp"))
     (out / ".codec.safetensors.tmp").replace(out / "codec.safetensors")
     (out / "codec.json").write_text(json.dumps(model.config(), indent=2))
 

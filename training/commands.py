@@ -114,7 +114,7 @@ def _train_refiner(args: argparse.Namespace) -> int:
                              rest_chains=args.rest_chains, rest_skip=args.rest_skip,
                              adversarial_weight=args.adversarial_weight, lowpass=args.lowpass,
                              detail_sigma=args.detail_sigma, detail_margin=args.detail_margin, seed=args.seed,
-                             ckpt_every_s=args.ckpt_every_s, threads=args.threads)
+                             ckpt_every_s=args.ckpt_every_s, threads=args.threads, device=args.device)
     print(json.dumps(train_refiner(cfg)))
     return 0
 
@@ -440,6 +440,7 @@ def register(commands) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
+    add_device_arg(p)
 
     p = commands.add("codec", help="codec reconstruction PSNR/SSIM on held-out frames and decode latency",
                      func=_eval_codec, group="eval")

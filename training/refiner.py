@@ -81,6 +81,7 @@ class RefinerTrainConfig:
     ckpt_every_s: float = 180.0
     log_every: int = 50
     threads: int = 0
+    device: str = "cpu"            # where the codec, the refiner, the judge and the chains train (cpu, cuda, cuda:N)
 
 
 def episode_producers(actions: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -124,14 +125,15 @@ def chain_loss(codec: ConvAutoencoder, frames: torch.Tensor, motion: CameraMotio
     the codec's own latents of the real frames, blurred and noised. Also returns the drawn frames
     ``[B, unroll, 3, H, W]``."""
     b, k = frames.shape[0], frames.shape[1] - 1
-    x = codec.to_unit(frames.flatten(0, 1)).view(b, k + 1, 3, *frames.shape[2:4])
+    device = next(codec.parameters()).device
+    x = codec.to_unit(frames.flatten(0, 1).to(device)).view(b, k + 1, 3, *frames.shape[2:4])
     with torch.no_grad():
         if latents is None:
             z = codec.encode_unit(x[:, 1:].flatten(0, 1))
             z = blur_latents(z, cfg.latent_blur)
             z = z + cfg.latent_noise * z.std() * torch.randn_like(z)
         else:
-            z = latents.flatten(0, 1)
+            z = latents.flatten(0, 1).to(device)
         decoded = codec.decode_unit(z).view(b, k, *x.shape[2:])
     previous, total, stats, drawn = x[:, 0], 0.0, {}, []
     canvas = ViewCanvas(x[:, 0], codec.cfg.refine_detail_margin) if codec.cfg.refine_detail_sigma > 0 else None
@@ -175,7 +177,7 @@ def rest_starts(frames: torch.Tensor, producers: torch.Tensor, starts: torch.Ten
 
 @torch.no_grad()
 def student_chains(bundle: str, frames: torch.Tensor, producers: torch.Tensor, lengths: list[int], chains: int,
-                   unroll: int, context: int = 4, seed: int = 0, rest_skip: int = 0,
+                   unroll: int, context: int = 4, seed: int = 0, rest_skip: int = 0, device: str = "cpu",
                    progress: bool = False) -> StudentChains:
     """``chains`` random chains of the recorded episodes (``frames`` concatenated, ``producers[t]`` the action that
     produced frame t) played by ``bundle``'s session: from ``context`` real frames (its key momentum from the
@@ -189,7 +191,7 @@ def student_chains(bundle: str, frames: torch.Tensor, producers: torch.Tensor, l
 
     from runtime import open_session
 
-    session = open_session(bundle)
+    session = open_session(bundle, device=device)
     starts = chain_starts(lengths, context - 1 + unroll)
     if rest_skip:
         starts = rest_starts(frames, producers, starts, context + unroll)
@@ -212,9 +214,9 @@ def student_chains(bundle: str, frames: torch.Tensor, producers: torch.Tensor, l
             z.append(session.generate_latents(no_key if rest_skip else producers[last + 1 + h].numpy()))
             moves.append(session.motion)
         rows.append(torch.full((1 + unroll,), last) if rest_skip else torch.arange(last, last + 1 + unroll))
-        latents.append(torch.cat(z))
-        shifts.append(torch.cat([m.shift for m in moves]))
-        flows.append(None if moves[0].flow is None else torch.cat([m.flow for m in moves]))
+        latents.append(torch.cat(z).cpu())
+        shifts.append(torch.cat([m.shift for m in moves]).cpu())
+        flows.append(None if moves[0].flow is None else torch.cat([m.flow for m in moves]).cpu())
     flow = None if flows[0] is None else torch.stack(flows)
     return StudentChains(torch.stack(rows), torch.stack(latents).float(), CameraMotion(torch.stack(shifts), flow))
 
@@ -262,11 +264,11 @@ def train_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    world = Bundle.load(cfg.motion)
+    world = Bundle.load(cfg.motion, device=cfg.device)
     if world.model.camera_motion is None:
         raise ValueError(f"--motion {cfg.motion}: its model has no camera warp (ModelConfig.camera_warp)")
     seed_everything(cfg.seed)
-    codec = refiner_codec(_load_init(cfg.init), cfg)
+    codec = refiner_codec(_load_init(cfg.init), cfg).to(cfg.device)
     codec.requires_grad_(False)
     codec.eval()
     refiner: FrameRefiner = codec.refiner
@@ -276,14 +278,14 @@ def train_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> dict:
     if cfg.adversarial_weight > 0:
         from training.discriminator import PatchDiscriminator
 
-        disc = PatchDiscriminator()
+        disc = PatchDiscriminator().to(cfg.device)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
 
     clips = ClipDataset(cfg.data, clip_frames=1)     # one pass over the shards: frames and actions
     frames, actions = torch.from_numpy(clips.all_frames()), torch.from_numpy(clips.all_actions())
     lengths = [n for _, _, n, _ in clips.episode_rows]
     producers = episode_producers(actions, lengths)
-    conditions = episode_conditions(producers, lengths, world.config.action_condition())
+    conditions = episode_conditions(producers, lengths, world.config.action_condition()).to(cfg.device)
     starts = chain_starts(lengths, cfg.unroll)
     if not len(starts):
         raise ValueError(f"{cfg.data}: no episode is {cfg.unroll + 1} frames long")
@@ -295,12 +297,16 @@ def train_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> dict:
             own = StudentChains(saved["rows"], saved["latents"], CameraMotion(saved["shift"], saved.get("flow")))
         else:
             own = student_chains(cfg.student, frames, producers, lengths, cfg.student_chains, cfg.unroll,
-                                 seed=cfg.seed, progress=progress)
+                                 seed=cfg.seed, device=cfg.device, progress=progress)
             if cfg.rest_chains:
                 own = _joined(own, student_chains(cfg.student, frames, producers, lengths, cfg.rest_chains, cfg.unroll,
-                                                  seed=cfg.seed + 1, rest_skip=cfg.rest_skip, progress=progress))
+                                                  seed=cfg.seed + 1, rest_skip=cfg.rest_skip, device=cfg.device,
+                                                  progress=progress))
             save_checkpoint(cached, {"rows": own.rows, "latents": own.latents, "shift": own.motion.shift,
                                      **({} if own.motion.flow is None else {"flow": own.motion.flow})})
+    if own is not None:
+        own = StudentChains(own.rows, own.latents.to(cfg.device), CameraMotion(*(
+            None if t is None else t.to(cfg.device) for t in own.motion)))
     mine = round(cfg.batch * cfg.student_share) if own is not None else 0
 
     step = 0
@@ -349,7 +355,7 @@ def train_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> dict:
         if mine:
             stats["student_psnr"] = parts[-1][2]["psnr"]
         if disc is not None:
-            x = codec.to_unit(torch.cat(real).flatten(0, 1))
+            x = codec.to_unit(torch.cat(real).flatten(0, 1).to(cfg.device))
             loss, adv = adversarial_step(refiner.conv_out.weight, disc, disc_opt, x,
                                          [torch.cat([d for _, _, _, d in parts]).flatten(0, 1)], loss,
                                          cfg.adversarial_weight)
