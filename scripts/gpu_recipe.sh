@@ -2,7 +2,8 @@
 # The world model's `told` recipe in one GPU run (issue 14, docs/gpu.md "The world recipe on a GPU"): record
 # health_gathering on every CPU core, train the told teacher, its dCM and SF-DMD students on the GPU, then
 # evaluate the student rows and the teacher on the CPU cores in parallel. $OUT receives the three bundles,
-# their eval / control / gap JSONs and times.txt: a CPU session continues from those bundles.
+# eval/ and controls/ (one JSON per row each), the teacher's gap JSON and times.txt: a CPU session continues from
+# those bundles.
 #
 #   OUT=out/gpu_recipe scripts/gpu_recipe.sh     # on an H100/H200: about 9 minutes (teacher capped at 240 s)
 #   scripts/gpu_recipe.sh --tiny                 # CPU dry run at toy size (3 episodes, a few steps)
@@ -11,7 +12,8 @@
 # FORCEKIT_WHEELS (default .whl/recipe, filled by `scripts/gpu_wheels.sh recipe`; carry it, about 57 MB).
 # Big files (recordings, latents, checkpoints) stay in WORK (default /tmp/forcekit_gpu_recipe), not in $OUT.
 # Step counts: TOLD_TEACHER_STEPS (6000), WARP_TEACHER_MAX_SECONDS (240), WARP_DCM_STEPS (300), WARP_DMD_STEPS
-# (200); EVAL_SECONDS (150) caps each evaluation.
+# (200); EVAL_SECONDS (150) caps each evaluation. REFINE=1 also trains the frame refiner on the SF-DMD student
+# (`train refiner --device cuda`, REFINER_STEPS 1200) and ships it as $OUT/default (not yet timed on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TINY=0
@@ -43,6 +45,7 @@ EVAL_EPISODES=16 CONTROL_EPISODES=8 STILL=64 TEACHER_EPISODES=4 HORIZON=64 HOLD=
 if [[ $TINY == 1 ]]; then
     export DEVICE=cpu THREADS=1 TRAIN_EPISODES=3 HELDOUT_EPISODES=2 MAX_FRAMES=40 RECORD_JOBS=2
     export TOLD_TEACHER_STEPS=3 WARP_DCM_STEPS=2 WARP_DMD_STEPS=2 WARP_TEACHER_MAX_SECONDS=0
+    export REFINER_STEPS=2 STUDENT_CHAINS=4 REST_CHAINS=0 SCENES=2
     EVAL_EPISODES=1 CONTROL_EPISODES=1 STILL=4 TEACHER_EPISODES=1 HORIZON=8 HOLD=2 GAP_CLIPS=8
 else
     export DEVICE=cuda THREADS=4
@@ -60,13 +63,18 @@ set -E   # a failing stage shows the end of its log (here and in $OUT), then the
 trap 'tr "\r" "\n" < "$log_file" | tail -n 40 | tee "$OUT/failed_log.txt"' ERR
 stage_record > "$log_file" 2>&1
 stage_told >> "$log_file" 2>&1
+if [[ ${REFINE:-0} == 1 ]]; then
+    TOLD_SF=$RUNS/told/dmd/bundle DEFAULT_OUT=$RUNS/default REFINER_THREADS=$THREADS refine_train_ship >> "$log_file" 2>&1
+fi
 trap - ERR
 echo "trained in $((SECONDS - START)) s"
 
 # The evaluations, each on its own CPU cores, in parallel; each is capped so the bundles always come back.
 limit=${EVAL_SECONDS:-150}
 S=$RUNS/told
-for row in "told_dcm_2 $S/dcm/bundle 2" "told_dmd_1 $S/dmd/bundle 1" "told_dmd_2 $S/dmd/bundle 2"; do
+rows=("told_dcm_2 $S/dcm/bundle 2" "told_dmd_1 $S/dmd/bundle 1" "told_dmd_2 $S/dmd/bundle 2")
+[[ ${REFINE:-0} == 1 ]] && rows+=("default_1 $RUNS/default 1")
+for row in "${rows[@]}"; do
     set -- $row
     timeout "$limit" "$FK" eval world --bundle "$2" --env "$ENV_NAME" --episodes "$EVAL_EPISODES" --horizon "$HORIZON" \
         --context 4 --seed 100000 --probe "$RUNS/probe" --steps "$3" --threads 2 --out "$RUNS/eval/$1.json" \
@@ -86,7 +94,14 @@ for stage in teacher dcm dmd; do
     mkdir -p "$OUT/$stage"
     cp "$S/$stage/bundle/"* "$OUT/$stage/"
 done
-cp "$RUNS/eval/"*.json "$RUNS/controls/"*.json "$S/gap_teacher.json" "$RUNS/times.txt" "$OUT/" 2>/dev/null || true
+if [[ ${REFINE:-0} == 1 ]]; then
+    mkdir -p "$OUT/default"
+    cp "$RUNS/default/"* "$OUT/default/"
+fi
+mkdir -p "$OUT/eval" "$OUT/controls"   # a row's world and control JSONs share its name: one folder each
+cp "$RUNS/eval/"*.json "$OUT/eval/" 2>/dev/null || true
+cp "$RUNS/controls/"*.json "$OUT/controls/" 2>/dev/null || true
+cp "$S/gap_teacher.json" "$RUNS/times.txt" "$OUT/" 2>/dev/null || true
 cat "$RUNS/eval/"*.log "$RUNS/controls/"*.log "$S/gap.log" "$log_file" 2>/dev/null | tr '\r' '\n' \
     | grep -v -E '[0-9]+/[0-9]+ \[' > "$OUT/logs.txt" || true   # without the progress bars
 echo "total $((SECONDS - START)) s" | tee -a "$OUT/times.txt"

@@ -295,21 +295,27 @@ stage_ship() {
         --scenes 8 --scene-frames 4 --steps 1 --seed 1 --card models/health_gathering_guided/card.md \
         --name health_gathering_guided
 }
-stage_refine() {
+refine_train_ship() {
     # The shipped default: the told SF-DMD student (TOLD_SF: the committed models/health_gathering_told_sf, or the
     # sharp stage's $RUNS/told/dmd_long/bundle) with a frame refiner after its decoder, trained on its own chains and
     # on rest chains (docs/world_controls.md, thirteenth sitting). Rest chains need stretches where the engine stands
-    # still: our run had TRAIN=$DATA/hg_train_idle, recorded with IDLE_PROB=0.06. Shipped with the shown frame's
-    # texture carried with the view (--detail-sigma, fourteenth sitting). The card holds our figures.
+    # still: our run had TRAIN=$DATA/hg_train_idle, recorded with IDLE_PROB=0.06. Shipped to DEFAULT_OUT (default
+    # models/default) with the shown frame's texture carried with the view on a canvas past its edges
+    # (--detail-sigma, --detail-margin: fourteenth and fifteenth sittings). The card holds our figures.
     local F=${TOLD_SF:-models/health_gathering_told_sf} S=$RUNS/refine
     [[ -f $S/codec.json && -f $S/done ]] || { timed refiner "$FK" train refiner --data "$TRAIN" --out "$S" --init "$F" \
-        --motion "$F" --student "$F" --rest-chains 256 --rest-skip 256 --adversarial-weight 0.5 \
-        --steps "${REFINER_STEPS:-1200}" --threads 1 && touch "$S/done"; }
-    "$FK" ship --bundle "$F" --decoder "$S" --out models/default --start-data "$HELDOUT" --scenes 8 --scene-frames 4 \
-        --steps 1 --seed 1 --detail-sigma "${DETAIL_SIGMA:-1.5}" --detail-margin "${DETAIL_MARGIN:-32}" --card models/default/card.md --name default
+        --motion "$F" --student "$F" --student-chains "${STUDENT_CHAINS:-1024}" --rest-chains "${REST_CHAINS:-256}" \
+        --rest-skip 256 --adversarial-weight 0.5 --steps "${REFINER_STEPS:-1200}" --threads "${REFINER_THREADS:-1}" \
+        --device "$DEVICE" && touch "$S/done"; }
+    "$FK" ship --bundle "$F" --decoder "$S" --out "${DEFAULT_OUT:-models/default}" --start-data "$HELDOUT" --scenes "${SCENES:-8}" \
+        --scene-frames 4 --steps 1 --seed 1 --detail-sigma "${DETAIL_SIGMA:-1.5}" --detail-margin "${DETAIL_MARGIN:-32}" \
+        --card models/default/card.md --name default
+}
+stage_refine() {
+    refine_train_ship
     mkdir -p "$RUNS/eval" "$RUNS/controls"
-    eval_row default_1 models/default 1
-    controls_row default_1 models/default 1
+    eval_row default_1 "${DEFAULT_OUT:-models/default}" 1
+    controls_row default_1 "${DEFAULT_OUT:-models/default}" 1
 }
 stage_bench() {
     mkdir -p "$RUNS/bench"
