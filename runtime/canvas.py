@@ -8,7 +8,7 @@ canvas keeps ``margin`` pixels on every side: the whole canvas moves with the ca
 view stays on the margin, and ``known`` marks the canvas pixels that hold something shown (0 where
 nothing ever was).
 
-The canvas moves as `runtime.warp.move_without_blur` moves a frame: whole pixels, the translation's
+The canvas moves without resampling blur (`runtime.warp.whole_pixel_move`): whole pixels, the translation's
 sub-pixel remainder carried to the next frame (``carry``), a walking flow at the nearest pixel.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.warp import CameraMotion, move_without_blur
+from runtime.warp import CameraMotion, warp_frames, whole_pixel_move
 
 
 def widen_motion(motion: CameraMotion, view: tuple[int, int], margin: int) -> CameraMotion:
@@ -54,9 +54,11 @@ class ViewCanvas:
         """Move the canvas by one frame's ``motion`` (of the view). Returns what now lies in the view and where
         it holds something shown (``[n, 1, H, W]``, 0 where it is new)."""
         wide = widen_motion(motion, (self.height, self.width), self.margin)
+        shift, flow, self.carry = whole_pixel_move(wide, self.carry, self.pixels.shape[-2:])
         both = torch.cat([self.pixels, self.known.to(self.pixels.dtype)], 1)
-        moved, held, self.carry = move_without_blur(both, wide, self.carry)
-        self.pixels, self.known = moved[:, :-1], moved[:, -1:] * held
+        # one nearest move of pixels and mask: past the canvas's edge both are 0, nothing shown
+        moved = warp_frames(both[:, None], shift, flow, "nearest", padding="zeros")[:, 0]
+        self.pixels, self.known = moved[:, :-1], moved[:, -1:]
         return self._view(self.pixels), self._view(self.known)
 
     def paint(self, view: torch.Tensor) -> None:

@@ -60,19 +60,16 @@ def gaussian_blur(frames: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def move_without_blur(frames: torch.Tensor, motion: CameraMotion, carry: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Move frames ``[n, C, H, W]`` by one frame's ``motion`` (n rows) without the blur a chain of bilinear
-    moves piles up: the translation is rounded to whole pixels and its fraction ``carry`` (``[n, 2]``, pixels
-    right and down) is added to the next frame's, so a turn of 3.9 pixels a frame travels 39 pixels in 10 frames
-    with every pixel copied, not averaged; a flow or zoom is sampled at the nearest pixel. Returns the moved
-    frames, where they hold content (``[n, 1, H, W]``, 0 where the move uncovered the view) and the new carry."""
-    n, _, h, w = frames.shape
-    pixels = torch.tensor([w / 2, h / 2], device=frames.device)
+def whole_pixel_move(motion: CameraMotion, carry: torch.Tensor, size: tuple[int, int]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One frame's ``motion`` (n rows) of frames of ``size`` (height, width) with its translation rounded to whole
+    pixels, ``carry`` (``[n, 2]``, pixels right and down) the fraction left from the frames before: the motion
+    ``[n, 1, 3]`` and flow ``[n, 1, 2, h, w]`` (or None) for `warp_frames`, and the new carry. A chain of bilinear
+    moves is a low-pass filter; moved by this, sampled at the nearest pixel, a turn of 3.9 pixels a frame travels 39
+    pixels in 10 frames with every pixel copied, not averaged."""
+    h, w = size
+    pixels = torch.tensor([w / 2, h / 2], device=motion.shift.device)
     travelled = carry + motion.shift[:, :2].float() * pixels
     whole = travelled.round()
     shift = torch.cat([whole / pixels, motion.shift[:, 2:].float()], 1)[:, None]
-    flow = None if motion.flow is None else motion.flow[:, None]
-    moved = warp_frames(frames[:, None], shift, flow, "nearest")[:, 0]
-    held = warp_frames(torch.ones_like(frames[:, None, :1]), shift, flow, "nearest", padding="zeros")[:, 0]
-    return moved, held, travelled - whole
+    return shift, None if motion.flow is None else motion.flow[:, None], travelled - whole

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from runtime import Bundle, ModelConfig
 from runtime.autoencoder import ConvAEConfig, ConvAutoencoder
 from runtime.canvas import ViewCanvas, widen_motion
-from runtime.warp import CameraMotion, gaussian_blur, move_without_blur, warp_frames
+from runtime.warp import CameraMotion, gaussian_blur, warp_frames
 from tests.test_worlds_codec import TINY, _frames
 from training.codec import save_codec
 
@@ -78,12 +78,12 @@ def test_the_refining_stream_starts_from_the_real_frame_and_keeps_a_still_view_e
 
 def test_moving_without_blur_copies_whole_pixels_and_carries_the_fraction_to_the_next_frame():
     frame = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    carry, moved = torch.zeros(1, 2), frame
+    canvas = ViewCanvas(frame, 0)
     for _ in range(5):                                   # 0.4 px a frame: 2 px in five frames
-        moved, held, carry = move_without_blur(moved, _shift(0.4), carry)
+        moved, held = canvas.move(_shift(0.4))
     assert torch.equal(moved[..., 2:], frame[..., :-2])  # every pixel copied, none averaged
-    assert torch.allclose(carry, torch.zeros(1, 2), atol=1e-5)
-    _, held, _ = move_without_blur(frame, _shift(2.2), torch.zeros(1, 2))
+    assert torch.allclose(canvas.carry, torch.zeros(1, 2), atol=1e-5)
+    _, held = ViewCanvas(frame, 0).move(_shift(2.2))
     assert held[..., :2].eq(0).all() and held[..., 2:].eq(1).all()      # what the 2 px move uncovered
     blurred = frame
     for _ in range(5):                                   # the bilinear chain the refiner's input takes
