@@ -116,6 +116,14 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def field_of_view(text: str) -> float:
+    """A field of view in degrees, in [0, 180) (0: none, a flat view)."""
+    value = _number(text, float)
+    if not 0 <= value < 180:
+        raise argparse.ArgumentTypeError(f"must be a field of view in [0, 180) degrees, got {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A finite number in [0, 1) (decay rates)."""
     value = _number(text, float)

@@ -55,6 +55,10 @@ class ConvAEConfig:
     # Pixels of canvas kept beyond each edge of the view for the carried texture (`runtime.canvas.ViewCanvas`), so
     # what a turn carries out of the view comes back with its texture when the view turns back (0: none).
     refine_detail_margin: int = 0
+    # The view's horizontal field of view in degrees, for the carried texture (`forcekit eval camera` measures it on
+    # recorded turns): a turn then moves the canvas as a pinhole camera's yaw, the view's edges faster than its
+    # centre, on a cylinder around the camera (`runtime.canvas.CylinderMap`); 0: a turn moves it as a translation.
+    refine_detail_fov: float = 0.0
 
     def __post_init__(self) -> None:
         lists = [self.encoder_channels, self.encoder_blocks, self.decoder_channels, self.decoder_blocks]
@@ -77,6 +81,9 @@ class ConvAEConfig:
         if not isinstance(self.refine_detail_margin, int) or self.refine_detail_margin < 0:
             raise ValueError(f"refine_detail_margin must be a whole number of pixels >= 0, got "
                              f"{self.refine_detail_margin!r}")
+        fov = self.refine_detail_fov
+        if isinstance(fov, bool) or not isinstance(fov, (int, float)) or not 0 <= fov < 180:
+            raise ValueError(f"refine_detail_fov must be a field of view in [0, 180) degrees (0: flat), got {fov!r}")
         if self.refine_warp not in WARP_MODES:
             raise ValueError(f"refine_warp must be one of {WARP_MODES}, got {self.refine_warp!r}")
 
@@ -294,7 +301,8 @@ class RefiningDecoder(StreamingDecoder):
     stream starts from ``reset(last_frame)``, the real frame it continues; without one its first frame is
     the plain decode. With `ConvAEConfig.refine_detail_sigma` the shown frames' fine detail travels on with the
     motion (`ConvAutoencoder.carry_detail`), kept on a ``canvas`` wider than the view by
-    `ConvAEConfig.refine_detail_margin` (`runtime.canvas.ViewCanvas`)."""
+    `ConvAEConfig.refine_detail_margin` and turned as `ConvAEConfig.refine_detail_fov` says
+    (`runtime.canvas.ViewCanvas`)."""
 
     def __init__(self, codec: ConvAutoencoder) -> None:
         self.codec = codec
@@ -313,7 +321,7 @@ class RefiningDecoder(StreamingDecoder):
         if self.codec.cfg.refine_detail_sigma <= 0:
             return
         if self.canvas is None:
-            self.canvas = ViewCanvas(frame, self.codec.cfg.refine_detail_margin)
+            self.canvas = ViewCanvas(frame, self.codec.cfg.refine_detail_margin, self.codec.cfg.refine_detail_fov)
         else:
             self.canvas.paint(frame)
 

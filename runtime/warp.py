@@ -59,17 +59,3 @@ def gaussian_blur(frames: torch.Tensor, sigma: float) -> torch.Tensor:
     out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
-
-def whole_pixel_move(motion: CameraMotion, carry: torch.Tensor, size: tuple[int, int]
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One frame's ``motion`` (n rows) of frames of ``size`` (height, width) with its translation rounded to whole
-    pixels, ``carry`` (``[n, 2]``, pixels right and down) the fraction left from the frames before: the motion
-    ``[n, 1, 3]`` and flow ``[n, 1, 2, h, w]`` (or None) for `warp_frames`, and the new carry. A chain of bilinear
-    moves is a low-pass filter; moved by this, sampled at the nearest pixel, a turn of 3.9 pixels a frame travels 39
-    pixels in 10 frames with every pixel copied, not averaged."""
-    h, w = size
-    pixels = torch.tensor([w / 2, h / 2], device=motion.shift.device)
-    travelled = carry + motion.shift[:, :2].float() * pixels
-    whole = travelled.round()
-    shift = torch.cat([whole / pixels, motion.shift[:, 2:].float()], 1)[:, None]
-    return shift, None if motion.flow is None else motion.flow[:, None], travelled - whole

@@ -301,15 +301,19 @@ refine_train_ship() {
     # on rest chains (docs/world_controls.md, thirteenth sitting). Rest chains need stretches where the engine stands
     # still: our run had TRAIN=$DATA/hg_train_idle, recorded with IDLE_PROB=0.06. Shipped to DEFAULT_OUT (default
     # models/default) with the shown frame's texture carried with the view on a canvas past its edges
-    # (--detail-sigma, --detail-margin: fourteenth and fifteenth sittings). The card holds our figures.
+    # (--detail-sigma, --detail-margin: fourteenth and fifteenth sittings), turned as the recorded turns show the
+    # camera turns (--detail-fov: `eval camera`'s best field of view, unless DETAIL_FOV says; sixteenth sitting).
+    # The card holds our figures.
     local F=${TOLD_SF:-models/health_gathering_told_sf} S=$RUNS/refine
+    [[ -s $RUNS/camera.json ]] || "$FK" eval camera --data "$HELDOUT" --json > "$RUNS/camera.json"
+    local fov=${DETAIL_FOV:-$(grep -o '"fov": [0-9.]*' "$RUNS/camera.json" | cut -d' ' -f2)}
     [[ -f $S/codec.json && -f $S/done ]] || { timed refiner "$FK" train refiner --data "$TRAIN" --out "$S" --init "$F" \
         --motion "$F" --student "$F" --student-chains "${STUDENT_CHAINS:-1024}" --rest-chains "${REST_CHAINS:-256}" \
         --rest-skip 256 --adversarial-weight 0.5 --steps "${REFINER_STEPS:-1200}" --threads "${REFINER_THREADS:-1}" \
         --device "$DEVICE" && touch "$S/done"; }
     "$FK" ship --bundle "$F" --decoder "$S" --out "${DEFAULT_OUT:-models/default}" --start-data "$HELDOUT" --scenes "${SCENES:-8}" \
         --scene-frames 4 --steps 1 --seed 1 --detail-sigma "${DETAIL_SIGMA:-1.5}" --detail-margin "${DETAIL_MARGIN:-32}" \
-        --card models/default/card.md --name default
+        --detail-fov "${fov:-0}" --card models/default/card.md --name default
 }
 stage_refine() {
     refine_train_ship

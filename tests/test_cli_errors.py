@@ -181,6 +181,21 @@ def test_train_teacher_on_bad_data(defect, named, data, tmp_path, capsys):
     assert code == 1 and named in line, line
 
 
+@pytest.mark.parametrize("defect, named", [("missing", "no-such-data"), ("garbage", "meta.json"),
+                                           ("corrupt", "shard_00000.npz")])
+def test_eval_camera_on_bad_data(defect, named, data, capsys):
+    code, line = _run(capsys, ["eval", "camera", "--data", data[defect]])
+    assert code == 1 and named in line, line
+
+
+def test_eval_camera_reports_each_key_and_refuses_a_field_of_view_past_180(data, capsys):
+    assert main(["eval", "camera", "--data", data["good"], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["keys"]) == {"a", "b"} and report["fov"] is None       # too few steady turns to fit
+    code, line = _run(capsys, ["eval", "camera", "--data", data["good"], "--fovs", "90,200"])
+    assert code == 2 and "--fovs" in line, line
+
+
 def test_train_codec_on_a_corrupt_shard(data, tmp_path, capsys):
     code, line = _run(capsys, ["train", "codec", "--data", data["corrupt"], "--out", str(tmp_path), "--steps", "1"])
     assert code == 1 and "shard_00000.npz" in line, line

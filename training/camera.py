@@ -6,12 +6,17 @@ lowest error in the part of the frame every shift covers, refined by a parabola 
 neighbours, is the key's translation per frame (sideways first, then up or down on the view
 already moved sideways). Zoom (walking forward) is left at 0: a zoom
 must be resampled, and its blur would decide the fit. The transformer learns the rest.
+
+`measure_turns` (`forcekit eval camera`) asks what a turn is, on the recorded frames: a translation, or
+a pinhole camera's yaw (the view's edges moving faster than its centre) and for which field of view,
+the geometry a detail-carrying stream turns its canvas by (`ConvAEConfig.refine_detail_fov`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from runtime.canvas import CylinderMap
 from runtime.warp import warp_frames
 from training.latents import LatentClips
 
@@ -147,3 +152,61 @@ def calibrate_camera_flow(clips: LatentClips, codec, action_dim: int, motion: to
                      "down_px_top_row": round(float(rows_down[0]), 2),
                      "down_px_bottom_row": round(float(rows_down[-1]), 2)}
     return flow, report
+
+
+def _moved_error(prev: torch.Tensor, cur: torch.Tensor, grid: CylinderMap, centre_shift: float) -> float:
+    """Mean squared error (0-255) of ``cur`` ``[N, 3, H, W]`` against ``prev`` turned as ``grid``'s camera turns when
+    its centre column moves ``centre_shift`` pixels right (bilinear: a fit, not a stream), where the turn brings
+    ``prev``'s pixels."""
+    h, w = grid.height, grid.width
+    u, v = grid.pixel_centres(prev.device)
+    a, b = grid.to_canvas(u, v)
+    turn = float(grid.turn_columns(torch.tensor(centre_shift))) / grid.scale
+    su, sv = grid.to_view(a - turn, b)
+    sample = torch.stack([su / (w / 2), sv / (h / 2)], -1)
+    inside = sample.abs().le(1 - 1 / min(h, w)).all(-1)
+    moved = torch.nn.functional.grid_sample(prev, sample[None].expand(len(prev), -1, -1, -1), align_corners=False)
+    return float((moved - cur).pow(2).mean(1)[:, inside].mean())
+
+
+def measure_turns(frames: torch.Tensor, actions: torch.Tensor, lengths: list[int], keys: list[str],
+                  fovs: tuple[float, ...] = (0.0, 60.0, 70.0, 80.0, 90.0, 100.0, 110.0), max_shift: float = 8.0,
+                  pairs: int = 400, min_pairs: int = 32, seed: int = 0) -> dict:
+    """How a held key turns the recorded view (`forcekit eval camera`): for each key, the frame pairs where it alone
+    was held into the frame and the frame before (a steady turn), and for each horizontal field of view in ``fovs``
+    (0: the view translates) the centre column's shift per frame that best maps one frame onto the next and its
+    error (the first of ``fovs`` decides which keys turn: its best shift must move the view a pixel a frame).
+    ``frames`` uint8 ``[N, H, W, 3]``, ``actions`` ``[N, D]`` (row t produced frame t + 1 of its episode, as
+    `training.data.ClipDataset.all_actions` gives them), ``lengths`` the episodes' in order. ``fov`` is the field of
+    view with the lowest error summed over the keys that turn."""
+    held = actions[:, :len(keys)] > 0.5
+    firsts, row = [], 0
+    for n in lengths:
+        firsts.extend(range(row + 1, row + n - 1))      # t with frames t - 1, t, t + 1 in one episode
+        row += n
+    rows = torch.tensor(firsts, dtype=torch.long)
+    alone = held.sum(1) == 1
+    gen = torch.Generator().manual_seed(seed)
+    steps = torch.arange(-max_shift, max_shift + 1e-6, 0.25).tolist()
+    report, turning = {}, []
+    for k, name in enumerate(keys):
+        steady = rows[(held[rows, k] & alone[rows] & held[rows - 1, k] & alone[rows - 1])]
+        if len(steady) < min_pairs:
+            report[name] = {"pairs": int(len(steady))}
+            continue
+        pick = steady[torch.randperm(len(steady), generator=gen)[:pairs]]
+        prev = frames[pick].permute(0, 3, 1, 2).float()
+        cur = frames[pick + 1].permute(0, 3, 1, 2).float()
+        fits = {}
+        for fov in fovs:
+            grid = CylinderMap(prev.shape[-2], prev.shape[-1], 0, fov)
+            errors = [_moved_error(prev, cur, grid, s) for s in steps]
+            best = min(range(len(steps)), key=errors.__getitem__)
+            fits[fov] = {"centre_shift_px": steps[best], "mse": round(errors[best], 2)}
+        report[name] = {"pairs": int(len(pick)), "copy_mse": round(float((prev - cur).pow(2).mean()), 2),
+                        "fits": {str(f): v for f, v in fits.items()},
+                        "best_fov": min(fovs, key=lambda f: fits[f]["mse"])}
+        if abs(fits[min(fovs)]["centre_shift_px"]) >= 1:
+            turning.append(fits)
+    fov = min(fovs, key=lambda f: sum(fits[f]["mse"] for fits in turning)) if turning else None
+    return {"keys": report, "fov": fov, "turning_keys": len(turning)}

@@ -10,6 +10,7 @@ from forcekit.cli import (
     CommandError,
     UsageError,
     add_device_arg,
+    field_of_view,
     fraction,
     nonnegative_float,
     nonnegative_int,
@@ -113,7 +114,8 @@ def _train_refiner(args: argparse.Namespace) -> int:
                              student_chains=args.student_chains, student_share=args.student_share,
                              rest_chains=args.rest_chains, rest_skip=args.rest_skip,
                              adversarial_weight=args.adversarial_weight, lowpass=args.lowpass,
-                             detail_sigma=args.detail_sigma, detail_margin=args.detail_margin, seed=args.seed,
+                             detail_sigma=args.detail_sigma, detail_margin=args.detail_margin,
+                             detail_fov=args.detail_fov, seed=args.seed,
                              ckpt_every_s=args.ckpt_every_s, threads=args.threads, device=args.device)
     print(json.dumps(train_refiner(cfg)))
     return 0
@@ -133,6 +135,25 @@ def _eval_codec(args: argparse.Namespace) -> int:
     codec = load_codec_or_bundle(args.codec)
     result = {"codec": args.codec, "data": args.data, **eval_codec(codec, frames)}
     print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _eval_camera(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.camera import measure_turns
+    from training.data import ClipDataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if any(f >= 180 for f in args.fovs):
+        raise UsageError(f"--fovs must be fields of view under 180 degrees, got {args.fovs}")
+    data = ClipDataset(args.data, clip_frames=1)
+    keys = list(data.meta["action_space"]["keys"])
+    result = measure_turns(torch.from_numpy(data.all_frames()), torch.from_numpy(data.all_actions()),
+                           [r[2] for r in data.episode_rows], keys, fovs=(0.0, *map(float, args.fovs)),
+                           pairs=args.pairs)
+    print(json.dumps({"data": args.data, **result}, indent=None if args.json else 2))
     return 0
 
 
@@ -279,7 +300,7 @@ def _ship(args: argparse.Namespace) -> int:
     out = ship(args.bundle, args.out, start_data=args.start_data, scenes=args.scenes, scene_frames=args.scene_frames,
                card=args.card, name=args.name, seed=args.seed, steps=args.steps, stack_noise=args.stack_noise,
                noise_scale=args.noise_scale, decoder=args.decoder, reproject=args.reproject, warp_mode=args.warp_mode,
-               detail_sigma=args.detail_sigma, detail_margin=args.detail_margin)
+               detail_sigma=args.detail_sigma, detail_margin=args.detail_margin, detail_fov=args.detail_fov)
     print(json.dumps({"bundle": str(out)}))
     return 0
 
@@ -340,6 +361,10 @@ def register(commands) -> None:
     p.add_argument("--detail-margin", type=nonnegative_int, default=None,
                    help="pixels of the carried texture kept past each edge of the view, so what a turn carries out "
                         "comes back when the view turns back (0: none; default: the bundle's)")
+    p.add_argument("--detail-fov", type=field_of_view, default=None,
+                   help="the view's horizontal field of view in degrees (`forcekit eval camera`): the carried texture "
+                        "turns as a pinhole camera's, the edges faster than the centre (0: as a translation; "
+                        "default: the bundle's)")
 
     p = commands.add("record", help="record episodes from a game engine into atomic shards (resumable)",
                      func=_record)
@@ -437,6 +462,8 @@ def register(commands) -> None:
                    help="train with the texture carried with the view, as `ship --detail-sigma` runs it (0: off)")
     p.add_argument("--detail-margin", type=nonnegative_int, default=0,
                    help="with --detail-sigma: the canvas kept past the view's edges, as `ship --detail-margin`")
+    p.add_argument("--detail-fov", type=field_of_view, default=0.0,
+                   help="with --detail-sigma: the view's field of view in degrees, as `ship --detail-fov`")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation and batches")
     p.add_argument("--ckpt-every-s", type=positive_float, default=180.0, help="checkpoint every N seconds")
     _threads_arg(p)
@@ -447,6 +474,16 @@ def register(commands) -> None:
     p.add_argument("--codec", required=True, help="codec dir (codec.json + codec.safetensors) or a bundle dir")
     p.add_argument("--data", required=True, help="held-out data dir")
     p.add_argument("--max-frames", type=nonnegative_int, default=4096, help="evaluate on at most N frames (0: all)")
+    _threads_arg(p)
+    p.add_argument("--json", action="store_true", help="one-line JSON")
+
+    p = commands.add("camera", help="how each key turns the recorded view: per field of view (0: a translation), the "
+                     "best centre shift per frame and its error, and the field of view that fits best",
+                     func=_eval_camera, group="eval")
+    p.add_argument("--data", required=True, help="recorded data dir (forcekit record)")
+    p.add_argument("--pairs", type=positive_int, default=400, help="steady-turn frame pairs per key")
+    p.add_argument("--fovs", type=positive_int_list, default=[60, 70, 80, 90, 100, 110],
+                   help="fields of view tried, degrees, besides 0 (a translation)")
     _threads_arg(p)
     p.add_argument("--json", action="store_true", help="one-line JSON")
 

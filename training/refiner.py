@@ -71,12 +71,13 @@ class RefinerTrainConfig:
     # under a turn), so pixel losses prefer a blur to texture that travelled a little wrong; averaged, they hold
     # the layout and leave the texture to the judge (use with adversarial_weight, edge_weight 0).
     lowpass: int = 1
-    # Train as it runs with the texture carried with the view (`ConvAEConfig.refine_detail_sigma` and
-    # `refine_detail_margin`, kept in the trained codec; 0: off): each drawn frame's fine detail is the chain's
-    # previous frames', moved, as the stream draws it, so the refiner learns on the frame it will be shown and the
-    # loss (and the judge) reach its own texture only where the move uncovered the view.
+    # Train as it runs with the texture carried with the view (`ConvAEConfig.refine_detail_sigma`,
+    # `refine_detail_margin` and `refine_detail_fov`, kept in the trained codec; 0: off): each drawn frame's fine
+    # detail is the chain's previous frames', moved, as the stream draws it, so the refiner learns on the frame it
+    # will be shown and the loss (and the judge) reach its own texture only where the move uncovered the view.
     detail_sigma: float = 0.0
     detail_margin: int = 0
+    detail_fov: float = 0.0
     seed: int = 0
     ckpt_every_s: float = 180.0
     log_every: int = 50
@@ -136,7 +137,9 @@ def chain_loss(codec: ConvAutoencoder, frames: torch.Tensor, motion: CameraMotio
             z = latents.flatten(0, 1).to(device)
         decoded = codec.decode_unit(z).view(b, k, *x.shape[2:])
     previous, total, stats, drawn = x[:, 0], 0.0, {}, []
-    canvas = ViewCanvas(x[:, 0], codec.cfg.refine_detail_margin) if codec.cfg.refine_detail_sigma > 0 else None
+    canvas = None
+    if codec.cfg.refine_detail_sigma > 0:
+        canvas = ViewCanvas(x[:, 0], codec.cfg.refine_detail_margin, codec.cfg.refine_detail_fov)
     for i in range(k):
         step = motion.at((slice(None), i))
         frame = codec.refine_unit(decoded[:, i], previous, step)
@@ -232,7 +235,7 @@ def refiner_codec(init: ConvAutoencoder, cfg: RefinerTrainConfig) -> ConvAutoenc
     base = {k: v for k, v in init.config().items() if k != "type"}
     codec = ConvAutoencoder(replace(ConvAEConfig(**base), refine_channels=cfg.channels, refine_blocks=cfg.blocks,
                                     refine_warp=cfg.warp, refine_detail_sigma=cfg.detail_sigma,
-                                    refine_detail_margin=cfg.detail_margin))
+                                    refine_detail_margin=cfg.detail_margin, refine_detail_fov=cfg.detail_fov))
     state = {k: v for k, v in init.state_dict().items() if not k.startswith("refiner.")}
     codec.load_state_dict({**codec.state_dict(), **state})
     return codec

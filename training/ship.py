@@ -71,20 +71,23 @@ def ship(bundle: str | os.PathLike, out: str | os.PathLike, start_data: str | No
          scene_frames: int | None = None, card: str | None = None, name: str | None = None, seed: int = 0,
          steps: int | None = None, stack_noise: float | None = None, noise_scale: float | None = None,
          decoder: str | None = None, reproject: bool | None = None, warp_mode: str | None = None,
-         detail_sigma: float | None = None, detail_margin: int | None = None) -> Path:
+         detail_sigma: float | None = None, detail_margin: int | None = None,
+         detail_fov: float | None = None) -> Path:
     """Copy ``bundle`` to ``out`` with start scenes from ``start_data``, the card file ``card`` and,
     given ``steps``, that many sampler steps per chunk by default (``stack_noise``: the sampler's
     inference-time noise on the stacked frames; ``noise_scale``: its sampling temperature; ``decoder``:
     a codec dir whose decoder replaces the bundle's; ``reproject``: `SamplerConfig.reproject`; ``warp_mode``: how a
     camera-warp model resamples its stacked frames at inference, `ModelConfig.warp_mode`; ``detail_sigma``: the
     refining codec's `ConvAEConfig.refine_detail_sigma`, texture carried with the view; ``detail_margin``: its
-    `ConvAEConfig.refine_detail_margin`, the canvas kept past the view's edges)."""
+    `ConvAEConfig.refine_detail_margin`, the canvas kept past the view's edges; ``detail_fov``: its
+    `ConvAEConfig.refine_detail_fov`, the view's field of view that turns the canvas as a pinhole camera)."""
     b = Bundle.load(bundle)
     if decoder is not None:
         replace_decoder(b, decoder)
         b.extra = {**b.extra, "decoder": str(decoder)}   # where the decoder came from, next to the stages' configs
     for flag, setting, value in (("--detail-sigma", "refine_detail_sigma", detail_sigma),
-                                 ("--detail-margin", "refine_detail_margin", detail_margin)):
+                                 ("--detail-margin", "refine_detail_margin", detail_margin),
+                                 ("--detail-fov", "refine_detail_fov", detail_fov)):
         if value is None:
             continue
         if getattr(b.codec, "refiner", None) is None:
