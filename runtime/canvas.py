@@ -164,7 +164,6 @@ class ViewCanvas:
         if not 0 <= fov < 180:
             raise ValueError(f"the view's field of view must be in [0, 180) degrees (0: flat), got {fov}")
         n, c, self.height, self.width = view.shape
-        self.margin = margin
         self.map = CylinderMap(self.height, self.width, margin, float(fov))
         self.read, self.painted, self.painter = self.map.maps(view.device)
         pixels = self.map.size[0] * self.map.size[1]
@@ -194,8 +193,7 @@ class ViewCanvas:
         return both[:, 0, :-1], both[:, 0, -1:]
 
     def paint(self, view: torch.Tensor) -> None:
-        """Put the frame just shown into the view (on new tensors: what `move` returned stays as it was)."""
-        self.pixels, self.known = self.pixels.clone(), self.known.clone()
+        """Put the frame just shown into the view (what `move` and `view` returned are copies and stay as they were)."""
         self.pixels[:, :, self.painted] = view.flatten(2)[:, :, self.painter].to(self.pixels.dtype)
         self.known[:, :, self.painted] = 1
 
