@@ -312,7 +312,7 @@ refine_train_ship() {
         --rest-skip 256 --adversarial-weight 0.5 --steps "${REFINER_STEPS:-1200}" --threads "${REFINER_THREADS:-1}" \
         --device "$DEVICE" && touch "$S/done"; }
     "$FK" ship --bundle "$F" --decoder "$S" --out "${DEFAULT_OUT:-models/default}" --start-data "$HELDOUT" --scenes "${SCENES:-8}" \
-        --scene-frames 4 --steps 1 --seed 1 --detail-sigma "${DETAIL_SIGMA:-1.5}" --detail-margin "${DETAIL_MARGIN:-32}" \
+        --scene-frames 4 --steps 1 --seed 1 --detail-sigma "${DETAIL_SIGMA:-1.75}" --detail-margin "${DETAIL_MARGIN:-32}" \
         --detail-fov "${fov:-0}" --card models/default/card.md --name default
 }
 stage_refine() {
