@@ -155,9 +155,9 @@ def calibrate_camera_flow(clips: LatentClips, codec, action_dim: int, motion: to
 
 
 def _moved_error(prev: torch.Tensor, cur: torch.Tensor, grid: CylinderMap, centre_shift: float) -> float:
-    """Mean squared error (0-255) of ``cur`` ``[N, 3, H, W]`` against ``prev`` turned as ``grid``'s camera turns when
-    its centre column moves ``centre_shift`` pixels right (bilinear: a fit, not a stream), where the turn brings
-    ``prev``'s pixels."""
+    """Mean squared error (pixel values 0-255) of ``cur`` ``[N, 3, H, W]`` against ``prev`` turned as ``grid``'s
+    camera turns when its centre column moves ``centre_shift`` pixels right (bilinear: a fit, not a stream), where
+    the turn brings ``prev``'s pixels."""
     h, w = grid.height, grid.width
     u, v = grid.pixel_centres(prev.device)
     a, b = grid.to_canvas(u, v)
@@ -175,7 +175,8 @@ def measure_turns(frames: torch.Tensor, actions: torch.Tensor, lengths: list[int
     """How a held key turns the recorded view (`forcekit eval camera`): for each key, the frame pairs where it alone
     was held into the frame and the frame before (a steady turn), and for each horizontal field of view in ``fovs``
     (0: the view translates) the centre column's shift per frame that best maps one frame onto the next and its
-    error (the first of ``fovs`` decides which keys turn: its best shift must move the view a pixel a frame).
+    error (the smallest of ``fovs``, 0 for a translation, decides which keys turn: its best shift must move the view
+    a pixel a frame).
     ``frames`` uint8 ``[N, H, W, 3]``, ``actions`` ``[N, D]`` (row t produced frame t + 1 of its episode, as
     `training.data.ClipDataset.all_actions` gives them), ``lengths`` the episodes' in order. ``fov`` is the field of
     view with the lowest error summed over the keys that turn."""
