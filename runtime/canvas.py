@@ -166,9 +166,8 @@ class ViewCanvas:
         n, c, self.height, self.width = view.shape
         self.map = CylinderMap(self.height, self.width, margin, float(fov))
         self.read, self.painted, self.painter = self.map.maps(view.device)
-        pixels = self.map.size[0] * self.map.size[1]
-        self.pixels = torch.zeros(n, c, pixels, device=view.device, dtype=view.dtype)
-        self.known = torch.zeros(n, 1, pixels, device=view.device, dtype=view.dtype)
+        # the shown pixels and, as the last channel, where the canvas holds something shown (1) or nothing (0)
+        self.layers = torch.zeros(n, c + 1, self.map.size[0] * self.map.size[1], device=view.device, dtype=view.dtype)
         # the turn's remainder not yet moved (canvas pixels) and the vertical translation's (view pixels)
         self.carry = torch.zeros(n, 2, device=view.device)
         self.paint(view)
@@ -181,28 +180,29 @@ class ViewCanvas:
         travelled = self.carry + torch.stack([self.map.turn_columns(shift[:, 0] * w / 2), shift[:, 1] * h / 2], 1)
         whole = travelled.round()
         self.carry = travelled - whole
-        self.pixels, self.known = (_shift_columns(x, whole[:, 0].long().tolist(), self.map.size)
-                                   for x in (self.pixels, self.known))
-        pixels, known = self.view()
+        self.layers = _shift_columns(self.layers, whole[:, 0].long().tolist(), self.map.size)
+        both = self._read()
         rest = torch.cat([torch.zeros_like(shift[:, :1]), whole[:, 1:] / (h / 2), shift[:, 2:]], 1)
-        if motion.flow is None and not bool(rest.ne(0).any()):
-            return pixels, known
-        # one nearest move of pixels and mask; past the view's edge it brings nothing shown in (zeros)
-        flow = None if motion.flow is None else motion.flow[:, None]
-        both = warp_frames(torch.cat([pixels, known], 1)[:, None], rest[:, None], flow, "nearest", padding="zeros")
-        return both[:, 0, :-1], both[:, 0, -1:]
+        if motion.flow is not None or bool(rest.ne(0).any()):
+            # one nearest move of pixels and mask; past the view's edge it brings nothing shown in (zeros)
+            flow = None if motion.flow is None else motion.flow[:, None]
+            both = warp_frames(both[:, None], rest[:, None], flow, "nearest", padding="zeros")[:, 0]
+        return both[:, :-1], both[:, -1:]
 
     def paint(self, view: torch.Tensor) -> None:
         """Put the frame just shown into the view (what `move` and `view` returned are copies and stay as they were)."""
-        self.pixels[:, :, self.painted] = view.flatten(2)[:, :, self.painter].to(self.pixels.dtype)
-        self.known[:, :, self.painted] = 1
+        self.layers[:, :-1, self.painted] = view.flatten(2)[:, :, self.painter].to(self.layers.dtype)
+        self.layers[:, -1, self.painted] = 1
+
+    def _read(self) -> torch.Tensor:
+        """The view's pixels and mask ``[n, C + 1, H, W]`` read off the canvas."""
+        return _gather(self.layers, self.read).view(-1, self.layers.shape[1], self.height, self.width)
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What lies in the view now and where it holds something shown, without moving."""
-        both = _gather(torch.cat([self.pixels, self.known], 1), self.read)
-        both = both.view(-1, self.pixels.shape[1] + 1, self.height, self.width)
+        both = self._read()
         return both[:, :-1], both[:, -1:]
 
     @property
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.pixels, self.known, self.carry))
+        return sum(t.numel() * t.element_size() for t in (self.layers, self.carry))
