@@ -98,6 +98,10 @@ class ModelConfig:
     # per key (CausalDiT.camera_flow, latent-pixel offsets per unit of the average, measured from the data by
     # training.camera): walking is parallax, the floor and ceiling streaming past at a speed set by the average.
     camera_flow: bool = False
+    # With camera_warp: the view's horizontal field of view in degrees, so a turning key moves the stacked frames
+    # as a pinhole camera's turn (the view's edges faster than its centre, `runtime.warp.yaw_grid`) instead of a
+    # translation; `forcekit eval camera` measures it on the recorded turns. 0: a translation.
+    camera_fov: float = 0.0
     # How the camera warp resamples the stacked frames (torch grid_sample). A move by a fraction of a latent
     # pixel, as the keys' averages ramp up and down, blurs the frame bilinearly; bicubic keeps more of its edges.
     warp_mode: str = "bilinear"
@@ -151,6 +155,11 @@ class ModelConfig:
             raise ValueError("rest_gate needs still_prior > 0 and an action space")
         if self.warp_mode not in WARP_MODES:
             raise ValueError(f"warp_mode must be one of {WARP_MODES}, got {self.warp_mode!r}")
+        if not 0 <= self.camera_fov < 180:
+            raise ValueError(f"camera_fov must be a field of view in [0, 180) degrees (0: a translation), got "
+                             f"{self.camera_fov!r}")
+        if self.camera_fov and not self.camera_warp:
+            raise ValueError("camera_fov needs camera_warp: it says how the warp turns the stacked frames")
         if self.camera_flow and not (self.camera_warp and self.action_momentum):
             raise ValueError("camera_flow needs camera_warp and action_momentum > 0")
         if self.patch_overlap < 0:

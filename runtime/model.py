@@ -315,7 +315,7 @@ class CausalDiT(nn.Module):
                                  f"{list(want)} (runtime.stacking.previous_frames), got {got}")
             move = self.camera_move(action)
             if move is not None:
-                previous = warp_frames(previous, move.shift, move.flow, cfg.warp_mode)
+                previous = warp_frames(previous, move.shift, move.flow, cfg.warp_mode, fov=cfg.camera_fov)
             x = torch.cat([x, previous.to(x.dtype)], dim=2)
         if cfg.text_dim and text is None:
             raise ValueError(f"this model has text cross-attention: pass text [B, L, {cfg.text_dim}]")

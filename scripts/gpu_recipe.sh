@@ -12,7 +12,8 @@
 # FORCEKIT_WHEELS (default .whl/recipe, filled by `scripts/gpu_wheels.sh recipe`; carry it, about 57 MB).
 # Big files (recordings, latents, checkpoints) stay in WORK (default /tmp/forcekit_gpu_recipe), not in $OUT.
 # Step counts: TOLD_TEACHER_STEPS (6000), WARP_TEACHER_MAX_SECONDS (240), WARP_DCM_STEPS (300), WARP_DMD_STEPS
-# (200); EVAL_SECONDS (150) caps each evaluation. REFINE=1 also trains the frame refiner on the SF-DMD student
+# (200); EVAL_SECONDS (150) caps each evaluation. CAMERA_FOV (default "measured": `eval camera` on the held-out
+# recordings) turns the told teacher's stacked frame as a pinhole camera turns; CAMERA_FOV=0 keeps the translation. REFINE=1 also trains the frame refiner on the SF-DMD student
 # (`train refiner --device cuda`, REFINER_STEPS 1200) and ships it as $OUT/default (not yet timed on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +41,7 @@ fi
 printf '#!/usr/bin/env bash\nPYTHONPATH=%q exec %q -m forcekit "$@"\n' "$PWD" "$(command -v "$PY")" > "$WORK/bin/forcekit"
 chmod +x "$WORK/bin/forcekit"
 export FK=$WORK/bin/forcekit DATA=$WORK/data RUNS=$WORK/runs CODEC=models/health_gathering_guided IDLE_PROB=0.06
-export TRAIN=$DATA/hg_train_idle WARP_EVAL=0 RECORD_JOBS=$(nproc)
+export TRAIN=$DATA/hg_train_idle WARP_EVAL=0 RECORD_JOBS=$(nproc) CAMERA_FOV=${CAMERA_FOV:-measured}
 EVAL_EPISODES=16 CONTROL_EPISODES=8 STILL=64 TEACHER_EPISODES=4 HORIZON=64 HOLD=8 GAP_CLIPS=256
 if [[ $TINY == 1 ]]; then
     export DEVICE=cpu THREADS=1 TRAIN_EPISODES=3 HELDOUT_EPISODES=2 MAX_FRAMES=40 RECORD_JOBS=2

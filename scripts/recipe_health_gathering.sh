@@ -183,9 +183,19 @@ stage_rest() {
 stage_told() {
     # The rest recipe with the model told the stacked frame's noise level (--stack-noise-condition, GameNGen): a
     # level-blind model shrinks every stacked frame toward the mean to hedge against the noise, even the clean
-    # ones a session feeds it, so a still view faded (docs/world_controls.md, seventh sitting).
+    # ones a session feeds it, so a still view faded (docs/world_controls.md, seventh sitting). CAMERA_FOV turns
+    # the stacked frame as a pinhole camera of that field of view turns (--camera-fov; "measured": `eval camera`'s
+    # on the held-out recordings; unset: a translation, as the committed told models were trained).
+    local fov=${CAMERA_FOV:-}
+    [[ $fov == measured ]] && fov=$(measured_fov)
     warp_recipe told "${TOLD_TEACHER_STEPS:-1000}" --action-momentum 0.82 --camera-flow --stack-noise-form add \
-        --stack-noise-condition
+        --stack-noise-condition ${fov:+--camera-fov "$fov"}
+}
+# The field of view that best explains the recorded turns (`forcekit eval camera`, cached in $RUNS/camera.json);
+# empty when the recordings hold too few steady turns to tell.
+measured_fov() {
+    [[ -s $RUNS/camera.json ]] || "$FK" eval camera --data "$HELDOUT" --json > "$RUNS/camera.json"
+    grep -o '"fov": [0-9.]*' "$RUNS/camera.json" | cut -d' ' -f2 || true
 }
 stage_sharp() {
     # The told recipe's dCM student self-forced on 48-frame rollouts of its own frames with a regression term toward
@@ -305,8 +315,7 @@ refine_train_ship() {
     # camera turns (--detail-fov: `eval camera`'s best field of view, unless DETAIL_FOV says; sixteenth sitting).
     # The card holds our figures.
     local F=${TOLD_SF:-models/health_gathering_told_sf} S=$RUNS/refine
-    [[ -s $RUNS/camera.json ]] || "$FK" eval camera --data "$HELDOUT" --json > "$RUNS/camera.json"
-    local fov=${DETAIL_FOV:-$(grep -o '"fov": [0-9.]*' "$RUNS/camera.json" | cut -d' ' -f2)}
+    local fov=${DETAIL_FOV:-$(measured_fov)}
     [[ -f $S/codec.json && -f $S/done ]] || { timed refiner "$FK" train refiner --data "$TRAIN" --out "$S" --init "$F" \
         --motion "$F" --student "$F" --student-chains "${STUDENT_CHAINS:-1024}" --rest-chains "${REST_CHAINS:-256}" \
         --rest-skip 256 --adversarial-weight 0.5 --steps "${REFINER_STEPS:-1200}" --threads "${REFINER_THREADS:-1}" \

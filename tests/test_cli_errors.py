@@ -181,6 +181,12 @@ def test_train_teacher_on_bad_data(defect, named, data, tmp_path, capsys):
     assert code == 1 and named in line, line
 
 
+def test_train_teacher_refuses_a_field_of_view_without_a_camera_warp(data, tmp_path, capsys):
+    code, line = _run(capsys, TEACHER + ["--data", data["good"], "--codec", "pixel", "--out", str(tmp_path),
+                                         "--stack-frames", "1", "--camera-fov", "90"])
+    assert code == 1 and "camera_fov needs camera_warp" in line, line
+
+
 @pytest.mark.parametrize("defect, named", [("missing", "no-such-data"), ("garbage", "meta.json"),
                                            ("corrupt", "shard_00000.npz")])
 def test_eval_camera_on_bad_data(defect, named, data, capsys):
@@ -285,6 +291,7 @@ USAGE = [
     (["eval", "longplay", "--frames", "0", "--bundle", "no-such-bundle"], "--frames"),
     (["eval", "gap", "--bundle", "b", "--data", "d", "--levels", "0.5,2"], "--levels"),
     (["train", "teacher", "--data", "d", "--codec", "pixel", "--out", "o", "--stack-frames", "-1"], "--stack-frames"),
+    (["train", "teacher", "--data", "d", "--codec", "pixel", "--out", "o", "--camera-fov", "180"], "--camera-fov"),
     (["bench", "kernels", "--iters", "0"], "--iters"),
     (["ship", "--bundle", "b", "--out", "o", "--scenes", "0"], "--scenes"),
     (["generate", "--no-such-option"], "unrecognized"),

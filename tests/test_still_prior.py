@@ -1,5 +1,7 @@
 """The still prior (``ModelConfig.still_prior``) and the overlapping patch embedding (``patch_overlap``)."""
 
+import math
+
 import pytest
 import torch
 
@@ -154,6 +156,56 @@ def test_a_fresh_camera_warp_model_turns_while_the_key_is_held_and_stands_still_
         still = ro.generate_chunk(torch.randn(ctx.shape, generator=gen), ChunkCondition(action=none))
     assert torch.allclose(turned[0, 0, ..., 1:], ctx[0, 0, ..., :-1], atol=1e-5)
     assert torch.allclose(still, turned, atol=1e-5)
+
+
+def test_a_pinhole_warp_turns_a_frame_as_a_pinhole_camera_turns_and_fov_0_translates():
+    h = w = 32
+    f, centre_shift = 16.0, 2.0                           # a 90-degree view; its centre column moves 2 px right
+    rows, cols = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    where = torch.stack([rows, cols])[None, None]        # each pixel holds where it was: bilinear keeps it exact
+    motion = torch.tensor([[[2 * centre_shift / w, 0.0, 0.0]]])
+    moved = warp_frames(where, motion, fov=90.0)[0, 0]
+    # the turn, from the pinhole camera's rays: the view pixel (u, v) shows what was at (us, vs)
+    u, v = cols + 0.5 - w / 2, rows + 0.5 - h / 2
+    turn = math.atan(centre_shift / f)
+    us, vs = f * torch.tan(torch.atan(u / f) - turn), v / (u / f * math.sin(turn) + math.cos(turn))
+    inside = (us.abs() < w / 2 - 1) & (vs.abs() < h / 2 - 1)   # not where the uncovered edge is repeated
+    assert inside.float().mean() > 0.8
+    assert torch.allclose(moved[1][inside], (us + w / 2 - 0.5)[inside], atol=1e-3)
+    assert torch.allclose(moved[0][inside], (vs + h / 2 - 0.5)[inside], atol=1e-3)
+    middle = h // 2
+    assert moved[1, middle, w // 2] == pytest.approx(w // 2 - centre_shift, abs=0.01)     # the centre moves 2 px
+    assert moved[1, middle, -2] < w - 2 - 3                                            # the edge more than 3
+    flat = warp_frames(where, motion)[0, 0]
+    assert torch.allclose(flat[1, :, 2:], cols[:, :-2], atol=1e-4)                      # fov 0: a translation
+    assert torch.allclose(warp_frames(where, torch.zeros(1, 1, 3), fov=90.0), where, atol=1e-4)
+
+
+def test_a_camera_warp_model_turns_its_stacked_frame_by_its_field_of_view():
+    for bad in (-1.0, 180.0):
+        with pytest.raises(ValueError, match="camera_fov"):
+            ModelConfig.tiny(stack_frames=1, camera_warp=True, camera_fov=bad)
+    with pytest.raises(ValueError, match="camera_fov needs camera_warp"):
+        ModelConfig.tiny(stack_frames=1, camera_fov=90.0)
+    turned = {}
+    for fov in (0.0, 90.0):
+        model = tiny_model(stack_frames=1, still_prior=0.5, camera_warp=True, camera_fov=fov, frames_per_chunk=1,
+                           window_frames=3, sink_frames=0)
+        cfg = model.config
+        assert ModelConfig.from_dict(cfg.to_dict()).camera_fov == fov
+        with torch.no_grad():
+            model.camera_motion[0, 0] = 2 / cfg.latent_width   # key 0: the centre one latent pixel right per frame
+        gen = torch.Generator().manual_seed(0)
+        ctx = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
+        ro = Rollout(model, SamplerConfig(kind="consistency", steps=1), kv_cache=True, generator=gen)
+        key, none = torch.zeros(1, 1, cfg.actions.dim), torch.zeros(1, 1, cfg.actions.dim)
+        key[..., 0] = 1
+        with torch.no_grad():
+            ro.add_context(ctx, ChunkCondition(action=none))
+            turned[fov] = ro.generate_chunk(torch.randn(ctx.shape, generator=gen), ChunkCondition(action=key))
+        # a fresh still-prior model draws its stacked frame as the warp moved it
+        assert torch.allclose(turned[fov], warp_frames(ctx, model.camera_move(key).shift, fov=fov), atol=1e-5)
+    assert not torch.allclose(turned[0.0], turned[90.0], atol=1e-3)
 
 
 def test_camera_warp_needs_stacking_and_its_motion_travels_with_the_weights():

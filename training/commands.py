@@ -196,7 +196,8 @@ def _train_teacher(args: argparse.Namespace) -> int:
                             stack_noise_condition=args.stack_noise_condition,
                             patch_overlap=args.patch_overlap,
                             camera_warp=args.camera_warp, action_momentum=args.action_momentum,
-                            camera_flow=args.camera_flow, warp_mode=args.warp_mode, rest_gate=args.rest_gate,
+                            camera_flow=args.camera_flow, camera_fov=args.camera_fov, warp_mode=args.warp_mode,
+                            rest_gate=args.rest_gate,
                             window_frames=args.clip_frames - 1 - args.sink_frames, sink_frames=args.sink_frames)
     extra = {"data": args.data, "codec": args.codec, "env": meta.get("env"), "max_episodes": args.max_episodes}
     cfg = TeacherTrainConfig(out=args.out, steps=args.steps, batch=args.batch, clip_frames=args.clip_frames,
@@ -539,6 +540,9 @@ def register(commands) -> None:
     p.add_argument("--camera-flow", action="store_true",
                    help="with --camera-warp and --action-momentum: the keys' running averages also move the stacked "
                         "frames by a per-pixel flow per key (walking's parallax), measured from the training data")
+    p.add_argument("--camera-fov", type=field_of_view, default=0.0,
+                   help="with --camera-warp: the view's horizontal field of view in degrees (forcekit eval camera), so "
+                        "a turn moves the stacked frames as a pinhole camera's turn, not a translation; 0: a translation")
     p.add_argument("--warp-mode", default="bilinear", choices=list(WARP_MODES),
                    help="how the camera warp resamples the stacked frames (bicubic blurs a fractional move less)")
     p.add_argument("--rest-gate", action="store_true",
