@@ -139,12 +139,14 @@ def test_calibration_finds_how_far_and_which_way_each_key_moves_the_view():
     assert float(motion[0, 0]) * 12 / 2 == pytest.approx(report[0]["right_px"], abs=1e-3)
 
 
-def test_a_fresh_camera_warp_model_turns_while_the_key_is_held_and_stands_still_without_it():
+def _fresh_turn(**config) -> tuple:
+    """A fresh still-prior camera-warp model whose key 0 moves the view's centre one latent pixel right per frame:
+    the model, its context frame, the frame generated with key 0 held and the frame after it with no key."""
     model = tiny_model(stack_frames=1, still_prior=0.5, camera_warp=True, frames_per_chunk=1, window_frames=3,
-                       sink_frames=0)
+                       sink_frames=0, **config)
     cfg = model.config
     with torch.no_grad():
-        model.camera_motion[0, 0] = 2 / cfg.latent_width  # key 0: one latent pixel right per frame
+        model.camera_motion[0, 0] = 2 / cfg.latent_width
     gen = torch.Generator().manual_seed(0)
     ctx = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
     ro = Rollout(model, SamplerConfig(kind="consistency", steps=1), kv_cache=True, generator=gen)
@@ -154,6 +156,11 @@ def test_a_fresh_camera_warp_model_turns_while_the_key_is_held_and_stands_still_
         ro.add_context(ctx, ChunkCondition(action=none))
         turned = ro.generate_chunk(torch.randn(ctx.shape, generator=gen), ChunkCondition(action=key))
         still = ro.generate_chunk(torch.randn(ctx.shape, generator=gen), ChunkCondition(action=none))
+    return model, ctx, turned, still
+
+
+def test_a_fresh_camera_warp_model_turns_while_the_key_is_held_and_stands_still_without_it():
+    _, ctx, turned, still = _fresh_turn()
     assert torch.allclose(turned[0, 0, ..., 1:], ctx[0, 0, ..., :-1], atol=1e-5)
     assert torch.allclose(still, turned, atol=1e-5)
 
@@ -189,20 +196,10 @@ def test_a_camera_warp_model_turns_its_stacked_frame_by_its_field_of_view():
         ModelConfig.tiny(stack_frames=1, camera_fov=90.0)
     turned = {}
     for fov in (0.0, 90.0):
-        model = tiny_model(stack_frames=1, still_prior=0.5, camera_warp=True, camera_fov=fov, frames_per_chunk=1,
-                           window_frames=3, sink_frames=0)
-        cfg = model.config
-        assert ModelConfig.from_dict(cfg.to_dict()).camera_fov == fov
-        with torch.no_grad():
-            model.camera_motion[0, 0] = 2 / cfg.latent_width   # key 0: the centre one latent pixel right per frame
-        gen = torch.Generator().manual_seed(0)
-        ctx = torch.randn(1, 1, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=gen)
-        ro = Rollout(model, SamplerConfig(kind="consistency", steps=1), kv_cache=True, generator=gen)
-        key, none = torch.zeros(1, 1, cfg.actions.dim), torch.zeros(1, 1, cfg.actions.dim)
+        model, ctx, turned[fov], _ = _fresh_turn(camera_fov=fov)
+        assert ModelConfig.from_dict(model.config.to_dict()).camera_fov == fov
+        key = torch.zeros(1, 1, model.config.actions.dim)
         key[..., 0] = 1
-        with torch.no_grad():
-            ro.add_context(ctx, ChunkCondition(action=none))
-            turned[fov] = ro.generate_chunk(torch.randn(ctx.shape, generator=gen), ChunkCondition(action=key))
         # a fresh still-prior model draws its stacked frame as the warp moved it
         assert torch.allclose(turned[fov], warp_frames(ctx, model.camera_move(key).shift, fov=fov), atol=1e-5)
     assert not torch.allclose(turned[0.0], turned[90.0], atol=1e-3)
