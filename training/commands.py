@@ -541,8 +541,8 @@ def register(commands) -> None:
                    help="with --camera-warp and --action-momentum: the keys' running averages also move the stacked "
                         "frames by a per-pixel flow per key (walking's parallax), measured from the training data")
     p.add_argument("--camera-fov", type=field_of_view, default=0.0,
-                   help="with --camera-warp: the view's horizontal field of view in degrees (forcekit eval camera), so "
-                        "a turn moves the stacked frames as a pinhole camera's turn, not a translation; 0: a translation")
+                   help="with --camera-warp: the view's horizontal field of view in degrees (forcekit eval camera), "
+                        "so a turn moves the stacked frames as a pinhole camera's turn; 0: a translation")
     p.add_argument("--warp-mode", default="bilinear", choices=list(WARP_MODES),
                    help="how the camera warp resamples the stacked frames (bicubic blurs a fractional move less)")
     p.add_argument("--rest-gate", action="store_true",
