@@ -43,13 +43,7 @@ def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor |
     nearest), edges repeated where the move uncovers them (``padding`` "border"; "zeros" leaves them 0); zero
     motion is the identity."""
     b, f, c, h, w = frames.shape
-    tx, ty, log_zoom = motion.float().flatten(0, 1).unbind(-1)
-    inv, zero = torch.exp(-log_zoom), torch.zeros_like(tx)
-    turn = tx if fov == 0 else zero   # a pinhole turn is applied after the zoom and the vertical move
-    theta = torch.stack([torch.stack([inv, zero, -turn], -1), torch.stack([zero, inv, -ty], -1)], 1)
-    grid = F.affine_grid(theta, [b * f, c, h, w], align_corners=False)
-    if fov != 0:
-        grid = yaw_grid(grid, tx, fov)
+    grid = motion_grid(motion.flatten(0, 1), h, w, fov)
     if flow is not None:   # content moves by +flow: each pixel samples from where it came from
         flow = flow.float().flatten(0, 1)
         if flow.shape[-2:] != (h, w):
@@ -57,6 +51,18 @@ def warp_frames(frames: torch.Tensor, motion: torch.Tensor, flow: torch.Tensor |
         grid = grid - flow.permute(0, 2, 3, 1)
     out = F.grid_sample(frames.flatten(0, 1).float(), grid, mode=mode, padding_mode=padding, align_corners=False)
     return out.view(b, f, c, h, w).to(frames.dtype)
+
+
+def motion_grid(motion: torch.Tensor, height: int, width: int, fov: float = 0.0) -> torch.Tensor:
+    """Where each pixel of ``height`` x ``width`` frames moved by ``motion`` ``[n, 3]`` (as `warp_frames` reads it,
+    turned as a pinhole camera of field of view ``fov`` where that is not 0) samples its frame: ``[n, H, W, 2]``,
+    grid units."""
+    tx, ty, log_zoom = motion.float().unbind(-1)
+    inv, zero = torch.exp(-log_zoom), torch.zeros_like(tx)
+    turn = tx if fov == 0 else zero   # a pinhole turn is applied after the zoom and the vertical move
+    theta = torch.stack([torch.stack([inv, zero, -turn], -1), torch.stack([zero, inv, -ty], -1)], 1)
+    grid = F.affine_grid(theta, [len(motion), 1, height, width], align_corners=False)
+    return grid if fov == 0 else yaw_grid(grid, tx, fov)
 
 
 def yaw_grid(grid: torch.Tensor, centre_shift: torch.Tensor, fov: float) -> torch.Tensor:

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.canvas import CylinderMap
-from runtime.warp import warp_frames
+from runtime.warp import motion_grid, warp_frames
 from training.latents import LatentClips
 
 
@@ -154,16 +153,13 @@ def calibrate_camera_flow(clips: LatentClips, codec, action_dim: int, motion: to
     return flow, report
 
 
-def _moved_error(prev: torch.Tensor, cur: torch.Tensor, grid: CylinderMap, centre_shift: float) -> float:
-    """Mean squared error (pixel values 0-255) of ``cur`` ``[N, 3, H, W]`` against ``prev`` turned as ``grid``'s
-    camera turns when its centre column moves ``centre_shift`` pixels right (bilinear: a fit, not a stream), where
-    the turn brings ``prev``'s pixels."""
-    h, w = grid.height, grid.width
-    u, v = grid.pixel_centres(prev.device)
-    a, b = grid.to_canvas(u, v)
-    turn = float(grid.turn_columns(torch.tensor(centre_shift))) / grid.scale
-    su, sv = grid.to_view(a - turn, b)
-    sample = torch.stack([su / (w / 2), sv / (h / 2)], -1)
+def _moved_error(prev: torch.Tensor, cur: torch.Tensor, fov: float, centre_shift: float) -> float:
+    """Mean squared error (pixel values 0-255) of ``cur`` ``[N, 3, H, W]`` against ``prev`` turned as a camera of
+    horizontal field of view ``fov`` (0: a translation) turns when its centre column moves ``centre_shift`` pixels
+    right (`runtime.warp.motion_grid`, the camera warp's own geometry; bilinear: a fit, not a stream), where the turn
+    brings ``prev``'s pixels."""
+    h, w = prev.shape[-2:]
+    sample = motion_grid(torch.tensor([[2 * centre_shift / w, 0.0, 0.0]]), h, w, fov)[0]
     inside = sample.abs().le(1 - 1 / min(h, w)).all(-1)
     moved = torch.nn.functional.grid_sample(prev, sample[None].expand(len(prev), -1, -1, -1), align_corners=False)
     return float((moved - cur).pow(2).mean(1)[:, inside].mean())
@@ -200,8 +196,7 @@ def measure_turns(frames: torch.Tensor, actions: torch.Tensor, lengths: list[int
         cur = frames[pick + 1].permute(0, 3, 1, 2).float()
         fits = {}
         for fov in fovs:
-            grid = CylinderMap(prev.shape[-2], prev.shape[-1], 0, fov)
-            errors = [_moved_error(prev, cur, grid, s) for s in steps]
+            errors = [_moved_error(prev, cur, fov, s) for s in steps]
             best = min(range(len(steps)), key=errors.__getitem__)
             fits[fov] = {"centre_shift_px": steps[best], "mse": round(errors[best], 2)}
         report[name] = {"pairs": int(len(pick)), "copy_mse": round(float((prev - cur).pow(2).mean()), 2),
