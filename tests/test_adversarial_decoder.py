@@ -92,6 +92,9 @@ def test_ship_swaps_in_a_decoder_that_shares_the_encoder_and_refuses_another(tmp
     assert torch.equal(shipped.codec.encode(frames[:2]), z)
     assert torch.equal(shipped.codec.decode(z), tuned.decode(z)) and not torch.equal(tuned.decode(z), base.decode(z))
     assert shipped.extra["decoder"] == str(tmp_path / "gan")
+    # a bundle dir gives its own decoder: a retrained student of the same codec keeps a shipped one's
+    again = Bundle.load(ship(tmp_path / "b", tmp_path / "again", decoder=str(tmp_path / "shipped")))
+    assert torch.equal(again.codec.decode(z), tuned.decode(z))
     other = CodecTrainConfig(out=str(tmp_path / "other"), steps=2, batch=4, crop=8, warmup=1, seed=1)
     train_codec(other, ConvAEConfig(**TINY), frames=frames, progress=False)
     with pytest.raises(ValueError, match="differs from the bundle"):

@@ -289,6 +289,7 @@ USAGE = [
     (["eval", "world", "--bundle", "b", "--env", "doom:basic", "--video", "side.gif"], "--video"),
     (["eval", "world", "--bundle", "b", "--env", "doom:basic", "--frames", "grid.jpg"], "--frames"),
     (["eval", "longplay", "--frames", "0", "--bundle", "no-such-bundle"], "--frames"),
+    (["eval", "longplay", "--seeds", "0", "--bundle", "no-such-bundle"], "--seeds"),
     (["eval", "gap", "--bundle", "b", "--data", "d", "--levels", "0.5,2"], "--levels"),
     (["train", "teacher", "--data", "d", "--codec", "pixel", "--out", "o", "--stack-frames", "-1"], "--stack-frames"),
     (["train", "teacher", "--data", "d", "--codec", "pixel", "--out", "o", "--camera-fov", "180"], "--camera-fov"),

@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from runtime import Bundle, ModelConfig, SamplerConfig, open_session
-from training.longplay import LongPlayConfig, high_frequency_ratio, long_play, plot_long_play, row_structure
+from training.longplay import (
+    LongPlayConfig,
+    collapse_frame,
+    high_frequency_ratio,
+    long_play,
+    plot_long_play,
+    policy_actions,
+    row_structure,
+)
 
 
 def test_high_frequency_ratio_separates_noise_from_smooth_images():
@@ -88,3 +96,38 @@ def test_long_play_refuses_a_probe_for_other_keys():
     session = open_session(Bundle.random(cfg, sampler=SamplerConfig(steps=1)))
     with pytest.raises(ValueError, match="probe reads keys"):
         long_play(session, LongPlayConfig(frames=10, policy="noop"), progress=False, probe=BitProbe(["jump"]))
+
+
+def test_policies_give_one_action_per_chunk_and_refuse_unknown_keys():
+    cfg = ModelConfig.tiny(num_layers=1, latent_height=4, latent_width=4)
+    space = cfg.actions
+    assert policy_actions("noop", space, 5, 0) == [None] * 5
+    held = policy_actions(f"hold:{space.keys[0]}+{space.keys[1]}", space, 7, 0)
+    assert held == [[space.keys[0], space.keys[1]]] * 7
+    assert policy_actions("random", space, 40, 1) != policy_actions("random", space, 40, 2)   # per-seed keys
+    with pytest.raises(ValueError, match="unknown action key 'jump'"):
+        policy_actions("hold:jump", space, 3, 0)
+    for bad in ("hold:", "walk"):
+        with pytest.raises(ValueError, match="policy must be"):
+            policy_actions(bad, space, 3, 0)
+
+
+def test_collapse_frame_is_the_first_window_under_the_layout():
+    points = [{"frame": 100 * (i + 1), "row_structure": r} for i, r in enumerate([190.0, 120.0, 8.0, 150.0])]
+    assert collapse_frame(points, 10.0) == 300
+    assert collapse_frame(points, 5.0) is None
+
+
+def test_long_play_holds_a_key_and_reports_its_seed():
+    cfg = ModelConfig.tiny(num_layers=1, latent_height=4, latent_width=4, window_frames=4, sink_frames=1)
+    bundle = Bundle.random(cfg, sampler=SamplerConfig(steps=1))
+    key = cfg.actions.keys[0]
+    given = []
+    session = open_session(bundle)
+    step = session.step
+    session.step = lambda action: (given.append(action), step(action))[1]
+    result = long_play(session, LongPlayConfig(frames=60, policy=f"hold:{key}", window=20, seed=3,
+                                               collapse_layout=1e9), progress=False)
+    assert given == [[key]] * len(given) and len(given) >= 60
+    assert result["seed"] == 3 and result["policy"] == f"hold:{key}"
+    assert result["collapsed_at"] == 20   # every layout is under an absurd threshold: the first window

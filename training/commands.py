@@ -349,8 +349,8 @@ def register(commands) -> None:
                    help="sampling temperature: the scale of the noise each chunk starts from, in [0, 1] (default: as "
                         "trained, 1)")
     p.add_argument("--decoder", default=None,
-                   help="codec dir whose decoder replaces the bundle's (its encoder must be the bundle's: "
-                        "`train codec --init BUNDLE --freeze-encoder`)")
+                   help="codec dir (or bundle dir) whose decoder and refiner replace the bundle's (its encoder must "
+                        "be the bundle's: `train codec --init BUNDLE --freeze-encoder`)")
     p.add_argument("--reproject", action=argparse.BooleanOptionalAction, default=None,
                    help="feed each generated frame back as the codec's encoding of its decoded frame "
                         "(SamplerConfig.reproject; default: the bundle's)")

@@ -8,6 +8,11 @@ melts into one flat texture loses its sky, wall and floor bands while its varian
 look alive), process memory and KV-cache bytes (both must stay flat), and, given an
 inverse-dynamics probe, how often the probe reads the commanded keys from consecutive generated
 frames (controls that fade over a long rollout drive it down).
+The policies: no key, random held keys (one draw per ``seed``: a gate on one key sequence holds for that sequence
+only), or one key combination held for the whole play (``hold:forward``): the engine keeps walking into a wall
+and sliding along it, so a model whose scene melts when a key is held long fails it within a few hundred frames.
+A view *collapses* at the first window whose layout falls under ``collapse_layout``: the recorded Doom frames stay
+above it (a view against a wall keeps its texture's bands), a melted one tiles one flat texture.
 `forcekit eval longplay` prints the summary as JSON and plots the curves.
 """
 
@@ -20,15 +25,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forcekit.cli import positive_int, seed_int
+from forcekit.cli import nonnegative_float, positive_int, seed_int
 
 
 @dataclass
 class LongPlayConfig:
     frames: int = 10_000
-    policy: str = "random"  # "random" held keys, or "noop"
+    policy: str = "random"  # "random" held keys, "noop", or "hold:KEY[+KEY]": those keys held throughout
     window: int = 100  # frames per reported point
     seed: int = 0
+    # layout (`row_structure`) under which a window counts as collapsed: of 69,072 recorded health_gathering frames
+    # 0.03 % are under 10 and the median is 193; the melted rollouts of docs/world_controls.md sit at 2-5
+    collapse_layout: float = 10.0
 
 
 def rss_bytes() -> int:
@@ -65,19 +73,36 @@ def probe_key_columns(probe, action_space) -> list[int]:
     return [keys.index(k) for k in probe.cfg.keys]
 
 
+def policy_actions(policy: str, action_space, chunks: int, seed: int) -> list:
+    """One action per chunk for ``policy``: ``noop``, ``random`` (held keys of random durations, drawn from
+    ``seed``) or ``hold:KEY[+KEY...]`` (those keys, by name, held for every chunk)."""
+    from runtime.commands import random_actions
+
+    if policy == "noop":
+        return [None] * chunks
+    if policy == "random":
+        return random_actions(action_space, chunks, seed)
+    if policy.startswith("hold:") and policy[5:]:
+        keys = policy[5:].split("+")
+        action_space.encode(keys)   # an unknown key fails here, naming the keys the bundle has
+        return [keys] * chunks
+    raise ValueError(f"policy must be 'noop', 'random' or 'hold:KEY[+KEY]', got {policy!r}")
+
+
+def collapse_frame(points: list[dict], layout: float) -> int | None:
+    """The frame ending the first window whose layout fell under ``layout`` (None: the view never collapsed)."""
+    return next((p["frame"] for p in points if p["row_structure"] < layout), None)
+
+
 def long_play(session, cfg: LongPlayConfig, progress: bool = True, probe=None) -> dict:
     """Play ``cfg.frames`` frames; with ``probe``, each (previous, new) frame pair is checked
     against the action given to the step that produced the new frame."""
     import torch
     from tqdm import tqdm
 
-    from runtime.commands import random_actions
-
-    session.reset(cfg.seed)
     chunks = session.config.chunk_pattern.num_chunks(cfg.frames)
-    actions = random_actions(session.action_space, chunks, cfg.seed) if cfg.policy == "random" else [None] * chunks
-    if cfg.policy not in ("random", "noop"):
-        raise ValueError(f"policy must be 'random' or 'noop', got {cfg.policy!r}")
+    actions = policy_actions(cfg.policy, session.action_space, chunks, cfg.seed)
+    session.reset(cfg.seed)
     columns = probe_key_columns(probe, session.action_space) if probe is not None else None
     points, buffer, hits, prev_last = [], [], [], None
     done = 0
@@ -116,7 +141,8 @@ def long_play(session, cfg: LongPlayConfig, progress: bool = True, probe=None) -
     stats = session.stats()
     first, last = points[0], points[-1]
     return {
-        "frames": done, "policy": cfg.policy, "fps": stats["fps"],
+        "frames": done, "policy": cfg.policy, "seed": cfg.seed, "fps": stats["fps"],
+        "collapsed_at": collapse_frame(points, cfg.collapse_layout),
         "kv_cache_bytes_constant": len({p["kv_cache_bytes"] for p in points}) == 1,
         "rss_mb_first": first["rss_mb"], "rss_mb_last": last["rss_mb"],
         "spatial_var_first": first["spatial_var"], "spatial_var_last": last["spatial_var"],
@@ -145,7 +171,7 @@ def plot_long_play(results: list[dict], out: str) -> None:
     for r in results:
         x = [p["frame"] for p in r["points"]]
         for ax, (k, title) in zip(axes, keys):
-            ax.plot(x, [p[k] for p in r["points"]], label=r["policy"])
+            ax.plot(x, [p[k] for p in r["points"]], label=f"{r['policy']} (seed {r['seed']})")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("frame")
     axes[0].legend()
@@ -159,11 +185,17 @@ def register(commands) -> None:
     p.add_argument("--bundle", default="random-tiny",
                    help="bundle directory, 'random-tiny' or 'auto' (the bundle shipped under models/)")
     p.add_argument("--frames", type=positive_int, default=10_000, help="frames generated per policy")
-    p.add_argument("--policies", default="noop,random", help="comma-separated: noop, random")
+    p.add_argument("--policies", default="noop,random",
+                   help="comma-separated: noop, random, hold:KEY[+KEY] (e.g. hold:forward: the key held throughout)")
     p.add_argument("--window", type=positive_int, default=100, help="frames per measured window along the rollout")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps per chunk (default: the bundle's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise and of the random keys")
+    p.add_argument("--seeds", type=positive_int, default=1,
+                   help="play each policy this many times, seeds --seed, --seed + 1, ... (other random keys, "
+                        "another start scene)")
+    p.add_argument("--collapse-layout", type=nonnegative_float, default=LongPlayConfig.collapse_layout,
+                   help="layout under which a window counts as collapsed (recorded Doom frames: 0.03 %% under 10)")
     p.add_argument("--probe", default=None, help="probe dir (forcekit train probe): accuracy on generated pairs")
     p.add_argument("--plot", default=None, help="write the curves to this PNG")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
@@ -178,10 +210,15 @@ def _cli(args) -> int:
 
         probe = load_probe(args.probe)
     results = []
-    for policy in args.policies.split(","):
-        session = open_session(args.bundle, device=args.device, steps=args.steps)
-        results.append(long_play(session, LongPlayConfig(args.frames, policy.strip(), args.window, args.seed),
-                                 probe=probe))
+    policies = [p.strip() for p in args.policies.split(",")]
+    session = open_session(args.bundle, device=args.device, steps=args.steps)
+    for policy in policies:   # every policy checked before the first frame is played
+        policy_actions(policy, session.action_space, 1, args.seed)
+    for policy in policies:
+        for seed in range(args.seed, args.seed + args.seeds):
+            session = open_session(args.bundle, device=args.device, steps=args.steps)
+            play = LongPlayConfig(args.frames, policy, args.window, seed, args.collapse_layout)
+            results.append(long_play(session, play, probe=probe))
     if args.plot:
         plot_long_play(results, args.plot)
     summary = [{k: v for k, v in r.items() if k != "points"} for r in results]

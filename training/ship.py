@@ -46,11 +46,12 @@ REFINER_FIELDS = tuple(name for name in ConvAEConfig.__dataclass_fields__ if nam
 
 
 def replace_decoder(b: Bundle, codec_dir: str | os.PathLike) -> None:
-    """Give ``b`` the decoder of the codec in ``codec_dir`` (and its frame refiner, or none), which must share
-    the bundle codec's encoder, latent normalisation and geometry (so the model's latents mean the same to both)."""
-    from training.codec import load_codec
+    """Give ``b`` the decoder of the codec in ``codec_dir`` (a codec dir, or a bundle dir: that bundle's decoder and
+    frame refiner, e.g. a shipped student's, for a retrained student of the same codec), which must share the
+    bundle codec's encoder, latent normalisation and geometry (so the model's latents mean the same to both)."""
+    from training.codec import load_codec_or_bundle
 
-    new = load_codec(codec_dir)
+    new = load_codec_or_bundle(codec_dir)
     old = b.codec
 
     def shared(codec) -> dict:
