@@ -2,14 +2,16 @@
 # The whole recipe for the shipped default world model (ViZDoom health_gathering, 64x64):
 # record -> codec -> bidirectional teacher -> probe -> causal teacher -> dCM -> SF-DMD -> guidance distillation ->
 # evaluation against the engine and of the controls -> ship (the previous default, models/health_gathering_guided)
-# -> refine (the told SF-DMD student with a frame refiner: models/default) -> speed and long-play checks.
+# -> refine (the told SF-DMD student with a frame refiner) -> long (that student self-forced further on 128-frame
+# rollouts of long key holds, with the same refiner: models/default) -> speed and long-play checks.
 #
 # Every stage is resumable: each command continues from its run dir's checkpoint, and a stage
 # whose bundle (or result file) exists is skipped. Rerun the script after an interruption.
 #
 #   DATA=/work/data RUNS=/work/runs scripts/recipe_health_gathering.sh [stage ...]
 #
-# Stages: record codec teacher probe causal dcm dmd guidance eval controls ship refine bench longplay (default: all, in order);
+# Stages: record codec teacher probe causal dcm dmd guidance eval controls ship refine long bench longplay (default: all,
+# in order);
 # ablations (the other SF-DMD variants of docs/students.md), stack (frame stacking), still (the still prior) and
 # walk (the keys' running average and the flow of walking), rest (walk with unbiased stack noise) and told (rest,
 # the model told the stack noise level), sharp (told, self-forced on long rollouts, with an adversarially
@@ -330,6 +332,29 @@ stage_refine() {
     eval_row default_1 "${DEFAULT_OUT:-models/default}" 1
     controls_row default_1 "${DEFAULT_OUT:-models/default}" 1
 }
+stage_long() {
+    # The shipped default since the eighteenth sitting: the refine stage's student (TOLD_SF) self-forced for
+    # LONG_STEPS more SF-DMD steps on 128-frame rollouts, on recordings whose keys are held up to 48 frames (LONG,
+    # recorded here; the training data holds them up to 12), with the refine stage's refiner: under random keys the
+    # refine stage's default collapses into a tiled texture within 10,000 frames for two key seeds of three
+    # (docs/world_controls.md, eighteenth sitting). Our run shipped models/default's refiner (DECODER=models/default).
+    local F=${TOLD_SF:-models/health_gathering_told_sf} S=$RUNS/long LONG=${LONG:-$DATA/hg_long}
+    local fov=${DETAIL_FOV:-$(measured_fov)}
+    [[ -f $LONG/meta.json ]] || timed record_long "$FK" record --env $ENV_NAME --episodes "${LONG_EPISODES:-160}" \
+        --seed 50000 --out "$LONG" --idle-prob 0.06 --max-frames "${MAX_FRAMES:-1000}" --max-hold 48 --jobs "$RECORD_JOBS"
+    [[ -f $S/dmd/bundle/config.json ]] || timed long_dmd "$FK" train dmd --bundle "$F" \
+        --teacher "${TOLD_TEACHER:-models/health_gathering_teacher_told}" --out "$S/dmd" --steps "${LONG_STEPS:-120}" \
+        --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --guidance 1.0 --rollout-chunks 128 --regression-weight 2 \
+        --sample-steps 1 --batch 8 --clip-frames 6 --data "$LONG" --heldout "$HELDOUT" --threads "$THREADS" \
+        --device "$DEVICE" --ckpt-every-s 120 --eval-every 40
+    "$FK" ship --bundle "$S/dmd/bundle" --decoder "${DECODER:-$RUNS/refine}" --out "${DEFAULT_OUT:-models/default}" \
+        --start-data "$HELDOUT" --scenes "${SCENES:-8}" --scene-frames 4 --steps 1 --seed 1 \
+        --detail-sigma "${DETAIL_SIGMA:-1.75}" --detail-margin "${DETAIL_MARGIN:-32}" --detail-fov "${fov:-0}" \
+        --card models/default/card.md --name default
+    mkdir -p "$RUNS/eval" "$RUNS/controls"
+    eval_row default_long_1 "${DEFAULT_OUT:-models/default}" 1
+    controls_row default_long_1 "${DEFAULT_OUT:-models/default}" 1
+}
 stage_bench() {
     mkdir -p "$RUNS/bench"
     for s in 1 2; do
@@ -342,15 +367,18 @@ stage_bench() {
         --threads 1 --json --no-uncached > "$RUNS/bench/dcm_2.json"
 }
 stage_longplay() {
+    # five random key sequences (one holds where another collapses), and forward held (a wall the model cannot draw)
     [[ -f $RUNS/longplay.json ]] && return
-    OMP_NUM_THREADS=1 "$FK" eval longplay --bundle models/default --frames 10000 --policies noop,random \
+    OMP_NUM_THREADS=1 "$FK" eval longplay --bundle models/default --frames 10000 --policies noop,random --seeds 5 \
         --probe "$RUNS/probe" --plot "$RUNS/longplay.png" --json > "$RUNS/longplay.json"
+    OMP_NUM_THREADS=1 "$FK" eval longplay --bundle models/default --frames 1000 --policies hold:forward,hold:backward \
+        --json > "$RUNS/longplay_hold.json"
 }
 
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0   # sourced (scripts/gpu_recipe.sh): the stages only
 mkdir -p "$RUNS"
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd guidance eval controls ship refine bench longplay)
+[[ ${#stages[@]} -gt 0 ]] || stages=(record codec teacher probe causal dcm dmd guidance eval controls ship refine long bench longplay)
 for s in "${stages[@]}"; do
     log "stage $s"
     "stage_$s"
