@@ -14,7 +14,9 @@
 # Step counts: TOLD_TEACHER_STEPS (6000), WARP_TEACHER_MAX_SECONDS (240), WARP_DCM_STEPS (300), WARP_DMD_STEPS
 # (200); EVAL_SECONDS (150) caps each evaluation. CAMERA_FOV (default "measured": `eval camera` on the held-out
 # recordings) turns the told teacher's stacked frame as a pinhole camera turns; CAMERA_FOV=0 keeps the translation. REFINE=1 also trains the frame refiner on the SF-DMD student
-# (`train refiner --device cuda`, REFINER_STEPS 1200) and ships it as $OUT/default (not yet timed on a GPU).
+# (`train refiner --device cuda`, REFINER_STEPS 1200) and ships it as $OUT/default (not yet timed on a GPU); with
+# LONG=1 as well, the default is the SF-DMD student self-forced further on 128-frame rollouts of long key holds
+# (the CPU recipe's `long` stage, LONG_STEPS 120), with that refiner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TINY=0
@@ -46,7 +48,7 @@ EVAL_EPISODES=16 CONTROL_EPISODES=8 STILL=64 TEACHER_EPISODES=4 HORIZON=64 HOLD=
 if [[ $TINY == 1 ]]; then
     export DEVICE=cpu THREADS=1 TRAIN_EPISODES=3 HELDOUT_EPISODES=2 MAX_FRAMES=40 RECORD_JOBS=2
     export TOLD_TEACHER_STEPS=3 WARP_DCM_STEPS=2 WARP_DMD_STEPS=2 WARP_TEACHER_MAX_SECONDS=0
-    export REFINER_STEPS=2 STUDENT_CHAINS=4 REST_CHAINS=0 SCENES=2
+    export REFINER_STEPS=2 STUDENT_CHAINS=4 REST_CHAINS=0 SCENES=2 LONG_STEPS=2 LONG_EPISODES=3 LONG_ROLLOUT=4
     EVAL_EPISODES=1 CONTROL_EPISODES=1 STILL=4 TEACHER_EPISODES=1 HORIZON=8 HOLD=2 GAP_CLIPS=8
 else
     export DEVICE=cuda THREADS=4
@@ -66,6 +68,10 @@ stage_record > "$log_file" 2>&1
 stage_told >> "$log_file" 2>&1
 if [[ ${REFINE:-0} == 1 ]]; then
     TOLD_SF=$RUNS/told/dmd/bundle DEFAULT_OUT=$RUNS/default REFINER_THREADS=$THREADS refine_train_ship >> "$log_file" 2>&1
+    if [[ ${LONG:-0} == 1 ]]; then
+        LONG=$DATA/hg_long TOLD_SF=$RUNS/told/dmd/bundle TOLD_TEACHER=$RUNS/told/teacher/bundle DECODER=$RUNS/refine \
+            DEFAULT_OUT=$RUNS/default long_train_ship >> "$log_file" 2>&1
+    fi
 fi
 trap - ERR
 echo "trained in $((SECONDS - START)) s"

@@ -332,25 +332,29 @@ stage_refine() {
     eval_row default_1 "${DEFAULT_OUT:-models/default}" 1
     controls_row default_1 "${DEFAULT_OUT:-models/default}" 1
 }
-stage_long() {
+long_train_ship() {
     # The shipped default since the eighteenth sitting: the refine stage's student (TOLD_SF) self-forced for
-    # LONG_STEPS more SF-DMD steps on 128-frame rollouts, on recordings whose keys are held up to 48 frames (LONG,
-    # recorded here; the training data holds them up to 12), with the refine stage's refiner: under random keys the
-    # refine stage's default collapses into a tiled texture within 10,000 frames for two key seeds of three
-    # (docs/world_controls.md, eighteenth sitting). Our run shipped models/default's refiner (DECODER=models/default).
+    # LONG_STEPS more SF-DMD steps on LONG_ROLLOUT-frame rollouts (128), on recordings whose keys are held up to 48
+    # frames (LONG, recorded here; the training data holds them up to 12), with the refine stage's refiner: under
+    # random keys the refine stage's default collapses into a tiled texture within 10,000 frames for three key seeds
+    # of five (docs/world_controls.md, eighteenth sitting). Our run shipped models/default's refiner
+    # (DECODER=models/default).
     local F=${TOLD_SF:-models/health_gathering_told_sf} S=$RUNS/long LONG=${LONG:-$DATA/hg_long}
     local fov=${DETAIL_FOV:-$(measured_fov)}
     [[ -f $LONG/meta.json ]] || timed record_long "$FK" record --env $ENV_NAME --episodes "${LONG_EPISODES:-160}" \
         --seed 50000 --out "$LONG" --idle-prob 0.06 --max-frames "${MAX_FRAMES:-1000}" --max-hold 48 --jobs "$RECORD_JOBS"
     [[ -f $S/dmd/bundle/config.json ]] || timed long_dmd "$FK" train dmd --bundle "$F" \
         --teacher "${TOLD_TEACHER:-models/health_gathering_teacher_told}" --out "$S/dmd" --steps "${LONG_STEPS:-120}" \
-        --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --guidance 1.0 --rollout-chunks 128 --regression-weight 2 \
-        --sample-steps 1 --batch 8 --clip-frames 6 --data "$LONG" --heldout "$HELDOUT" --threads "$THREADS" \
-        --device "$DEVICE" --ckpt-every-s 120 --eval-every 40
+        --lr 1e-5 --critic-lr 2e-4 --critic-steps 5 --guidance 1.0 --rollout-chunks "${LONG_ROLLOUT:-128}" \
+        --regression-weight 2 --sample-steps 1 --batch 8 --clip-frames 6 --data "$LONG" --heldout "$HELDOUT" \
+        --threads "$THREADS" --device "$DEVICE" --ckpt-every-s 120 --eval-every 40
     "$FK" ship --bundle "$S/dmd/bundle" --decoder "${DECODER:-$RUNS/refine}" --out "${DEFAULT_OUT:-models/default}" \
         --start-data "$HELDOUT" --scenes "${SCENES:-8}" --scene-frames 4 --steps 1 --seed 1 \
         --detail-sigma "${DETAIL_SIGMA:-1.75}" --detail-margin "${DETAIL_MARGIN:-32}" --detail-fov "${fov:-0}" \
         --card models/default/card.md --name default
+}
+stage_long() {
+    long_train_ship
     mkdir -p "$RUNS/eval" "$RUNS/controls"
     eval_row default_long_1 "${DEFAULT_OUT:-models/default}" 1
     controls_row default_long_1 "${DEFAULT_OUT:-models/default}" 1
