@@ -203,6 +203,7 @@ def register(commands) -> None:
 
 def _cli(args) -> int:
     from runtime import open_session
+    from runtime.session import resolve_bundle
 
     probe = None
     if args.probe:
@@ -211,12 +212,12 @@ def _cli(args) -> int:
         probe = load_probe(args.probe)
     results = []
     policies = [p.strip() for p in args.policies.split(",")]
-    session = open_session(args.bundle, device=args.device, steps=args.steps)
+    bundle = resolve_bundle(args.bundle, args.device)   # loaded once; each play opens its own stream on it
     for policy in policies:   # every policy checked before the first frame is played
-        policy_actions(policy, session.action_space, 1, args.seed)
+        policy_actions(policy, bundle.config.actions, 1, args.seed)
     for policy in policies:
         for seed in range(args.seed, args.seed + args.seeds):
-            session = open_session(args.bundle, device=args.device, steps=args.steps)
+            session = open_session(bundle, device=args.device, steps=args.steps)
             play = LongPlayConfig(args.frames, policy, args.window, seed, args.collapse_layout)
             results.append(long_play(session, play, probe=probe))
     if args.plot:
